@@ -1,0 +1,108 @@
+"""Credentials: scrypt password hashes, signed expiring tokens, and the secret that signs them.
+
+Tokens are `<base64url(userId.expiry)>.<base64url(HMAC-SHA256)>`: stateless, checked without the store, and
+never logged by anyone. Hashing is CPU-heavy: callers run it off the IOLoop (`AsyncStore.offload`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from chatserver.errors import Unauthorized
+
+# scrypt with N=2**14, r=8 needs 16 MiB per hash: memory-hard, about 50 ms here.
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32)
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        actual = hashlib.scrypt(
+            password.encode("utf-8"), salt=_unb64(salt), n=int(n), r=int(r), p=int(p), dklen=32
+        )
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return hmac.compare_digest(actual, _unb64(digest))
+
+
+# A hash of nothing in particular, checked when the phone is unknown so that both paths cost the same.
+DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+
+
+class TokenSigner:
+    """Issues and checks bearer tokens signed with the server's secret."""
+
+    def __init__(self, secret: str, ttl: int, clock: Callable[[], float] = time.time) -> None:
+        self._key = hashlib.sha256(b"chatserver-token:" + secret.encode("utf-8")).digest()
+        self._ttl = ttl
+        self._clock = clock
+
+    def issue(self, user_id: str) -> str:
+        body = _b64(f"{user_id}.{int(self._clock()) + self._ttl}".encode())
+        return f"{body}.{self._sign(body)}"
+
+    def verify(self, token: str) -> str:
+        """The user id the token was issued to; Unauthorized if it is forged, malformed or expired."""
+        body, dot, signature = token.partition(".")
+        if not dot or not hmac.compare_digest(signature.encode(), self._sign(body).encode()):
+            raise Unauthorized("invalid token")
+        try:
+            user_id, _, expiry = _unb64(body).decode("utf-8").rpartition(".")
+            expires_at = int(expiry)
+        except ValueError:
+            raise Unauthorized("invalid token") from None
+        if expires_at <= self._clock():
+            raise Unauthorized("token expired")
+        return user_id
+
+    def _sign(self, body: str) -> str:
+        return _b64(hmac.new(self._key, body.encode("ascii", "replace"), hashlib.sha256).digest())
+
+
+def load_or_create_secret(state_dir: Path) -> str:
+    """The secret kept in `<state_dir>/secret`, created (mode 0600) on first use."""
+    path = state_dir / "secret"
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True)
+    # Written aside, then linked into place: a second process starting at the same time reads a whole
+    # secret (its own link fails, and it uses the first one's), never a half-written file.
+    scratch = state_dir / f".secret.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(secrets.token_urlsafe(48) + "\n")
+    try:
+        os.link(scratch, path)
+    except FileExistsError:
+        pass
+    finally:
+        scratch.unlink()
+    return path.read_text(encoding="ascii").strip()
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise ValueError(str(exc)) from None

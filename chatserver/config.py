@@ -1,0 +1,161 @@
+"""The server's settings: one frozen value, loaded once at start and passed down.
+
+Precedence (PROTOCOL section 1): a command-line flag, else `CHATSERVER_<NAME>` in the environment, else the
+TOML file (flat keys), else the default. An unknown key in the file, or a value of the wrong type anywhere, is
+a `ConfigError` whose text is the one line the operator sees. Nothing here reads a global: the environment
+and the flags are handed in.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+ENV_PREFIX = "CHATSERVER_"
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; its text names the setting and what is wrong."""
+
+
+def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"setting '{attribute.name}' must be greater than 0, got {value!r}")
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"setting '{attribute.name}' must not be negative, got {value!r}")
+
+
+def _port(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"setting 'port' must be between 0 and 65535, got {value!r}")
+
+
+@attrs.frozen(slots=True)
+class Config:
+    """Every setting; `conf/chatserver.toml` documents each one with its default."""
+
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=8888, validator=_port)
+    state_dir: str = ""
+    db: str = ""
+    secret: str = ""
+    trusted_origins: str = ""
+    amqp_url: str = ""
+    chat3_exchange: str = "chat3.events"
+    chat3_queue: str = "chatserver.chat3"
+    chat3_dead_letter_exchange: str = ""
+    max_body_size: int = attrs.field(default=65536, validator=_positive)
+    history_size: int = attrs.field(default=10000, validator=_positive)
+    poll_max_events: int = attrs.field(default=500, validator=_positive)
+    max_content_length: int = attrs.field(default=10000, validator=_positive)
+    shutdown_grace: float = attrs.field(default=10.0, validator=_non_negative)
+    # Extensions beyond PROTOCOL section 1.
+    token_ttl: int = attrs.field(default=7 * 24 * 3600, validator=_positive)
+    ws_ping_interval: float = attrs.field(default=20.0, validator=_positive)
+    ws_ping_timeout: float = attrs.field(default=20.0, validator=_positive)
+    client_buffer_limit: int = attrs.field(default=1024 * 1024, validator=_positive)
+    sse_heartbeat: float = attrs.field(default=15.0, validator=_positive)
+    amqp_prefetch: int = attrs.field(default=64, validator=_positive)
+    cluster_exchange: str = ""
+    log_level: str = "info"
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.db) if self.db else self.resolved_state_dir / "chatserver.db"
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/") for o in self.trusted_origins.split(",") if o.strip())
+
+
+SETTINGS: dict[str, attrs.Attribute[Any]] = {a.name: a for a in attrs.fields(Config)}
+_TYPES: dict[str, type] = {"str": str, "int": int, "float": float}
+
+
+def _field_type(name: str) -> type:
+    declared = SETTINGS[name].type
+    return _TYPES[declared if isinstance(declared, str) else declared.__name__]
+
+
+def _from_text(name: str, raw: str) -> Any:
+    kind = _field_type(name)
+    if kind is str:
+        return raw
+    try:
+        return kind(raw.strip())
+    except ValueError:
+        raise ConfigError(f"setting '{name}' must be {'an integer' if kind is int else 'a number'}, "
+                          f"got {raw!r}") from None
+
+
+def _from_toml(name: str, value: Any) -> Any:
+    kind = _field_type(name)
+    if name == "trusted_origins" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise ConfigError(f"setting '{name}' in the config file must be of type {kind.__name__}, got {value!r}")
+    return value
+
+
+def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    settings = {}
+    for key, value in data.items():
+        if key not in SETTINGS:
+            raise ConfigError(f"unknown setting '{key}' in config file {path}")
+        settings[key] = _from_toml(key, value)
+    return settings
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Config:
+    """Build the Config: flags over environment over file over defaults.
+
+    `config_file` is the `--config` flag; without it `CHATSERVER_CONFIG` names the file; without either no
+    file is read.
+    """
+    environ = environ if environ is not None else {}
+    values: dict[str, Any] = {}
+    path = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if path:
+        values.update(read_file(path))
+    for name in SETTINGS:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _from_text(name, raw)
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = _from_text(name, value) if isinstance(value, str) else value
+    if not values.get("state_dir"):
+        systemd_dir = environ.get("STATE_DIRECTORY", "")
+        values["state_dir"] = systemd_dir.split(":")[0] if systemd_dir else "./var"
+    if values.get("log_level", "info") not in ("debug", "info", "warning", "error"):
+        raise ConfigError("setting 'log_level' must be one of debug, info, warning, error")
+    try:
+        return Config(**values)
+    except TypeError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from None

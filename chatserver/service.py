@@ -1,0 +1,231 @@
+"""The chat service: every use case of the server, and the one write path.
+
+Handlers and the Chat3 listener call this and nothing else of the domain's write side. A message, whoever
+sends it (a REST client, Chat3, a broker redelivery), goes through `accept_message` or `accept_update`: it is
+validated, stored idempotently, and only then published to the broadcaster, once. That is the seed's bug made
+impossible: there is no second path that could forget to emit.
+
+It also owns authorization (`authorize_dialog`: who may read, post to, poll or join a dialog) and the cache of
+dialog membership that fan-out and authorization read from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+
+from chatserver import broadcaster as events
+from chatserver.auth import DUMMY_HASH, TokenSigner, hash_password, verify_password
+from chatserver.broadcaster import Broadcaster, EventRecord
+from chatserver.config import Config
+from chatserver.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from chatserver.models import Dialog, DialogView, Message, User, check_id, check_text, new_id, require_id, require_str
+from chatserver.store import AsyncStore, SQLiteStore
+
+log = logging.getLogger(__name__)
+
+MAX_LIMIT = 200
+DEFAULT_LIMIT = 50
+
+
+@attrs.frozen(slots=True)
+class Outcome:
+    """What a write did: the message as stored, and whether it was new (and so published)."""
+
+    message: Message
+    published: bool
+
+
+# Called with every event this process originates (type, data, recipients), for cluster fan-out.
+Relay = Callable[[str, dict[str, Any], frozenset[str]], None]
+
+
+class ChatService:
+    def __init__(
+        self,
+        db: AsyncStore,
+        broadcaster: Broadcaster,
+        config: Config,
+        tokens: TokenSigner,
+        *,
+        membership_cache_size: int = 10000,
+    ) -> None:
+        self.db = db
+        self.broadcaster = broadcaster
+        self.config = config
+        self.tokens = tokens
+        self._members: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._members_size = membership_cache_size
+        self.relays: list[Relay] = []
+
+    # -- auth --------------------------------------------------------------------------------------------
+
+    async def login(self, body: dict[str, Any]) -> tuple[str, User]:
+        phone = require_str(body, "phone", max_length=64)
+        password = require_str(body, "password", max_length=1024, allow_empty=True)
+        found = await self.db.run(SQLiteStore.password_hash, phone)
+        stored = found[1] if found else DUMMY_HASH
+        ok = await self.db.offload(verify_password, password, stored)
+        if found is None or not ok:
+            raise Unauthorized("wrong phone or password")
+        return self.tokens.issue(found[0].user_id), found[0]
+
+    def authenticate(self, token: str) -> str:
+        """The user id of a valid token; Unauthorized otherwise."""
+        return self.tokens.verify(token)
+
+    async def current_user(self, user_id: str) -> User:
+        user = await self.db.run(SQLiteStore.get_user, user_id)
+        if user is None:
+            raise Unauthorized("the token's user no longer exists")
+        return user
+
+    async def create_user(self, phone: str, name: str, password: str) -> User:
+        check_text(phone, "phone", max_length=64)
+        check_text(name, "name", max_length=200)
+        check_text(password, "password", max_length=1024)
+        password_hash = await self.db.offload(hash_password, password)
+        return await self.db.run(SQLiteStore.create_user, User(new_id("usr"), name, phone), password_hash)
+
+    # -- membership --------------------------------------------------------------------------------------
+
+    async def members(self, dialog_id: str) -> frozenset[str]:
+        """The dialog's members, from the cache or the store; NotFound for an unknown dialog."""
+        cached = self._members.get(dialog_id)
+        if cached is not None:
+            self._members.move_to_end(dialog_id)
+            return cached
+        dialog = await self.db.run(SQLiteStore.get_dialog, dialog_id)
+        if dialog is None:
+            raise NotFound(f"dialog {dialog_id} not found", dialog_id=dialog_id)
+        return self._cache_members(dialog)
+
+    def _cache_members(self, dialog: Dialog) -> frozenset[str]:
+        members = frozenset(dialog.member_ids)
+        self._members[dialog.dialog_id] = members
+        self._members.move_to_end(dialog.dialog_id)
+        if len(self._members) > self._members_size:
+            self._members.popitem(last=False)
+        return members
+
+    async def authorize_dialog(self, user_id: str, dialog_id: str) -> frozenset[str]:
+        """The members of a dialog the user belongs to; NotFound or Forbidden otherwise."""
+        check_id(dialog_id, "dialogId", "dlg")
+        members = await self.members(dialog_id)
+        if user_id not in members:
+            raise Forbidden("you are not a member of this dialog", dialog_id=dialog_id)
+        return members
+
+    # -- dialogs -----------------------------------------------------------------------------------------
+
+    async def list_dialogs(self, user_id: str) -> list[DialogView]:
+        return await self.db.run(SQLiteStore.dialog_views, user_id)
+
+    async def get_dialog(self, user_id: str, dialog_id: str) -> DialogView:
+        await self.authorize_dialog(user_id, dialog_id)
+        view = await self.db.run(SQLiteStore.dialog_view, dialog_id, user_id)
+        if view is None:
+            raise NotFound(f"dialog {dialog_id} not found", dialog_id=dialog_id)
+        return view
+
+    async def create_dialog(self, user_id: str, body: dict[str, Any]) -> DialogView:
+        dialog = Dialog.from_request(body, creator_id=user_id)
+        await self.save_dialog(dialog)
+        view = await self.db.run(SQLiteStore.dialog_view, dialog.dialog_id, user_id)
+        assert view is not None
+        return view
+
+    async def save_dialog(self, dialog: Dialog) -> None:
+        """The write path of dialogs: create or update, then `dialog:update` to every member, old and new."""
+        unknown = await self.db.run(SQLiteStore.unknown_users, dialog.member_ids)
+        if unknown:
+            raise BadRequest(f"unknown users in 'memberIds': {', '.join(unknown)}", field="memberIds")
+        if not dialog.member_ids:
+            raise BadRequest("'memberIds' must name at least one user", field="memberIds")
+        before, after = await self.db.run(SQLiteStore.save_dialog, dialog)
+        self._cache_members(after)
+        recipients = set(after.member_ids) | set(before.member_ids if before else ())
+        await self._publish_dialog(after, recipients)
+
+    async def _publish_dialog(self, dialog: Dialog, recipients: Iterable[str]) -> None:
+        # The dialog object carries each member's own unreadCount: members with the same count share one
+        # event (one encode), so a change to a big dialog costs a few events, not one per member.
+        counts = await self.db.run(SQLiteStore.unread_counts, dialog.dialog_id)
+        view = await self.db.run(SQLiteStore.dialog_view, dialog.dialog_id, dialog.member_ids[0])
+        last = view.last_message if view else None
+        groups: dict[int, set[str]] = {}
+        for user_id in recipients:
+            groups.setdefault(counts.get(user_id, 0), set()).add(user_id)
+        for unread, users in sorted(groups.items()):
+            data = dialog.to_json(last_message=last, unread_count=unread)
+            self._publish(events.DIALOG_UPDATE, data, frozenset(users), dialog.dialog_id)
+
+    # -- messages ----------------------------------------------------------------------------------------
+
+    async def list_messages(
+        self, user_id: str, dialog_id: str, *, limit: int, before: str | None, after: str | None
+    ) -> list[Message]:
+        if not 1 <= limit <= MAX_LIMIT:
+            raise BadRequest(f"'limit' must be between 1 and {MAX_LIMIT}", field="limit")
+        await self.authorize_dialog(user_id, dialog_id)
+        return await self.db.run(SQLiteStore.list_messages, dialog_id, limit=limit, before=before, after=after)
+
+    async def post_message(self, user_id: str, dialog_id: str, body: dict[str, Any]) -> Outcome:
+        await self.authorize_dialog(user_id, dialog_id)
+        message = Message.from_request(
+            body, dialog_id=dialog_id, sender_id=user_id, max_content_length=self.config.max_content_length
+        )
+        return await self.accept_message(message)
+
+    async def edit_message(self, user_id: str, message_id: str, body: dict[str, Any]) -> Message:
+        check_id(message_id, "messageId", "msg")
+        stored = await self.db.run(SQLiteStore.get_message, message_id)
+        if stored is None:
+            raise NotFound(f"message {message_id} not found")
+        await self.authorize_dialog(user_id, stored.dialog_id)
+        if stored.sender_id != user_id:
+            raise Forbidden("only the sender may edit a message")
+        content = require_str(body, "content", max_length=self.config.max_content_length)
+        return (await self.accept_update(stored.edited(content))).message
+
+    async def accept_message(self, message: Message) -> Outcome:
+        """Store a new message (idempotently) and, if it was new, publish `message:new` to every member."""
+        members = await self.members(message.dialog_id)
+        stored, created = await self.db.run(SQLiteStore.insert_message, message)
+        if created:
+            self._publish(events.MESSAGE_NEW, stored.to_json(), members, stored.dialog_id)
+        return Outcome(stored, created)
+
+    async def accept_update(self, message: Message) -> Outcome:
+        """Store a newer version of a message and, if it was newer, publish `message:update`."""
+        members = await self.members(message.dialog_id)
+        stored, applied = await self.db.run(SQLiteStore.apply_update, message)
+        if applied:
+            self._publish(events.MESSAGE_UPDATE, stored.to_json(), members, stored.dialog_id)
+        return Outcome(stored, applied)
+
+    async def mark_read(self, user_id: str, dialog_id: str, body: dict[str, Any]) -> DialogView:
+        await self.authorize_dialog(user_id, dialog_id)
+        message_id = require_id(body, "messageId", "msg")
+        view = await self.db.run(SQLiteStore.mark_read, dialog_id, user_id, message_id)
+        self._publish(events.DIALOG_UPDATE, view.to_json(), frozenset((user_id,)), dialog_id)
+        return view
+
+    async def set_typing(self, user_id: str, dialog_id: str, typing: Any) -> None:
+        if not isinstance(typing, bool):
+            raise BadRequest("'typing' must be true or false", field="typing")
+        members = await self.authorize_dialog(user_id, dialog_id)
+        self.broadcaster.publish_typing(dialog_id, user_id, typing, members)
+        for relay in self.relays:
+            relay(events.TYPING_START if typing else events.TYPING_STOP,
+                  {"dialogId": dialog_id, "userId": user_id}, members)
+
+    def _publish(self, event_type: str, data: dict[str, Any], recipients: frozenset[str], dialog_id: str) -> None:
+        record: EventRecord | None = self.broadcaster.publish(event_type, data, recipients, dialog_id=dialog_id)
+        if record is not None:
+            for relay in self.relays:
+                relay(event_type, data, recipients)

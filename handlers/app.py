@@ -1,0 +1,80 @@
+"""The Tornado application: routes, settings, and the HTTP server that carries them.
+
+`build_context` assembles the domain (store, broadcaster, service) from a Config; `make_app` maps URLs to
+handlers and hands each the context; `make_http_server` sets the limits and timeouts of the listener. run.py
+and the tests build the server the same way, through these three.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import tornado.httpserver
+import tornado.web
+
+from chatserver.auth import TokenSigner, load_or_create_secret
+from chatserver.broadcaster import Broadcaster
+from chatserver.config import Config
+from chatserver.metrics import Metrics
+from chatserver.service import ChatService
+from chatserver.store import AsyncStore, SQLiteStore
+from handlers import ops, realtime, rest
+from handlers.base import AppContext, NotFoundHandler, log_request
+
+WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
+
+
+def build_context(config: Config, *, store: SQLiteStore | None = None) -> AppContext:
+    """The domain objects for one server. Opening the store may raise StoreError (startup, before serving)."""
+    sqlite = store or SQLiteStore(config.db_path)
+    secret = config.secret or load_or_create_secret(config.resolved_state_dir)
+    broadcaster = Broadcaster(config.history_size)
+    service = ChatService(AsyncStore(sqlite), broadcaster, config, TokenSigner(secret, config.token_ttl))
+    return AppContext(service=service, broadcaster=broadcaster, config=config, metrics=Metrics())
+
+
+def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
+    c = {"ctx": ctx}
+    dialog = r"([^/]+)"
+    routes: list[Any] = [
+        (r"/api/auth/login", rest.LoginHandler, c),
+        (r"/api/me", rest.MeHandler, c),
+        (r"/api/dialogs", rest.DialogsHandler, c),
+        (rf"/api/dialogs/{dialog}", rest.DialogHandler, c),
+        (rf"/api/dialogs/{dialog}/typing", rest.TypingHandler, c),
+        (rf"/api/dialogs/{dialog}/read", rest.ReadHandler, c),
+        (rf"/api/messages/dialog/{dialog}", rest.DialogMessagesHandler, c),
+        (r"/api/messages/([^/]+)", rest.MessageHandler, c),
+        (r"/api/poll", realtime.PollHandler, c),
+        (r"/api/events", realtime.EventStreamHandler, c),
+        (r"/ws", realtime.EventSocket, c),
+        (r"/healthz", ops.HealthHandler, c),
+        (r"/readyz", ops.ReadyHandler, c),
+        (r"/metrics", ops.MetricsHandler, c),
+    ]
+    config = ctx.config
+    return tornado.web.Application(
+        routes,
+        default_handler_class=NotFoundHandler,
+        default_handler_args=c,
+        log_function=log_request,
+        websocket_max_message_size=config.max_body_size,
+        websocket_ping_interval=config.ws_ping_interval,
+        websocket_ping_timeout=config.ws_ping_timeout,
+        compress_response=False,
+        **settings,
+    )
+
+
+def make_http_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:
+    """The listener with bounds on everything a client controls: header size, body size, idle time."""
+    return tornado.httpserver.HTTPServer(
+        app,
+        max_header_size=16 * 1024,
+        # Bodies over max_body_size get a JSON 413 from the handler; this is the hard stop behind it.
+        max_body_size=max(config.max_body_size * 2, 1024 * 1024),
+        idle_connection_timeout=75,
+        body_timeout=30,
+        decompress_request=False,
+    )

@@ -1,0 +1,159 @@
+"""What every HTTP handler shares: the context it is handed, the JSON envelope, auth, and error mapping.
+
+Handlers get their collaborators through the route kwargs (`initialize(ctx=...)`), never from globals. A
+domain error raised anywhere in a handler becomes, here and only here, the HTTP status and the
+`{"success": false, "error"}` body of PROTOCOL section 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import attrs
+import tornado.web
+
+from chatserver import jsonutil
+from chatserver.broadcaster import Broadcaster
+from chatserver.config import Config
+from chatserver.errors import ChatError, TooLarge, Unauthorized
+from chatserver.metrics import Metrics
+from chatserver.service import ChatService
+
+log = logging.getLogger("chatserver.http")
+access_log = logging.getLogger("chatserver.access")
+
+STATUS = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "too_large": 413,
+}
+_SECRET_PARAM = re.compile(r"(?i)\b(token|access_token|password)=[^&]*")
+
+
+@attrs.define(slots=True, eq=False)
+class AppContext:
+    """The collaborators handlers need, built once in `run.py` (or a test) and passed through routes."""
+
+    service: ChatService
+    broadcaster: Broadcaster
+    config: Config
+    metrics: Metrics
+    # Named parts that /readyz reports on; each answers "" when usable, else what is wrong.
+    readiness: dict[str, Any] = attrs.Factory(dict)
+    # Open real-time connections, so that shutdown can close them (WebSocket, SSE, parked polls).
+    connections: set[Any] = attrs.Factory(set)
+    shutting_down: bool = False
+
+
+def redact(uri: str) -> str:
+    """The URI with token-like query values replaced: the access log must never hold a credential."""
+    return _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=[redacted]", uri)
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Tornado's `log_function`: one access line per request, with secrets redacted."""
+    status = handler.get_status()
+    request = handler.request
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    access_log.log(
+        level, "%d %s %s (%s) %.1fms",
+        status, request.method, redact(request.uri or ""), request.remote_ip, 1000.0 * request.request_time(),
+    )
+    ctx = getattr(handler, "ctx", None)
+    if isinstance(ctx, AppContext):
+        ctx.metrics.request_latency.labels(request.method, type(handler).__name__).observe(request.request_time())
+
+
+class JsonErrors(tornado.web.RequestHandler):
+    """The one place where an exception becomes an HTTP status and a JSON error body."""
+
+    ctx: AppContext
+
+    def initialize(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.service = ctx.service
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        message = self._reason
+        exc_info = kwargs.get("exc_info")
+        error = exc_info[1] if exc_info else None
+        if isinstance(error, ChatError):
+            status_code = STATUS.get(error.code, 400)
+            message = error.message
+            self.set_status(status_code)
+        elif isinstance(error, tornado.web.HTTPError) and error.log_message:
+            message = error.log_message % error.args if error.args else error.log_message
+        if status_code == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="chatserver"')
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(jsonutil.dumps({"success": False, "error": message}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, ChatError) or (isinstance(value, tornado.web.HTTPError) and value.status_code < 500):
+            return  # an expected answer to bad input, already in the access log with its status
+        super().log_exception(typ, value, tb)
+
+
+class JsonHandler(JsonErrors):
+    """Base of every JSON endpoint: envelope, errors as JSON, no caching."""
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    def reply(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(jsonutil.dumps({"success": True, "data": data}))
+
+
+@tornado.web.stream_request_body
+class ApiHandler(JsonHandler):
+    """An authenticated `/api/` endpoint whose body is read up to `max_body_size` and no further."""
+
+    requires_auth = True
+    user_id: str
+
+    def prepare(self) -> None:
+        self._body = bytearray()
+        self._too_large = False
+        limit = self.ctx.config.max_body_size
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            # Answer before reading a byte of it, and close: the rest of the body is not worth reading.
+            self.set_header("Connection", "close")
+            raise TooLarge(f"the body is larger than {limit} bytes")
+        if self.requires_auth:
+            self.user_id = self.authenticate()
+
+    def data_received(self, chunk: bytes) -> None:
+        if len(self._body) + len(chunk) > self.ctx.config.max_body_size:
+            self._too_large = True
+            self._body.clear()
+        elif not self._too_large:
+            self._body.extend(chunk)
+
+    def authenticate(self) -> str:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+        return self.service.authenticate(token.strip())
+
+    def json_body(self) -> dict[str, Any]:
+        if self._too_large:
+            raise TooLarge(f"the body is larger than {self.ctx.config.max_body_size} bytes")
+        return jsonutil.loads_object(bytes(self._body))
+
+
+class NotFoundHandler(JsonHandler):
+    """Any path without a route: a JSON 404, not Tornado's HTML page."""
+
+    def prepare(self) -> None:
+        raise tornado.web.HTTPError(404, "no such endpoint")

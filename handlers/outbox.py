@@ -1,0 +1,69 @@
+"""A connection's outbound queue: bounded, drained by one writer, cut off when the client stops reading.
+
+The broadcaster hands a connection its events synchronously; the connection must neither block it nor buffer
+without bound. `Outbox.push` appends the event's bytes and, when nothing is being written, starts the one
+writer task. The writer awaits each write, so at most one write sits in the socket layer's buffer and the
+queue here holds the rest. Past `limit` bytes queued, the connection is cut off (`on_overflow`) and its client
+resumes later from its cursor: nothing is lost, and the server's memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+
+class Outbox:
+    def __init__(
+        self,
+        limit: int,
+        send: Callable[[bytes], Awaitable[None]],
+        on_overflow: Callable[[], None],
+        on_sent: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._limit = limit
+        self._send = send
+        self._on_overflow = on_overflow
+        self._on_sent = on_sent
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._writer: asyncio.Task[None] | None = None
+        self.closed = False
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    def push(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._queue.append(data)
+        self._queued += len(data)
+        if self._queued > self._limit:
+            self.close()
+            self._on_overflow()
+            return
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue and not self.closed:
+                data = self._queue.popleft()
+                self._queued -= len(data)
+                await self._send(data)
+                self._on_sent()
+        except Exception as exc:  # the peer went away mid-write: the close callback cleans up
+            log.debug("writer stopped: %r", exc)
+            self.close()
+        finally:
+            self._writer = None
+
+    def close(self) -> None:
+        self.closed = True
+        self._queue.clear()
+        self._queued = 0

@@ -1,0 +1,350 @@
+"""The three real-time transports of PROTOCOL sections 4 and 5, and the SSE extension.
+
+Each is a thin adapter between a connection and the broadcaster: it authenticates, replays from the client's
+cursor, subscribes, and writes the pre-encoded event bytes it is handed. None of them keeps per-client state
+beyond its open connection: the cursor is the client's, and any transport resumes from any other's cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import tornado.web
+import tornado.websocket
+
+from chatserver import jsonutil
+from chatserver.broadcaster import EventRecord, Replay
+from chatserver.errors import BadRequest, ChatError, Unauthorized
+from chatserver.models import check_id
+from handlers.base import ApiHandler, AppContext, JsonErrors
+from handlers.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+SLOW_CLIENT_CLOSE = 4008
+POLL_DEFAULT_TIMEOUT = 25.0
+POLL_MAX_TIMEOUT = 60.0
+
+
+def _token(handler: tornado.web.RequestHandler) -> str:
+    """The bearer token from the Authorization header, else from `?token=` (browsers' WebSocket and SSE)."""
+    scheme, _, token = handler.request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    token = handler.get_query_argument("token", "")
+    if not token:
+        raise Unauthorized("missing token")
+    return token
+
+
+def _count_resets(ctx: AppContext, replay: Replay) -> None:
+    if replay.reset is not None:
+        ctx.metrics.resets.labels(replay.reset).inc()
+
+
+class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
+    """`GET /ws?token=&cursor=`: events of every dialog of the user, and join/leave/typing/ping frames."""
+
+    transport = "websocket"
+
+    def initialize(self, ctx: AppContext) -> None:
+        super().initialize(ctx)
+        self.user_id = ""
+        self.joined: set[str] = set()
+        self._cursor: str | None = None
+        self._outbox: Outbox | None = None
+
+    async def prepare(self) -> None:
+        # Refused before the upgrade: 401 for a bad token, 400 for a bad cursor (never logged: see redact()).
+        self.user_id = self.service.authenticate(_token(self))
+        self._cursor = self.get_query_argument("cursor", None) or None
+        if self._cursor is not None:
+            self.ctx.broadcaster.parse_cursor(self._cursor)
+        if self.ctx.shutting_down:
+            raise tornado.web.HTTPError(503, "the server is shutting down")
+
+    def check_origin(self, origin: str) -> bool:
+        if origin.rstrip("/") in self.ctx.config.origins:
+            return True
+        return super().check_origin(origin)  # same host as the request
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        broadcaster = self.ctx.broadcaster
+        self._outbox = Outbox(
+            self.ctx.config.client_buffer_limit, self._send, self._cut_off, self._count_delivery
+        )
+        # Replay and subscribe in one step of the loop: no event can fall between them or come twice.
+        replay = broadcaster.events_after(self.user_id, self._cursor) if self._cursor else None
+        cursor = self._cursor or broadcaster.cursor()
+        self._outbox.push(jsonutil.dumps_bytes({"type": "ready", "data": {"userId": self.user_id, "cursor": cursor}}))
+        if replay is not None:
+            _count_resets(self.ctx, replay)
+            for record in replay.events:
+                self._outbox.push(record.payload)
+        broadcaster.subscribe(self)
+        self.ctx.connections.add(self)
+        self.ctx.metrics.connections.labels(self.transport).inc()
+
+    # -- from the broadcaster ----------------------------------------------------------------------------
+
+    def deliver(self, record: EventRecord) -> None:
+        if self._outbox is not None:
+            self._outbox.push(record.payload)
+
+    def wants_typing(self, dialog_id: str) -> bool:
+        return dialog_id in self.joined
+
+    async def _send(self, payload: bytes) -> None:
+        await self.write_message(payload)
+
+    def _count_delivery(self) -> None:
+        self.ctx.metrics.events_delivered.labels(self.transport).inc()
+
+    def _cut_off(self) -> None:
+        log.info("closing a WebSocket of %s: it stopped reading its events", self.user_id)
+        self.ctx.metrics.slow_clients_closed.inc()
+        self.close(SLOW_CLIENT_CLOSE, "too slow: reconnect with your cursor")
+
+    # -- from the client ---------------------------------------------------------------------------------
+
+    async def on_message(self, message: str | bytes) -> None:
+        dialog_id = None
+        try:
+            frame = jsonutil.loads(message)
+            if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+                raise BadRequest("a frame is a JSON object with a string 'type'")
+            kind = frame["type"]
+            if kind == "ping":
+                self._reply({"type": "pong"})
+                return
+            if kind not in ("dialog:join", "dialog:leave", "typing:start", "typing:stop"):
+                raise BadRequest(f"unknown frame type {kind!r}")
+            dialog_id = frame.get("dialogId")
+            if not isinstance(dialog_id, str):
+                dialog_id = None
+                raise BadRequest("'dialogId' must be a string", field="dialogId")
+            check_id(dialog_id, "dialogId", "dlg")
+            if kind == "dialog:leave":
+                self.joined.discard(dialog_id)
+                self._reply({"type": "dialog:left", "data": {"dialogId": dialog_id}})
+            elif kind == "dialog:join":
+                await self.service.authorize_dialog(self.user_id, dialog_id)
+                self.joined.add(dialog_id)
+                self._reply({"type": "dialog:joined", "data": {"dialogId": dialog_id}})
+            else:
+                await self.service.set_typing(self.user_id, dialog_id, kind == "typing:start")
+        except ChatError as error:
+            data: dict[str, Any] = {"code": error.code, "message": error.message}
+            if dialog_id is not None:
+                data["dialogId"] = dialog_id
+            self._reply({"type": "error", "data": data})
+
+    def _reply(self, frame: dict[str, Any]) -> None:
+        if self._outbox is not None:
+            self._outbox.push(jsonutil.dumps_bytes(frame))
+
+    def on_close(self) -> None:
+        self.ctx.broadcaster.unsubscribe(self)
+        if self._outbox is not None:
+            self._outbox.close()
+        if self in self.ctx.connections:
+            self.ctx.connections.discard(self)
+            self.ctx.metrics.connections.labels(self.transport).dec()
+
+    def shutdown(self) -> None:
+        self.close(1001, "server shutting down")
+
+
+class PollHandler(ApiHandler):
+    """`GET /api/poll?cursor=&typing=&timeout=`: answered at once, or parked until an event or the timeout."""
+
+    transport = "longpoll"
+
+    def initialize(self, ctx: AppContext) -> None:
+        super().initialize(ctx)
+        self.typing_dialogs: frozenset[str] = frozenset()
+        self._typing: list[EventRecord] = []
+        self._wake: asyncio.Future[None] | None = None
+        self._gone = False
+
+    async def get(self) -> None:
+        broadcaster = self.ctx.broadcaster
+        timeout = self._timeout()
+        self.typing_dialogs = await self._typing_dialogs()
+        cursor = self.get_query_argument("cursor", None)
+        if not cursor:
+            self._answer([], broadcaster.cursor(), more=False)
+            return
+        replay = broadcaster.events_after(self.user_id, cursor, self.ctx.config.poll_max_events)
+        if not replay.events and timeout > 0 and not self.ctx.shutting_down:
+            await self._park(timeout)
+            if self._gone:
+                return
+            replay = broadcaster.events_after(self.user_id, cursor, self.ctx.config.poll_max_events)
+        _count_resets(self.ctx, replay)
+        self._answer(self._typing + replay.events, replay.cursor, replay.more)
+
+    def _timeout(self) -> float:
+        raw = self.get_query_argument("timeout", None)
+        if raw is None or raw == "":
+            return POLL_DEFAULT_TIMEOUT
+        try:
+            value = float(raw)
+        except ValueError:
+            raise BadRequest("'timeout' must be a number of seconds", field="timeout") from None
+        if value != value:  # NaN
+            raise BadRequest("'timeout' must be a number of seconds", field="timeout")
+        return min(max(value, 0.0), POLL_MAX_TIMEOUT)
+
+    async def _typing_dialogs(self) -> frozenset[str]:
+        names = [d for d in self.get_query_argument("typing", "").split(",") if d.strip()]
+        if len(names) > 100:
+            raise BadRequest("'typing' names more than 100 dialogs", field="typing")
+        for dialog_id in names:
+            await self.service.authorize_dialog(self.user_id, dialog_id.strip())
+        return frozenset(d.strip() for d in names)
+
+    async def _park(self, seconds: float) -> None:
+        self._wake = asyncio.get_running_loop().create_future()
+        self.ctx.broadcaster.subscribe(self)
+        self.ctx.connections.add(self)
+        self.ctx.metrics.polls_waiting.inc()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._wake), seconds)
+        except TimeoutError:
+            pass
+        finally:
+            self.ctx.broadcaster.unsubscribe(self)
+            self.ctx.connections.discard(self)
+            self.ctx.metrics.polls_waiting.dec()
+            self._wake = None
+
+    def deliver(self, record: EventRecord) -> None:
+        # Logged events are read back from the history on wake-up; typing events exist only here.
+        if record.ephemeral:
+            self._typing.append(record)
+        self._release()
+
+    def wants_typing(self, dialog_id: str) -> bool:
+        return dialog_id in self.typing_dialogs
+
+    def _release(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def on_connection_close(self) -> None:
+        # The client went away: drop the waiter now, not at its timeout.
+        self._gone = True
+        self._release()
+
+    def shutdown(self) -> None:
+        self._release()
+
+    def _answer(self, events: list[EventRecord], cursor: str, more: bool) -> None:
+        # The events are spliced in as the bytes they were encoded to once: no re-encoding per poller.
+        tail = b',"more":true' if more else b""
+        body = b"".join((
+            b'{"success":true,"data":{"events":[',
+            b",".join(record.payload for record in events),
+            b'],"cursor":',
+            jsonutil.dumps_bytes(cursor),
+            tail,
+            b"}}",
+        ))
+        self.ctx.metrics.events_delivered.labels(self.transport).inc(len(events))
+        self.finish(body)
+
+
+class EventStreamHandler(ApiHandler):
+    """`GET /api/events` (extension): Server-Sent Events, the cursor as each event's id."""
+
+    transport = "sse"
+
+    def initialize(self, ctx: AppContext) -> None:
+        super().initialize(ctx)
+        self.joined: frozenset[str] = frozenset()
+        self._outbox: Outbox | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._gone = False
+
+    def authenticate(self) -> str:
+        return self.service.authenticate(_token(self))
+
+    async def get(self) -> None:
+        broadcaster = self.ctx.broadcaster
+        cursor = self.request.headers.get("Last-Event-ID") or self.get_query_argument("cursor", None) or None
+        names = [d.strip() for d in self.get_query_argument("typing", "").split(",") if d.strip()]
+        for dialog_id in names[:101]:
+            await self.service.authorize_dialog(self.user_id, dialog_id)
+        if len(names) > 100:
+            raise BadRequest("'typing' names more than 100 dialogs", field="typing")
+        self.joined = frozenset(names)
+        replay = broadcaster.events_after(self.user_id, cursor) if cursor else None
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("X-Accel-Buffering", "no")
+        self._done = asyncio.get_running_loop().create_future()
+        self._outbox = Outbox(self.ctx.config.client_buffer_limit, self._send, self._cut_off, self._count_delivery)
+        ready = {"type": "ready", "data": {"userId": self.user_id, "cursor": cursor or broadcaster.cursor()}}
+        self._outbox.push(b"retry: 1000\n" + self._frame(jsonutil.dumps_bytes(ready), cursor or broadcaster.cursor()))
+        if replay is not None:
+            _count_resets(self.ctx, replay)
+            for record in replay.events:
+                self.deliver(record)
+        broadcaster.subscribe(self)
+        self.ctx.connections.add(self)
+        self.ctx.metrics.connections.labels(self.transport).inc()
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+        try:
+            await self._done
+        finally:
+            heartbeat.cancel()
+            broadcaster.unsubscribe(self)
+            self._outbox.close()
+            self.ctx.connections.discard(self)
+            self.ctx.metrics.connections.labels(self.transport).dec()
+        if not self._finished and not self._gone:
+            self.finish()
+
+    @staticmethod
+    def _frame(payload: bytes, cursor: str | None) -> bytes:
+        head = b"id: " + cursor.encode() + b"\n" if cursor else b""
+        return head + b"data: " + payload + b"\n\n"
+
+    def deliver(self, record: EventRecord) -> None:
+        if self._outbox is None:
+            return
+        cursor = None if record.ephemeral else self.ctx.broadcaster.cursor(record.seq)
+        self._outbox.push(self._frame(record.payload, cursor))
+
+    def wants_typing(self, dialog_id: str) -> bool:
+        return dialog_id in self.joined
+
+    async def _send(self, data: bytes) -> None:
+        self.write(data)
+        await self.flush()
+
+    def _count_delivery(self) -> None:
+        self.ctx.metrics.events_delivered.labels(self.transport).inc()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.ctx.config.sse_heartbeat)
+            if self._outbox is not None:
+                self._outbox.push(b": keepalive\n\n")
+
+    def _cut_off(self) -> None:
+        self.ctx.metrics.slow_clients_closed.inc()
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def on_connection_close(self) -> None:
+        self._gone = True
+        self._stop()
+
+    def shutdown(self) -> None:
+        self._stop()

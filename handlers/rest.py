@@ -1,0 +1,80 @@
+"""The REST endpoints of PROTOCOL section 2: parse, call the service, shape the answer. Nothing more."""
+
+from __future__ import annotations
+
+from chatserver.errors import BadRequest
+from chatserver.service import DEFAULT_LIMIT
+from handlers.base import ApiHandler
+
+
+class LoginHandler(ApiHandler):
+    requires_auth = False
+
+    async def post(self) -> None:
+        token, user = await self.service.login(self.json_body())
+        self.reply({"token": token, "user": user.to_json()})
+
+
+class MeHandler(ApiHandler):
+    async def get(self) -> None:
+        self.reply((await self.service.current_user(self.user_id)).to_json())
+
+
+class DialogsHandler(ApiHandler):
+    async def get(self) -> None:
+        self.reply([view.to_json() for view in await self.service.list_dialogs(self.user_id)])
+
+    async def post(self) -> None:
+        view = await self.service.create_dialog(self.user_id, self.json_body())
+        self.reply(view.to_json(), 201)
+
+
+class DialogApiHandler(ApiHandler):
+    """An endpoint under one dialog: membership is checked before the body is even read (403 wins over 400)."""
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        super().prepare()
+        await self.service.authorize_dialog(self.user_id, self.path_args[0])
+
+
+class DialogHandler(DialogApiHandler):
+    async def get(self, dialog_id: str) -> None:
+        self.reply((await self.service.get_dialog(self.user_id, dialog_id)).to_json())
+
+
+class DialogMessagesHandler(DialogApiHandler):
+    async def get(self, dialog_id: str) -> None:
+        limit_text = self.get_query_argument("limit", str(DEFAULT_LIMIT))
+        if not limit_text.strip().isdigit():
+            raise BadRequest("'limit' must be an integer between 1 and 200", field="limit")
+        messages = await self.service.list_messages(
+            self.user_id,
+            dialog_id,
+            limit=int(limit_text),
+            before=self.get_query_argument("before", None) or None,
+            after=self.get_query_argument("after", None) or None,
+        )
+        self.reply([message.to_json() for message in messages])
+
+    async def post(self, dialog_id: str) -> None:
+        outcome = await self.service.post_message(self.user_id, dialog_id, self.json_body())
+        self.reply(outcome.message.to_json(), 201)
+
+
+class MessageHandler(ApiHandler):
+    async def patch(self, message_id: str) -> None:
+        message = await self.service.edit_message(self.user_id, message_id, self.json_body())
+        self.reply(message.to_json())
+
+
+class TypingHandler(DialogApiHandler):
+    async def post(self, dialog_id: str) -> None:
+        await self.service.set_typing(self.user_id, dialog_id, self.json_body().get("typing"))
+        self.set_status(204)
+        self.finish()
+
+
+class ReadHandler(DialogApiHandler):
+    async def post(self, dialog_id: str) -> None:
+        view = await self.service.mark_read(self.user_id, dialog_id, self.json_body())
+        self.reply(view.to_json())

@@ -1,0 +1,192 @@
+"""Shared fixtures: a real server on a real port over a real SQLite file, and small clients for it.
+
+`app` builds the server exactly as run.py does (handlers.app), with a fresh state folder per test. The
+`http_server` fixture of pytest-tornado is replaced so that the listener carries the same limits as
+production (`make_http_server`). Helpers here wait with bounds: a lost event fails a test, never hangs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.httpclient
+import tornado.httpserver
+import tornado.websocket
+
+from chatserver import jsonutil
+from chatserver.admin import add_dialog, add_user
+from chatserver.config import Config, load_config
+from handlers.app import build_context, make_app, make_http_server
+from handlers.base import AppContext
+
+ALICE_PHONE, BOB_PHONE, CAROL_PHONE = "79111111111", "79777777777", "79000000000"
+PASSWORD = "demo-password"
+
+
+@pytest.fixture
+def settings() -> dict[str, Any]:
+    """Per-test overrides of the Config; a test may change it before `config` is built."""
+    return {}
+
+
+@pytest.fixture
+def config(tmp_path: Path, settings: dict[str, Any]) -> Config:
+    flags = {"state_dir": str(tmp_path / "state"), "port": 0, "ws_ping_interval": 5.0, **settings}
+    return load_config(flags, {})
+
+
+@pytest.fixture
+def ctx(config: Config, io_loop: Any) -> Iterator[AppContext]:
+    context = build_context(config)
+    yield context
+    context.service.db.close()
+
+
+@pytest.fixture
+def seed(ctx: AppContext) -> dict[str, Any]:
+    """Alice and Bob in the dialog "Demo"; Carol in no dialog."""
+    store = ctx.service.db.sync
+    return {
+        "alice": add_user(store, ALICE_PHONE, "Alice", PASSWORD),
+        "bob": add_user(store, BOB_PHONE, "Bob", PASSWORD),
+        "carol": add_user(store, CAROL_PHONE, "Carol", PASSWORD),
+        "dialog": add_dialog(store, "Demo", [ALICE_PHONE, BOB_PHONE]),
+    }
+
+
+@pytest.fixture
+def app(ctx: AppContext) -> Any:
+    return make_app(ctx)
+
+
+@pytest.fixture
+def http_server(request: Any, io_loop: Any, _unused_port: Any, app: Any, config: Config) -> Iterator[Any]:
+    server: tornado.httpserver.HTTPServer = make_http_server(app, config)
+    server.add_socket(_unused_port[0])
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=10)
+
+
+class Client:
+    """A user's view of the server: REST calls with its token, and its real-time connections."""
+
+    def __init__(self, base_url: str, ctx: AppContext, user_id: str) -> None:
+        self.base_url = base_url
+        self.ws_url = base_url.replace("http://", "ws://")
+        self.ctx = ctx
+        self.user_id = user_id
+        self.token = ctx.service.tokens.issue(user_id)
+        self.http = tornado.httpclient.AsyncHTTPClient()
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 10,
+    ) -> tuple[int, Any]:
+        all_headers = {"Authorization": f"Bearer {token or self.token}"} if token != "" else {}
+        all_headers.update(headers or {})
+        data = raw if raw is not None else (jsonutil.dumps_bytes(body) if body is not None else None)
+        if data is None and method in ("POST", "PATCH", "PUT"):
+            data = b""
+        response = await self.http.fetch(
+            self.base_url + path,
+            method=method,
+            body=data,
+            headers=all_headers,
+            raise_error=False,
+            request_timeout=timeout,
+        )
+        parsed = jsonutil.loads(response.body) if response.body else None
+        return response.code, parsed
+
+    async def post_message(self, dialog_id: str, content: str, **extra: Any) -> dict[str, Any]:
+        status, body = await self.call("POST", f"/api/messages/dialog/{dialog_id}", {"content": content, **extra})
+        assert status == 201, body
+        return body["data"]
+
+    async def websocket(self, cursor: str | None = None, **headers: str) -> Socket:
+        url = f"{self.ws_url}/ws?token={self.token}" + (f"&cursor={cursor}" if cursor else "")
+        request = tornado.httpclient.HTTPRequest(url, headers=headers or None)
+        conn = await tornado.websocket.websocket_connect(request)
+        socket = Socket(conn)
+        socket.ready = await socket.next()
+        assert socket.ready["type"] == "ready", socket.ready
+        return socket
+
+    async def poll(self, cursor: str | None = None, **params: str) -> tuple[int, Any]:
+        query = "&".join(f"{k}={v}" for k, v in {"cursor": cursor, **params}.items() if v is not None)
+        return await self.call("GET", f"/api/poll?{query}", timeout=70)
+
+
+class Socket:
+    """A WebSocket client that reads frames with a bound on every wait."""
+
+    def __init__(self, conn: tornado.websocket.WebSocketClientConnection) -> None:
+        self.conn = conn
+        self.ready: dict[str, Any] = {}
+
+    async def next(self, timeout: float = 5) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.conn.read_message(), timeout)
+        assert raw is not None, f"the socket closed ({self.conn.close_code} {self.conn.close_reason})"
+        return jsonutil.loads(raw)
+
+    async def next_of(self, *types: str, timeout: float = 5) -> dict[str, Any]:
+        """The next frame of one of these types, skipping others (pong, typing)."""
+        while True:
+            frame = await self.next(timeout)
+            if frame["type"] in types:
+                return frame
+
+    async def nothing_within(self, seconds: float) -> None:
+        try:
+            frame = await asyncio.wait_for(self.conn.read_message(), seconds)
+        except TimeoutError:
+            return
+        raise AssertionError(f"expected no frame, got {frame!r}")
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.conn.write_message(jsonutil.dumps(frame))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture
+def alice(base_url: str, ctx: AppContext, seed: dict[str, Any], http_server: Any) -> Client:
+    return Client(base_url, ctx, seed["alice"].user_id)
+
+
+@pytest.fixture
+def bob(base_url: str, ctx: AppContext, seed: dict[str, Any], http_server: Any) -> Client:
+    return Client(base_url, ctx, seed["bob"].user_id)
+
+
+@pytest.fixture
+def carol(base_url: str, ctx: AppContext, seed: dict[str, Any], http_server: Any) -> Client:
+    return Client(base_url, ctx, seed["carol"].user_id)
+
+
+@pytest.fixture
+def dialog_id(seed: dict[str, Any]) -> str:
+    return str(seed["dialog"].dialog_id)
+
+
+def require_service(name: str, reachable: bool) -> None:
+    """Skip where a service is missing on a developer's machine; fail under CI, where it must be there."""
+    if reachable:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is not reachable, and CI must provide it")
+    pytest.skip(f"{name} is not reachable on this machine")

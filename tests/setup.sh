@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Everything the test suite needs on a fresh Debian machine, installed from this repo's own files, and the
+# services it talks to started. Idempotent: a second run installs nothing and starts nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt
+
+# Debian packages: Chromium for the browser tests, RabbitMQ for the listener tests.
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v rabbitmq-server >/dev/null 2>&1 || need+=(rabbitmq-server)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "tests/setup.sh: missing Debian packages: ${need[*]} (run as root, or install them)" >&2
+  fi
+fi
+
+# RabbitMQ on 127.0.0.1:5672 (guest/guest), started if it is not answering.
+amqp_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+if ! amqp_up && command -v rabbitmq-server >/dev/null 2>&1; then
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  for _ in $(seq 1 60); do amqp_up && break; sleep 1; done
+  command -v rabbitmqctl >/dev/null 2>&1 && timeout 60 rabbitmqctl await_startup >/dev/null 2>&1 || true
+fi
