@@ -453,23 +453,36 @@ class _Transaction:
 
 
 class AsyncStore:
-    """The store as the IOLoop sees it: each call runs on the store's threads and is awaited."""
+    """The store as the IOLoop sees it: each call runs on the store's threads and is awaited.
 
-    def __init__(self, store: SQLiteStore, workers: int = 2) -> None:
+    Writes go to one writer thread, in the order they are submitted, and their awaiters resume in that same
+    order: so the order in which messages are stored (history pages) is the order in which they are
+    published (live events). Reads run on their own threads and never wait behind a write.
+    """
+
+    def __init__(self, store: SQLiteStore, readers: int = 2) -> None:
         self.sync = store
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
+        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="store-read")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-write")
 
     async def run(self, method: Callable[Concatenate[SQLiteStore, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """A read."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(method, self.sync, *args, **kwargs))
+        return await loop.run_in_executor(self._readers, functools.partial(method, self.sync, *args, **kwargs))
+
+    async def write(self, method: Callable[Concatenate[SQLiteStore, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """A write, serialized behind every write submitted before it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, functools.partial(method, self.sync, *args, **kwargs))
 
     async def offload(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run CPU-heavy work (password hashing) off the loop too."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(func, *args, **kwargs))
+        return await loop.run_in_executor(self._readers, functools.partial(func, *args, **kwargs))
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
         self.sync.close()
 
 

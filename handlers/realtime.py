@@ -105,6 +105,9 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
     def _cut_off(self) -> None:
         log.info("closing a WebSocket of %s: it stopped reading its events", self.user_id)
         self.ctx.metrics.slow_clients_closed.inc()
+        # Forget it now: the close handshake may never finish with a client that does not read (Tornado
+        # aborts the connection if the client does not answer the close in time).
+        self.ctx.broadcaster.unsubscribe(self)
         self.close(SLOW_CLIENT_CLOSE, "too slow: reconnect with your cursor")
 
     # -- from the client ---------------------------------------------------------------------------------

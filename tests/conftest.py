@@ -83,6 +83,12 @@ class Client:
         self.user_id = user_id
         self.token = ctx.service.tokens.issue(user_id)
         self.http = tornado.httpclient.AsyncHTTPClient()
+        self.sockets: list[Socket] = []
+
+    def close(self) -> None:
+        """Close every WebSocket this client opened (an unclosed one warns when collected)."""
+        for sock in self.sockets:
+            sock.close()
 
     async def call(
         self,
@@ -121,6 +127,7 @@ class Client:
         request = tornado.httpclient.HTTPRequest(url, headers=headers or None)
         conn = await tornado.websocket.websocket_connect(request)
         socket = Socket(conn)
+        self.sockets.append(socket)
         socket.ready = await socket.next()
         assert socket.ready["type"] == "ready", socket.ready
         return socket
@@ -164,18 +171,24 @@ class Socket:
 
 
 @pytest.fixture
-def alice(base_url: str, ctx: AppContext, seed: dict[str, Any], http_server: Any) -> Client:
-    return Client(base_url, ctx, seed["alice"].user_id)
+def alice(base_url: str, ctx: AppContext, seed: dict[str, Any], http_server: Any) -> Iterator[Client]:
+    client = Client(base_url, ctx, seed["alice"].user_id)
+    yield client
+    client.close()
 
 
 @pytest.fixture
-def bob(base_url: str, ctx: AppContext, seed: dict[str, Any], http_server: Any) -> Client:
-    return Client(base_url, ctx, seed["bob"].user_id)
+def bob(base_url: str, ctx: AppContext, seed: dict[str, Any], http_server: Any) -> Iterator[Client]:
+    client = Client(base_url, ctx, seed["bob"].user_id)
+    yield client
+    client.close()
 
 
 @pytest.fixture
-def carol(base_url: str, ctx: AppContext, seed: dict[str, Any], http_server: Any) -> Client:
-    return Client(base_url, ctx, seed["carol"].user_id)
+def carol(base_url: str, ctx: AppContext, seed: dict[str, Any], http_server: Any) -> Iterator[Client]:
+    client = Client(base_url, ctx, seed["carol"].user_id)
+    yield client
+    client.close()
 
 
 @pytest.fixture
