@@ -24,12 +24,23 @@ def dumps_bytes(obj: Any) -> bytes:
 
 
 def loads(raw: bytes | str) -> Any:
-    """Decode JSON, raising BadRequest for anything that is not strict, valid JSON text."""
+    """Decode JSON, raising BadRequest for anything that is not strict, valid JSON text.
+
+    A value that decodes but is not valid (a lone surrogate, NaN, nesting too deep) is named by its path in
+    the error, `'content'` or `'meta.a[2]'`, and its top-level key is the error's `field`.
+    """
     try:
         value = ujson.loads(raw)
     except (ValueError, TypeError, OverflowError) as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
-    _check_value(value)
+    try:
+        _check_value(value, 0)
+    except _Invalid as exc:
+        path = exc.path[::-1]
+        if not path:
+            raise BadRequest(f"malformed JSON: the body {exc.reason}") from None
+        field = path[0] if isinstance(path[0], str) else None
+        raise BadRequest(f"malformed JSON: '{_path_name(path)}' {exc.reason}", field=field) from None
     return value
 
 
@@ -49,19 +60,46 @@ def is_valid_text(value: str) -> bool:
     return True
 
 
-def _check_value(value: Any, depth: int = 0) -> None:
-    if depth > 64:
-        raise BadRequest("malformed JSON: nested too deeply")
+MAX_DEPTH = 64
+
+
+class _Invalid(Exception):
+    """A decoded value that is not valid; `path` is filled in, innermost first, as it propagates out."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.path: list[str | int] = []
+
+
+def _check_value(value: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise _Invalid(f"is nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, str):
         if not is_valid_text(value):
-            raise BadRequest("malformed JSON: a string holds a lone surrogate")
+            raise _Invalid("is not valid Unicode (it holds a lone surrogate)")
     elif isinstance(value, float):
         if not math.isfinite(value):
-            raise BadRequest("malformed JSON: NaN and Infinity are not JSON")
+            raise _Invalid("is not a finite number (NaN and Infinity are not JSON)")
     elif isinstance(value, dict):
         for key, item in value.items():
-            _check_value(key, depth + 1)
-            _check_value(item, depth + 1)
+            if not is_valid_text(key):
+                # The key itself cannot go into the error text: it is not encodable.
+                raise _Invalid("has a key that is not valid Unicode (it holds a lone surrogate)")
+            try:
+                _check_value(item, depth + 1)
+            except _Invalid as exc:
+                exc.path.append(key)
+                raise
     elif isinstance(value, list):
-        for item in value:
-            _check_value(item, depth + 1)
+        for index, item in enumerate(value):
+            try:
+                _check_value(item, depth + 1)
+            except _Invalid as exc:
+                exc.path.append(index)
+                raise
+
+
+def _path_name(path: list[str | int], limit: int = 80) -> str:
+    text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -33,6 +33,10 @@ class Metrics:
         self.chat3_connected = Gauge(
             "chatserver_chat3_connected", "1 while the Chat3 listener is consuming", registry=r
         )
+        self.cluster_events = Counter(
+            "chatserver_cluster_events", "Events relayed between server processes by outcome", ["outcome"],
+            registry=r,
+        )
         self.request_latency = Histogram(
             "chatserver_request_seconds", "HTTP request latency", ["method", "handler"], registry=r
         )
@@ -43,3 +47,5 @@ class Metrics:
             self.resets.labels(reason)
         for outcome in ("accepted", "duplicate", "rejected"):
             self.chat3_events.labels(outcome)
+        for outcome in ("sent", "received", "dropped", "invalid"):
+            self.cluster_events.labels(outcome)

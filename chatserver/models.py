@@ -70,9 +70,14 @@ def require_id(body: dict[str, Any], field: str, prefix: str) -> str:
 
 
 def check_id(value: str, field: str, prefix: str) -> str:
-    if not value.startswith(prefix + "_") or not value.isprintable() or len(value) > MAX_ID_LENGTH:
+    if not is_id(value, prefix):
         raise BadRequest(f"'{field}' must be an id starting with '{prefix}_'", field=field)
     return value
+
+
+def is_id(value: str, prefix: str) -> bool:
+    """Whether the text has the shape of an id of this type (it may still name nothing)."""
+    return value.startswith(prefix + "_") and value.isprintable() and len(value) <= MAX_ID_LENGTH
 
 
 def require_timestamp(body: dict[str, Any], field: str) -> str:

@@ -105,9 +105,11 @@ class ChatService:
         return self._cache_members(dialog)
 
     def _cache_members(self, dialog: Dialog) -> frozenset[str]:
-        members = frozenset(dialog.member_ids)
-        self._members[dialog.dialog_id] = members
-        self._members.move_to_end(dialog.dialog_id)
+        return self._remember_members(dialog.dialog_id, frozenset(dialog.member_ids))
+
+    def _remember_members(self, dialog_id: str, members: frozenset[str]) -> frozenset[str]:
+        self._members[dialog_id] = members
+        self._members.move_to_end(dialog_id)
         if len(self._members) > self._members_size:
             self._members.popitem(last=False)
         return members
@@ -223,6 +225,31 @@ class ChatService:
         for relay in self.relays:
             relay(events.TYPING_START if typing else events.TYPING_STOP,
                   {"dialogId": dialog_id, "userId": user_id}, members)
+
+    # -- cluster ------------------------------------------------------------------------------------------
+
+    def apply_remote(self, event_type: str, data: dict[str, Any], recipients: frozenset[str]) -> None:
+        """An event another process of the cluster originated (and stored): publish it here, to this process's
+        connections, without storing it again and without relaying it again.
+
+        The broadcaster drops a `message:new` it already published (the same Chat3 event consumed here too).
+        """
+        dialog_id = data.get("dialogId")
+        if not isinstance(dialog_id, str):
+            raise BadRequest("'dialogId' must be a string", field="dialogId")
+        if event_type in (events.TYPING_START, events.TYPING_STOP):
+            user_id = data.get("userId")
+            if not isinstance(user_id, str):
+                raise BadRequest("'userId' must be a string", field="userId")
+            self.broadcaster.publish_typing(dialog_id, user_id, event_type == events.TYPING_START, recipients)
+            return
+        if event_type not in (events.MESSAGE_NEW, events.MESSAGE_UPDATE, events.DIALOG_UPDATE):
+            raise BadRequest(f"unknown event type {event_type!r}", field="type")
+        if event_type == events.DIALOG_UPDATE:
+            members = data.get("memberIds")
+            if isinstance(members, list) and all(isinstance(m, str) for m in members):
+                self._remember_members(dialog_id, frozenset(members))
+        self.broadcaster.publish(event_type, data, recipients, dialog_id=dialog_id)
 
     def _publish(self, event_type: str, data: dict[str, Any], recipients: frozenset[str], dialog_id: str) -> None:
         record: EventRecord | None = self.broadcaster.publish(event_type, data, recipients, dialog_id=dialog_id)

@@ -122,22 +122,27 @@ class ApiHandler(JsonHandler):
 
     def prepare(self) -> None:
         self._body = bytearray()
-        self._too_large = False
         limit = self.ctx.config.max_body_size
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
-            # Answer before reading a byte of it, and close: the rest of the body is not worth reading.
-            self.set_header("Connection", "close")
+            # Answered before a byte of the body is read; finishing early makes Tornado close the connection
+            # rather than read the rest.
             raise TooLarge(f"the body is larger than {limit} bytes")
         if self.requires_auth:
             self.user_id = self.authenticate()
 
     def data_received(self, chunk: bytes) -> None:
-        if len(self._body) + len(chunk) > self.ctx.config.max_body_size:
-            self._too_large = True
+        if self._finished:
+            return
+        limit = self.ctx.config.max_body_size
+        if len(self._body) + len(chunk) > limit:
+            # A chunked body has no length to refuse up front: it gets its 413 as soon as it outgrows the limit
+            # (and the connection is closed), before the server's hard stop would answer a bare 400.
             self._body.clear()
-        elif not self._too_large:
-            self._body.extend(chunk)
+            error = TooLarge(f"the body is larger than {limit} bytes")
+            self.send_error(413, exc_info=(TooLarge, error, None))
+            return
+        self._body.extend(chunk)
 
     def authenticate(self) -> str:
         header = self.request.headers.get("Authorization", "")
@@ -147,8 +152,6 @@ class ApiHandler(JsonHandler):
         return self.service.authenticate(token.strip())
 
     def json_body(self) -> dict[str, Any]:
-        if self._too_large:
-            raise TooLarge(f"the body is larger than {self.ctx.config.max_body_size} bytes")
         return jsonutil.loads_object(bytes(self._body))
 
 

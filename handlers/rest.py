@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from chatserver.errors import BadRequest
-from chatserver.service import DEFAULT_LIMIT
+from chatserver.service import DEFAULT_LIMIT, MAX_LIMIT
 from handlers.base import ApiHandler
+
+_LIMIT = re.compile(r"[0-9]{1,6}")
 
 
 class LoginHandler(ApiHandler):
@@ -45,8 +49,9 @@ class DialogHandler(DialogApiHandler):
 class DialogMessagesHandler(DialogApiHandler):
     async def get(self, dialog_id: str) -> None:
         limit_text = self.get_query_argument("limit", str(DEFAULT_LIMIT))
-        if not limit_text.strip().isdigit():
-            raise BadRequest("'limit' must be an integer between 1 and 200", field="limit")
+        # ASCII digits only: str.isdigit() also accepts '²', which int() then refuses.
+        if not _LIMIT.fullmatch(limit_text):
+            raise BadRequest(f"'limit' must be an integer between 1 and {MAX_LIMIT}", field="limit")
         messages = await self.service.list_messages(
             self.user_id,
             dialog_id,
@@ -62,6 +67,11 @@ class DialogMessagesHandler(DialogApiHandler):
 
 
 class MessageHandler(ApiHandler):
+    async def prepare(self) -> None:  # type: ignore[override]
+        # As under a dialog: 404 and 403 are decided before the body is read.
+        super().prepare()
+        await self.service.editable_message(self.user_id, self.path_args[0])
+
     async def patch(self, message_id: str) -> None:
         message = await self.service.edit_message(self.user_id, message_id, self.json_body())
         self.reply(message.to_json())
