@@ -1,0 +1,576 @@
+"""RabbitMQ: the Chat3 listener (PROTOCOL section 6) and the cluster bus. The only module that imports pika.
+
+`Chat3Listener` consumes Chat3's events from a durable queue bound to Chat3's topic exchange. Each delivery is
+decoded, validated into the domain's models and handed to the one write path (`ChatService.accept_message`,
+`accept_update`, `save_dialog`), which stores it idempotently and then publishes it; only then is it acked, on
+the channel that delivered it. Poison is rejected without requeue (to the dead-letter exchange, where the queue
+has one), logged with its reason and counted. A store that is briefly unusable is not poison: the delivery is
+retried, then requeued, and dead-lettered only when the same body keeps failing.
+
+`ClusterBus` fans events out between the server processes that share one database: each process publishes the
+events it originates to a fanout exchange and consumes the others' through an exclusive queue of its own,
+handing them to `ChatService.apply_remote` (published here, never stored or relayed twice).
+
+Both run on the server's own asyncio loop (pika's `AsyncioConnection`) and never block or stop it: a lost
+broker is retried with `loop.call_later` and a capped, jittered, exponential backoff while REST, WebSocket and
+long-poll keep serving; `problem()` tells `/readyz` what is down meanwhile. This module never touches Tornado,
+a socket of a client, or the broadcaster's publish side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import random
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import pika
+import pika.channel
+import pika.spec
+from pika.adapters.asyncio_connection import AsyncioConnection
+
+from chatserver import jsonutil
+from chatserver.config import Config, ConfigError
+from chatserver.errors import BadRequest, ChatError
+from chatserver.metrics import Metrics
+from chatserver.models import Dialog, Message
+from chatserver.service import ChatService
+from chatserver.store import StoreError
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = 30
+BACKOFF_FIRST = 0.5
+BACKOFF_CAP = 10.0
+# A delivery whose store write fails transiently is retried after these pauses, then requeued; the same body
+# failing this many times in a row is treated as poison (it would otherwise circle the queue forever).
+TRANSIENT_PAUSES = (0.1, 0.5, 1.0)
+MAX_TRANSIENT_FAILURES = 5
+LOG_PREFIX_BYTES = 60
+
+CONSUMING = ""
+CONNECTING = "connecting"
+STOPPED = "stopped"
+
+# Errors of the store that say "not now" rather than "never": a locked or busy database, a full disk, I/O.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, StoreError, OSError)
+
+
+def connection_parameters(url: str, name: str) -> pika.URLParameters:
+    """Parameters for `url` with heartbeats on (unless the URL sets them) and a name the broker's UI shows.
+
+    Raises ConfigError for a URL pika cannot use. The URL holds a password: it is never logged.
+    """
+    try:
+        params = pika.URLParameters(url)
+    except Exception as exc:
+        raise ConfigError(f"setting 'amqp_url' is not a usable AMQP URL: {type(exc).__name__}") from None
+    query = parse_qs(urlsplit(url).query)
+    if "heartbeat" not in query:
+        params.heartbeat = HEARTBEAT
+    if "blocked_connection_timeout" not in query:
+        params.blocked_connection_timeout = 60
+    params.connection_attempts = 1
+    params.client_properties = {"connection_name": name, "product": "chatserver"}
+    return params
+
+
+def _describe(reason: BaseException | None) -> str:
+    text = f"{type(reason).__name__}: {reason}" if reason is not None else "unknown reason"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class _Link:
+    """One AMQP connection with one channel on the running asyncio loop, reopened with backoff when lost.
+
+    Subclasses declare their topology in `_setup(channel)` and call `_ready()` once consuming; `problem()`
+    answers "" while ready, else what is wrong.
+    """
+
+    def __init__(self, url: str, name: str, *, backoff_first: float = BACKOFF_FIRST, backoff_cap: float = BACKOFF_CAP):
+        self.name = name
+        self._params = connection_parameters(url, name)
+        self._backoff_first = backoff_first
+        self._backoff_cap = backoff_cap
+        self._attempts = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connection: AsyncioConnection | None = None
+        self._channel: pika.channel.Channel | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._channel_problem: str | None = None
+        self._stopping = False
+        self._closed = asyncio.Event()
+        self.state = STOPPED
+
+    # -- public ------------------------------------------------------------------------------------------
+
+    def problem(self) -> str:
+        return "" if self.state == CONSUMING else self.state
+
+    def start(self) -> None:
+        """Connect, from inside the running loop; returns at once (the link comes up in the background)."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._connect()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop consuming, let in-flight work finish (within `timeout`), and close the connection."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._stopping = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        await self._wind_down(timeout)
+        connection = self._connection
+        if connection is not None and not connection.is_closed:
+            if not connection.is_closing:
+                connection.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), max(deadline - loop.time(), 0.1))
+        self._set_state(STOPPED)
+
+    # -- subclass hooks ----------------------------------------------------------------------------------
+
+    def _setup(self, channel: pika.channel.Channel) -> None:
+        raise NotImplementedError
+
+    def _channel_lost(self, channel: pika.channel.Channel) -> None:
+        """The channel is gone: forget what was in flight on it (the broker redelivers what was not acked)."""
+
+    async def _wind_down(self, timeout: float) -> None:
+        """Before the connection closes at stop: stop consuming and finish what is in flight."""
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+
+    # -- connection --------------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._retry = None
+        self._closed.clear()
+        self._channel_problem = None
+        self._set_state(CONNECTING)
+        self._connection = AsyncioConnection(
+            self._params,
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_connection_open_error,
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=self._loop,
+        )
+
+    def _on_connection_open(self, connection: AsyncioConnection) -> None:
+        if self._stopping:
+            connection.close()
+            return
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_open_error(self, connection: AsyncioConnection, error: BaseException) -> None:
+        self._connection_gone(f"cannot connect: {_describe(error)}")
+
+    def _on_connection_closed(self, connection: AsyncioConnection, reason: BaseException) -> None:
+        self._channel = None
+        self._connection_gone(self._channel_problem or f"connection lost: {_describe(reason)}")
+
+    def _connection_gone(self, why: str) -> None:
+        self._connection = None
+        self._closed.set()
+        if self._stopping:
+            return
+        self._set_state(f"disconnected: {why}")
+        delay = min(self._backoff_cap, self._backoff_first * 2**self._attempts) * random.uniform(0.5, 1.0)
+        self._attempts += 1
+        log.warning("%s: %s; reconnecting in %.1fs", self.name, why, delay)
+        assert self._loop is not None
+        self._retry = self._loop.call_later(delay, self._connect)
+
+    # -- channel -----------------------------------------------------------------------------------------
+
+    def _on_channel_open(self, channel: pika.channel.Channel) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        self._setup(channel)
+
+    def _on_channel_closed(self, channel: pika.channel.Channel, reason: BaseException) -> None:
+        self._channel_lost(channel)
+        if channel is not self._channel:
+            return
+        self._channel = None
+        # One channel per connection: without it the connection is of no use. Close it; its close callback
+        # reconnects, and reports the channel's reason (a refused declare says more than "closed by us").
+        self._channel_problem = f"channel closed: {_describe(reason)}"
+        connection = self._connection
+        if connection is not None and not (connection.is_closing or connection.is_closed):
+            connection.close()
+
+    def _ready(self) -> None:
+        self._attempts = 0
+        self._set_state(CONSUMING)
+        log.info("%s: consuming", self.name)
+
+
+@attrs.define(slots=True, eq=False)
+class _Deliveries:
+    """The deliveries of one channel, handled one at a time in the order the broker sent them."""
+
+    channel: pika.channel.Channel
+    queue: asyncio.Queue[tuple[pika.spec.Basic.Deliver, bytes] | None] = attrs.Factory(asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+    closed: bool = False
+
+    def discard(self) -> None:
+        """Drop what has not started (the broker redelivers it) and end after the delivery in hand."""
+        self.closed = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
+
+class Chat3Listener(_Link):
+    """Consumes Chat3's events (PROTOCOL section 6) into the service; see the module docstring."""
+
+    def __init__(self, service: ChatService, config: Config, metrics: Metrics, **backoff: float) -> None:
+        super().__init__(config.amqp_url, "chat3 listener", **backoff)
+        self.service = service
+        self.config = config
+        self.metrics = metrics
+        self._deliveries: _Deliveries | None = None
+        self._consumer_tag: str | None = None
+        self._failures: OrderedDict[bytes, int] = OrderedDict()
+
+    def _set_state(self, state: str) -> None:
+        super()._set_state(state)
+        self.metrics.chat3_connected.set(1 if state == CONSUMING else 0)
+
+    # -- topology: exchange, queue, binding, qos, consume ------------------------------------------------
+
+    def _setup(self, channel: pika.channel.Channel) -> None:
+        channel.exchange_declare(
+            exchange=self.config.chat3_exchange,
+            exchange_type="topic",
+            durable=True,
+            callback=functools.partial(self._on_exchange_declared, channel),
+        )
+
+    def _on_exchange_declared(self, channel: pika.channel.Channel, _frame: Any) -> None:
+        arguments = {}
+        if self.config.chat3_dead_letter_exchange:
+            arguments["x-dead-letter-exchange"] = self.config.chat3_dead_letter_exchange
+        channel.queue_declare(
+            queue=self.config.chat3_queue,
+            durable=True,
+            arguments=arguments or None,
+            callback=functools.partial(self._on_queue_declared, channel),
+        )
+
+    def _on_queue_declared(self, channel: pika.channel.Channel, _frame: Any) -> None:
+        channel.queue_bind(
+            queue=self.config.chat3_queue,
+            exchange=self.config.chat3_exchange,
+            routing_key="#",
+            callback=functools.partial(self._on_bound, channel),
+        )
+
+    def _on_bound(self, channel: pika.channel.Channel, _frame: Any) -> None:
+        channel.basic_qos(prefetch_count=self.config.amqp_prefetch, callback=functools.partial(self._on_qos, channel))
+
+    def _on_qos(self, channel: pika.channel.Channel, _frame: Any) -> None:
+        if self._stopping or channel is not self._channel:
+            return
+        previous = self._deliveries
+        deliveries = _Deliveries(channel)
+        # A new channel's first delivery may be a redelivery of the old channel's delivery in hand: wait for
+        # that one to finish, so that the two never race and events keep their order.
+        deliveries.task = asyncio.get_running_loop().create_task(
+            self._handle_deliveries(deliveries, previous.task if previous else None)
+        )
+        self._deliveries = deliveries
+        self._consumer_tag = channel.basic_consume(self.config.chat3_queue, self._on_message)
+        self._ready()
+
+    def _on_message(
+        self, channel: pika.channel.Channel, method: pika.spec.Basic.Deliver, _props: Any, body: bytes
+    ) -> None:
+        # Bounded: the broker sends at most `amqp_prefetch` deliveries before one is acked.
+        deliveries = self._deliveries
+        if deliveries is not None and deliveries.channel is channel and not deliveries.closed:
+            deliveries.queue.put_nowait((method, body))
+
+    def _channel_lost(self, channel: pika.channel.Channel) -> None:
+        if self._deliveries is not None and self._deliveries.channel is channel:
+            self._deliveries.discard()
+        self._consumer_tag = None
+
+    async def _wind_down(self, timeout: float) -> None:
+        channel, tag = self._channel, self._consumer_tag
+        if channel is not None and channel.is_open and tag is not None:
+            channel.basic_cancel(tag)
+        self._consumer_tag = None
+        deliveries = self._deliveries
+        if deliveries is not None and deliveries.task is not None:
+            deliveries.discard()
+            try:
+                await asyncio.wait_for(asyncio.shield(deliveries.task), timeout)
+            except TimeoutError:
+                log.warning(
+                    "%s: a delivery was still in hand after %.1fs; the broker will redeliver it", self.name, timeout
+                )
+
+    # -- deliveries --------------------------------------------------------------------------------------
+
+    async def _handle_deliveries(self, deliveries: _Deliveries, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await previous
+        while True:
+            item = await deliveries.queue.get()
+            if item is None or deliveries.closed:
+                return
+            method, body = item
+            try:
+                await self._handle(deliveries, method, body)
+            except Exception:
+                log.exception("%s: delivery %s could not be handled", self.name, method.delivery_tag)
+
+    async def _handle(self, deliveries: _Deliveries, method: pika.spec.Basic.Deliver, body: bytes) -> None:
+        channel, tag = deliveries.channel, method.delivery_tag
+        for pause in (*TRANSIENT_PAUSES, None):
+            try:
+                outcome = await apply_chat3_event(self.service, body, self.config.max_content_length)
+            except ChatError as exc:
+                self._reject(channel, method, body, exc.message)
+                return
+            except TRANSIENT_ERRORS as exc:
+                failures = self._count_failure(body)
+                if failures >= MAX_TRANSIENT_FAILURES:
+                    self._reject(channel, method, body, f"failed {failures} times: {_describe(exc)}")
+                elif pause is not None:
+                    await asyncio.sleep(pause)
+                    continue
+                else:
+                    self._requeue(deliveries, tag, _describe(exc))
+                return
+            except Exception as exc:
+                # A bug, not the event's fault; still, never loop on it: dead-letter it where it can be looked at.
+                log.exception("%s: delivery %s failed unexpectedly", self.name, tag)
+                self._reject(channel, method, body, f"internal error: {_describe(exc)}")
+                return
+            self._failures.pop(_digest(body), None)
+            self.metrics.chat3_events.labels(outcome).inc()
+            if self._usable(channel):
+                channel.basic_ack(tag)
+            else:
+                log.info("%s: channel closed before delivery %s was acked; the broker redelivers it", self.name, tag)
+            return
+
+    def _requeue(self, deliveries: _Deliveries, tag: int, why: str) -> None:
+        """Give back this delivery and every one buffered behind it, in one nack: the broker puts them back in
+        their places, so they come again in the same order (the store is retried when they do)."""
+        last = tag
+        while not deliveries.queue.empty():
+            item = deliveries.queue.get_nowait()
+            if item is not None:
+                last = max(last, item[0].delivery_tag)
+            else:
+                deliveries.queue.put_nowait(None)
+                break
+        log.warning("%s: store unusable (%s); requeued deliveries %s..%s", self.name, why, tag, last)
+        if self._usable(deliveries.channel):
+            deliveries.channel.basic_nack(last, multiple=True, requeue=True)
+
+    def _reject(self, channel: pika.channel.Channel, method: pika.spec.Basic.Deliver, body: bytes, why: str) -> None:
+        self._failures.pop(_digest(body), None)
+        self.metrics.chat3_events.labels("rejected").inc()
+        log.warning(
+            "%s: rejected delivery %s (routing key %r): %s; body starts %r",
+            self.name,
+            method.delivery_tag,
+            method.routing_key,
+            why,
+            body[:LOG_PREFIX_BYTES],
+        )
+        if self._usable(channel):
+            channel.basic_reject(method.delivery_tag, requeue=False)
+
+    def _usable(self, channel: pika.channel.Channel) -> bool:
+        # Delivery tags belong to their channel: an ack on another (or a reopened) channel would be an error.
+        return channel is self._channel and channel.is_open
+
+    def _count_failure(self, body: bytes) -> int:
+        key = _digest(body)
+        failures = self._failures.pop(key, 0) + 1
+        self._failures[key] = failures
+        while len(self._failures) > 1000:
+            self._failures.popitem(last=False)
+        return failures
+
+
+def _digest(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+async def apply_chat3_event(service: ChatService, body: bytes, max_content_length: int) -> str:
+    """Validate one Chat3 event and hand it to the write path; returns the outcome for the metrics.
+
+    Raises a ChatError (BadRequest, NotFound) for poison: not JSON, not an object, an unknown event, a missing or
+    wrongly typed field, a message of an unknown dialog, a dialog naming unknown users.
+    """
+    event = jsonutil.loads_object(body)
+    kind, data = event.get("event"), event.get("data")
+    if kind == "message.created":
+        outcome = await service.accept_message(Message.from_chat3(data, max_content_length=max_content_length))
+    elif kind == "message.updated":
+        outcome = await service.accept_update(Message.from_chat3(data, max_content_length=max_content_length))
+    elif kind == "dialog.updated":
+        await service.save_dialog(Dialog.from_chat3(data))
+        return "accepted"
+    else:
+        raise BadRequest(f"unknown event {kind!r}", field="event")
+    return "accepted" if outcome.published else "duplicate"
+
+
+class ClusterBus(_Link):
+    """The fan-out between server processes; see the module docstring.
+
+    `relay` is a `chatserver.service.Relay`: called with every event this process publishes, it forwards it to
+    the other processes, tagged with this process's `origin` so that its own echo is ignored. While the broker
+    is away, relayed events are dropped (logged once, counted): never buffered without bound, never blocking.
+    """
+
+    def __init__(self, service: ChatService, config: Config, metrics: Metrics, origin: str, **backoff: float) -> None:
+        super().__init__(config.amqp_url, "cluster bus", **backoff)
+        self.service = service
+        self.exchange = config.cluster_exchange
+        self.metrics = metrics
+        self.origin = origin
+        self._blocked = False
+        self._warned = False
+
+    def _setup(self, channel: pika.channel.Channel) -> None:
+        assert self._connection is not None
+        self._connection.add_on_connection_blocked_callback(self._on_blocked)
+        self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
+        channel.exchange_declare(
+            exchange=self.exchange,
+            exchange_type="fanout",
+            durable=False,
+            callback=functools.partial(self._on_exchange_declared, channel),
+        )
+
+    def _on_exchange_declared(self, channel: pika.channel.Channel, _frame: Any) -> None:
+        channel.queue_declare(
+            queue="", exclusive=True, auto_delete=True, callback=functools.partial(self._on_queue_declared, channel)
+        )
+
+    def _on_queue_declared(self, channel: pika.channel.Channel, frame: Any) -> None:
+        queue = frame.method.queue
+        channel.queue_bind(
+            queue=queue, exchange=self.exchange, callback=functools.partial(self._on_bound, channel, queue)
+        )
+
+    def _on_bound(self, channel: pika.channel.Channel, queue: str, _frame: Any) -> None:
+        if self._stopping or channel is not self._channel:
+            return
+        # Relayed events are live fan-out, not records: auto-ack, and handled at once (apply_remote is sync).
+        channel.basic_consume(queue, self._on_message, auto_ack=True)
+        self._blocked = False
+        self._warned = False
+        self._ready()
+
+    def _on_blocked(self, _connection: Any, _frame: Any) -> None:
+        self._blocked = True
+
+    def _on_unblocked(self, _connection: Any, _frame: Any) -> None:
+        self._blocked = False
+
+    def relay(self, event_type: str, data: dict[str, Any], recipients: frozenset[str]) -> None:
+        channel = self._channel
+        if channel is None or not channel.is_open or self._blocked or self.state != CONSUMING:
+            self.metrics.cluster_events.labels("dropped").inc()
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "%s: not connected (%s); events are not reaching the other processes",
+                    self.name,
+                    self.state or "blocked by the broker",
+                )
+            return
+        body = jsonutil.dumps_bytes({"type": event_type, "data": data, "recipients": sorted(recipients)})
+        properties = pika.BasicProperties(app_id=self.origin, content_type="application/json")
+        channel.basic_publish(self.exchange, "", body, properties)
+        self.metrics.cluster_events.labels("sent").inc()
+
+    def _on_message(
+        self, _channel: pika.channel.Channel, _method: Any, properties: pika.BasicProperties, body: bytes
+    ) -> None:
+        if properties.app_id == self.origin:
+            return
+        try:
+            event = jsonutil.loads_object(body)
+            event_type, data, recipients = event.get("type"), event.get("data"), event.get("recipients")
+            if not isinstance(event_type, str) or not isinstance(data, dict):
+                raise BadRequest("a relayed event needs a 'type' and a 'data' object")
+            if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
+                raise BadRequest("'recipients' must be a list of user ids", field="recipients")
+            self.service.apply_remote(event_type, data, frozenset(recipients))
+        except ChatError as exc:
+            self.metrics.cluster_events.labels("invalid").inc()
+            log.warning("%s: ignored a relayed event from %r: %s", self.name, properties.app_id, exc.message)
+            return
+        self.metrics.cluster_events.labels("received").inc()
+
+
+@attrs.define(slots=True, eq=False)
+class Amqp:
+    """What `start_amqp` started: the listener, and the cluster bus where cluster mode is on."""
+
+    listener: Chat3Listener
+    bus: ClusterBus | None
+    service: ChatService
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop consuming Chat3 events (finishing and acking those in hand), then leave the cluster; all of it
+        within about `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self.listener.stop(timeout * 0.8)
+        if self.bus is not None:
+            if self.bus.relay in self.service.relays:
+                self.service.relays.remove(self.bus.relay)
+            await self.bus.stop(max(deadline - loop.time(), 0.1))
+
+
+def start_amqp(
+    service: ChatService,
+    config: Config,
+    metrics: Metrics,
+    readiness: MutableMapping[str, Callable[[], str]],
+    **backoff: float,
+) -> Amqp | None:
+    """Start the Chat3 listener (and the cluster bus) inside the running loop; None when `amqp_url` is empty.
+
+    Registers each in `readiness` ("broker", "cluster") so that `/readyz` names what is down. Raises
+    ConfigError for an unusable URL, or cluster mode without a broker.
+    """
+    if not config.amqp_url:
+        if config.cluster_exchange:
+            raise ConfigError("setting 'cluster_exchange' needs 'amqp_url' (the cluster bus runs on the broker)")
+        return None
+    listener = Chat3Listener(service, config, metrics, **backoff)
+    bus = None
+    if config.cluster_exchange:
+        bus = ClusterBus(service, config, metrics, service.broadcaster.epoch, **backoff)
+        service.relays.append(bus.relay)
+        readiness["cluster"] = bus.problem
+        bus.start()
+    readiness["broker"] = listener.problem
+    listener.start()
+    return Amqp(listener, bus, service)
