@@ -25,6 +25,7 @@ import tornado.netutil
 
 from chatserver import jsonutil
 from chatserver.admin import add_dialog, add_user, ensure_demo
+from chatserver.chat3 import start_amqp
 from chatserver.config import Config, ConfigError, load_config
 from chatserver.errors import ChatError
 from chatserver.store import SQLiteStore, StoreError
@@ -129,6 +130,7 @@ async def serve(config: Config, *, demo: bool) -> None:
     sockets = bind(config)
     server = make_http_server(make_app(ctx), config)
     server.add_sockets(sockets)
+    amqp = start_amqp(ctx.service, config, ctx.metrics, ctx.readiness)
     address = sockets[0].getsockname()
     log.info("listening on http://%s:%d", address[0], address[1])
 
@@ -146,6 +148,8 @@ async def serve(config: Config, *, demo: bool) -> None:
         await asyncio.wait_for(server.close_all_connections(), config.shutdown_grace)
     except TimeoutError:
         log.warning("connections still open after %.1fs; exiting anyway", config.shutdown_grace)
+    if amqp is not None:
+        await amqp.stop(min(5.0, config.shutdown_grace))
     ctx.service.db.close()
 
 
