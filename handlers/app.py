@@ -19,7 +19,7 @@ from chatserver.config import Config
 from chatserver.metrics import Metrics
 from chatserver.service import ChatService
 from chatserver.store import AsyncStore, SQLiteStore
-from handlers import ops, realtime, rest
+from handlers import ops, realtime, rest, web
 from handlers.base import AppContext, NotFoundHandler, log_request
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
@@ -31,7 +31,11 @@ def build_context(config: Config, *, store: SQLiteStore | None = None) -> AppCon
     secret = config.secret or load_or_create_secret(config.resolved_state_dir)
     broadcaster = Broadcaster(config.history_size)
     service = ChatService(AsyncStore(sqlite), broadcaster, config, TokenSigner(secret, config.token_ttl))
-    return AppContext(service=service, broadcaster=broadcaster, config=config, metrics=Metrics())
+    metrics = Metrics()
+    metrics.observe_broadcaster(broadcaster)
+    ctx = AppContext(service=service, broadcaster=broadcaster, config=config, metrics=metrics)
+    metrics.requests_in_flight.set_function(lambda: len(ctx.requests))
+    return ctx
 
 
 def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
@@ -52,6 +56,8 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
         (r"/healthz", ops.HealthHandler, c),
         (r"/readyz", ops.ReadyHandler, c),
         (r"/metrics", ops.MetricsHandler, c),
+        (r"/()", web.WebFileHandler, {"path": str(WEB_ROOT), "default_filename": "index.html"}),
+        (r"/static/(.*)", web.WebFileHandler, {"path": str(WEB_ROOT)}),
     ]
     config = ctx.config
     return tornado.web.Application(

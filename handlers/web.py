@@ -1,0 +1,62 @@
+"""The chat page at `/` and its static files under `/static/` (PROTOCOL section 8).
+
+It owns the security headers of everything the browser renders: a strict Content-Security-Policy (no inline
+script or style, scripts only from this server, WebSocket and fetch only back to this server), no MIME sniffing,
+no referrer, no framing. The files themselves live in `web/` (handlers.app.WEB_ROOT); nothing here reads the
+store or needs a token: the page logs in over the REST API like any other client.
+"""
+
+from __future__ import annotations
+
+import re
+
+import tornado.web
+
+# A Host header we are willing to echo into connect-src; anything else gets 'self' alone.
+_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+
+
+def content_security_policy(host: str) -> str:
+    """The page's policy. connect-src names this host's ws:/wss: explicitly: older browsers' 'self' omits them."""
+    connect = "'self'"
+    if _HOST.match(host):
+        connect += f" ws://{host} wss://{host}"
+    return "; ".join(
+        (
+            "default-src 'self'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "img-src 'self' data:",
+            f"connect-src {connect}",
+            "object-src 'none'",
+            "base-uri 'none'",
+            "form-action 'self'",
+            "frame-ancestors 'none'",
+        )
+    )
+
+
+class WebFileHandler(tornado.web.StaticFileHandler):
+    """A file of web/ (or index.html for `/`), with the page's security headers and revalidation on every load.
+
+    `no-cache` rather than a max-age: the files carry no version in their names, and the ETag that
+    StaticFileHandler sets makes each revalidation a 304 without a body.
+    """
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Security-Policy", content_security_policy(self.request.host or ""))
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header("X-Frame-Options", "DENY")
+        self.set_header("Cross-Origin-Opener-Policy", "same-origin")
+
+    def set_extra_headers(self, path: str) -> None:
+        self.set_header("Cache-Control", "no-cache")
+
+    def get_content_type(self) -> str:
+        # JavaScript modules must be served as JavaScript whatever the machine's mimetypes table says.
+        if self.absolute_path and self.absolute_path.endswith((".js", ".mjs")):
+            return "text/javascript; charset=utf-8"
+        if self.absolute_path and self.absolute_path.endswith(".html"):
+            return "text/html; charset=utf-8"
+        return super().get_content_type()

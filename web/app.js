@@ -1,0 +1,678 @@
+// app.js: the chat page. Login, the dialog list, the open dialog, the composer, and the connection indicator,
+// drawn from the events of ChatClient (web/chatclient.js).
+//
+// Two rules hold everywhere below. User data reaches the DOM through textContent only, never as HTML. And a
+// change touches only the nodes it changes: a new message appends one node, a dialog update rewrites one row;
+// nothing rebuilds a whole list in answer to an event.
+
+import { ApiError, ChatClient, login } from "./chatclient.js";
+
+const SESSION_KEY = "chatserver.session";
+const PAGE_SIZE = 50;
+const STATE_LABELS = {
+  connecting: "Connecting…",
+  websocket: "WebSocket",
+  "long-poll": "Long-poll",
+  offline: "Offline",
+};
+
+const $ = (id) => document.getElementById(id);
+const view = {
+  login: $("login-view"),
+  loginForm: $("login-form"),
+  loginPhone: $("login-phone"),
+  loginPassword: $("login-password"),
+  loginError: $("login-error"),
+  chat: $("chat-view"),
+  meName: $("me-name"),
+  meAvatar: $("me-avatar"),
+  connection: $("connection"),
+  connectionLabel: $("connection-label"),
+  dialogs: $("dialogs"),
+  notify: $("notify-button"),
+  logout: $("logout-button"),
+  empty: $("empty-state"),
+  header: $("conversation-header"),
+  title: $("dialog-title"),
+  typing: $("typing"),
+  scroll: $("message-scroll"),
+  historyStatus: $("history-status"),
+  messages: $("messages"),
+  composer: $("composer"),
+  input: $("composer-input"),
+  editBanner: $("edit-banner"),
+  cancelEdit: $("cancel-edit"),
+};
+
+let client = null;
+let me = null;
+const dialogs = new Map(); // dialogId -> {data, node}
+let openId = null;
+const messageNodes = new Map(); // messageId -> <li>, for the open dialog
+const pendingNodes = new Map(); // clientMessageId -> <li>, for the open dialog
+let hasOlder = false;
+let loadingOlder = false;
+let editing = null; // messageId being edited
+let needsRead = false;
+let readTimer = null;
+let reloading = null;
+let reloadAgain = false;
+
+// -- small helpers ------------------------------------------------------------------------------------------
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function clock(iso) {
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return "";
+  const now = new Date();
+  if (date.toDateString() === now.toDateString()) {
+    return date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+  return date.toLocaleDateString([], { day: "numeric", month: "short" });
+}
+
+function initial(text) {
+  return (text || "?").trim().charAt(0).toUpperCase() || "?";
+}
+
+function pageVisible() {
+  return document.visibilityState === "visible";
+}
+
+function nearBottom() {
+  const s = view.scroll;
+  return s.scrollHeight - s.scrollTop - s.clientHeight < 80;
+}
+
+function scrollToBottom() {
+  view.scroll.scrollTop = view.scroll.scrollHeight;
+}
+
+// -- session ------------------------------------------------------------------------------------------------
+
+function savedSession() {
+  try {
+    const session = JSON.parse(sessionStorage.getItem(SESSION_KEY) || "null");
+    return session && session.token && session.user ? session : null;
+  } catch {
+    return null;
+  }
+}
+
+function showLogin(message = "") {
+  view.chat.hidden = true;
+  view.login.hidden = false;
+  view.loginError.textContent = message;
+  view.loginPhone.focus();
+}
+
+view.loginForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  view.loginError.textContent = "";
+  const submit = $("login-submit");
+  submit.disabled = true;
+  try {
+    const session = await login(view.loginPhone.value.trim(), view.loginPassword.value);
+    sessionStorage.setItem(SESSION_KEY, JSON.stringify(session));
+    view.loginPassword.value = "";
+    await startChat(session);
+  } catch (error) {
+    view.loginError.textContent =
+      error instanceof ApiError && error.status === 401 ? "Wrong phone or password." : error.message;
+  } finally {
+    submit.disabled = false;
+  }
+});
+
+view.logout.addEventListener("click", () => signOut(""));
+
+function signOut(message) {
+  sessionStorage.removeItem(SESSION_KEY);
+  if (client) client.stop();
+  client = null;
+  me = null;
+  closeDialog();
+  dialogs.clear();
+  view.dialogs.replaceChildren();
+  history.replaceState(null, "", location.pathname + location.search);
+  showLogin(message);
+}
+
+async function startChat(session) {
+  me = session.user;
+  view.meName.textContent = me.name;
+  view.meAvatar.textContent = initial(me.name);
+  view.login.hidden = true;
+  view.chat.hidden = false;
+  // `?transports=longpoll` turns WebSockets off, for networks whose proxies break them.
+  const wanted = new URLSearchParams(location.search).get("transports");
+  const options = { token: session.token, userId: me.userId };
+  if (wanted) options.transports = wanted.split(",");
+  client = new ChatClient(options);
+  client.on("state", ({ state }) => showConnection(state));
+  client.on("message:new", onMessage);
+  client.on("message:pending", onPending);
+  client.on("message:failed", onFailed);
+  client.on("message:update", onUpdate);
+  client.on("dialog:update", (dialog) => upsertDialog(dialog, { moveToTop: !dialogs.has(dialog.dialogId) }));
+  client.on("typing", ({ dialogId, userIds }) => dialogId === openId && showTyping(userIds));
+  client.on("reset", ({ reason }) => {
+    console.info(`chat: the server reset the event stream (${reason}); reloading over REST`);
+    reload();
+  });
+  client.on("unauthorized", () => signOut("Your session has ended. Please sign in again."));
+  showConnection(client.state);
+  updateNotifyButton();
+  await client.start();
+  await reload();
+  const fromHash = location.hash.slice(1);
+  if (fromHash && dialogs.has(fromHash)) openDialog(fromHash);
+}
+
+function showConnection(state) {
+  view.connection.dataset.state = state;
+  view.connectionLabel.textContent = STATE_LABELS[state] || state;
+  view.connection.title =
+    state === "long-poll" ? "Live updates over HTTP long-polling (WebSocket unavailable)" : STATE_LABELS[state];
+}
+
+/** Dialogs and the open dialog from REST: at start, and after every reset. Serialised; coalesces repeats. */
+async function reload() {
+  if (reloading) {
+    reloadAgain = true;
+    return reloading;
+  }
+  reloading = (async () => {
+    do {
+      reloadAgain = false;
+      try {
+        syncDialogs(await client.listDialogs());
+        if (openId && !dialogs.has(openId)) closeDialog();
+        else if (openId) await refreshOpenDialog();
+      } catch (error) {
+        if (!(error instanceof ApiError) || error.status !== 401) console.warn("chat: reload failed", error);
+      }
+    } while (reloadAgain && client);
+  })();
+  try {
+    await reloading;
+  } finally {
+    reloading = null;
+  }
+}
+
+// -- dialog list --------------------------------------------------------------------------------------------
+
+function syncDialogs(list) {
+  const seen = new Set();
+  for (const dialog of list) {
+    seen.add(dialog.dialogId);
+    const entry = upsertDialog(dialog, { moveToTop: false });
+    view.dialogs.appendChild(entry.node); // moves an existing row into the server's order
+  }
+  for (const [dialogId, entry] of dialogs) {
+    if (!seen.has(dialogId)) {
+      entry.node.remove();
+      dialogs.delete(dialogId);
+    }
+  }
+}
+
+function createDialogRow(dialogId) {
+  const node = el("li", "dialog");
+  node.dataset.dialogId = dialogId;
+  const button = el("button", "dialog-button");
+  button.type = "button";
+  const avatar = el("span", "avatar");
+  avatar.setAttribute("aria-hidden", "true");
+  const body = el("span", "dialog-body");
+  const top = el("span", "dialog-top");
+  top.append(el("span", "dialog-name"), el("time", "dialog-time"));
+  const bottom = el("span", "dialog-bottom");
+  const unread = el("span", "unread");
+  unread.hidden = true;
+  bottom.append(el("span", "preview"), unread);
+  body.append(top, bottom);
+  button.append(avatar, body);
+  button.addEventListener("click", () => openDialog(dialogId));
+  node.appendChild(button);
+  return node;
+}
+
+function upsertDialog(dialog, { moveToTop }) {
+  if (me && !dialog.memberIds.includes(me.userId)) {
+    // Removed from it: its last dialog:update says so.
+    const gone = dialogs.get(dialog.dialogId);
+    if (gone) gone.node.remove();
+    dialogs.delete(dialog.dialogId);
+    if (openId === dialog.dialogId) closeDialog();
+    return { node: el("li"), data: dialog };
+  }
+  let entry = dialogs.get(dialog.dialogId);
+  if (!entry) {
+    entry = { data: dialog, node: createDialogRow(dialog.dialogId) };
+    dialogs.set(dialog.dialogId, entry);
+    view.dialogs.prepend(entry.node);
+  } else {
+    const last = entry.data.lastMessage;
+    entry.data = { ...dialog };
+    // A snapshot never takes back a newer last message this page already shows (e.g. a pending send).
+    if (last && (!dialog.lastMessage || last.createdAt > dialog.lastMessage.createdAt)) entry.data.lastMessage = last;
+    if (moveToTop) view.dialogs.prepend(entry.node);
+  }
+  renderDialog(entry);
+  return entry;
+}
+
+function renderDialog(entry) {
+  const { data, node } = entry;
+  node.querySelector(".avatar").textContent = initial(data.title);
+  node.querySelector(".dialog-name").textContent = data.title;
+  const last = data.lastMessage;
+  const preview = last ? (me && last.senderId === me.userId ? "You: " : "") + last.content : "No messages yet";
+  node.querySelector(".preview").textContent = preview.length > 140 ? preview.slice(0, 140) + "…" : preview;
+  const time = node.querySelector(".dialog-time");
+  time.textContent = last ? clock(last.createdAt) : "";
+  if (last) time.dateTime = last.createdAt;
+  const unread = node.querySelector(".unread");
+  unread.hidden = !data.unreadCount;
+  unread.textContent = data.unreadCount ? String(data.unreadCount) : "";
+  node.classList.toggle("has-unread", Boolean(data.unreadCount));
+  node.classList.toggle("active", data.dialogId === openId);
+}
+
+/** A message moves its dialog to the top and becomes its preview; from others, not being read, it is unread. */
+function noteMessageInList(message, { counts }) {
+  const entry = dialogs.get(message.dialogId);
+  if (!entry) return false;
+  const last = entry.data.lastMessage;
+  if (!last || last.createdAt <= message.createdAt || (message.clientMessageId && last.clientMessageId === message.clientMessageId)) {
+    entry.data.lastMessage = message;
+  }
+  if (counts) entry.data.unreadCount = (entry.data.unreadCount || 0) + 1;
+  if (view.dialogs.firstChild !== entry.node) view.dialogs.prepend(entry.node);
+  renderDialog(entry);
+  return true;
+}
+
+// -- the open dialog ----------------------------------------------------------------------------------------
+
+async function openDialog(dialogId) {
+  const entry = dialogs.get(dialogId);
+  if (!entry || dialogId === openId) return;
+  cancelEdit();
+  const previous = dialogs.get(openId);
+  openId = dialogId;
+  if (previous) previous.node.classList.remove("active");
+  entry.node.classList.add("active");
+  if (location.hash.slice(1) !== dialogId) history.replaceState(null, "", `#${dialogId}`);
+  view.empty.hidden = true;
+  view.header.hidden = view.scroll.hidden = view.composer.hidden = false;
+  view.title.textContent = entry.data.title;
+  showTyping(client.typingIn(dialogId));
+  view.messages.replaceChildren(); // another dialog: its nodes go
+  messageNodes.clear();
+  pendingNodes.clear();
+  hasOlder = false;
+  view.historyStatus.textContent = "Loading…";
+  client.setOpenDialog(dialogId);
+  needsRead = entry.data.unreadCount > 0;
+  try {
+    const page = await client.listMessages(dialogId, { limit: PAGE_SIZE });
+    if (openId !== dialogId) return;
+    mergeMessages(page);
+    hasOlder = page.length === PAGE_SIZE;
+    for (const pending of client.pendingIn(dialogId)) placeMessage(pending);
+  } catch (error) {
+    console.warn("chat: could not load messages", error);
+  }
+  if (openId !== dialogId) return;
+  view.historyStatus.textContent = hasOlder ? "" : "This is the beginning of the conversation.";
+  scrollToBottom();
+  scheduleRead();
+  fillViewport();
+  view.input.focus();
+}
+
+function closeDialog() {
+  openId = null;
+  if (client) client.setOpenDialog(null);
+  cancelEdit();
+  view.messages.replaceChildren();
+  messageNodes.clear();
+  pendingNodes.clear();
+  view.empty.hidden = false;
+  view.header.hidden = view.scroll.hidden = view.composer.hidden = true;
+  for (const entry of dialogs.values()) entry.node.classList.remove("active");
+}
+
+/** After a reset: the latest page again, merged into what is shown (or instead of it, across a gap). */
+async function refreshOpenDialog() {
+  const dialogId = openId;
+  const page = await client.listMessages(dialogId, { limit: PAGE_SIZE });
+  if (openId !== dialogId) return;
+  const overlaps = page.some((m) => messageNodes.has(m.messageId));
+  if (!overlaps && page.length === PAGE_SIZE && messageNodes.size) {
+    // More came in meanwhile than one page holds: what is shown no longer joins up with it.
+    view.messages.replaceChildren();
+    messageNodes.clear();
+    for (const node of pendingNodes.values()) view.messages.appendChild(node);
+    hasOlder = true;
+  }
+  const stick = nearBottom();
+  mergeMessages(page);
+  if (stick) scrollToBottom();
+  needsRead = true;
+  scheduleRead();
+}
+
+function createMessageNode(message) {
+  const mine = me && message.senderId === me.userId;
+  const node = el("li", mine ? "message mine" : "message theirs");
+  const bubble = el("div", "bubble");
+  const text = el("p", "text", message.content);
+  const meta = el("div", "meta");
+  const edited = el("span", "edited", "edited");
+  const time = el("time", "time");
+  const status = el("span", "status");
+  meta.append(edited, time, status);
+  if (mine) {
+    const edit = el("button", "edit-button", "Edit");
+    edit.type = "button";
+    edit.addEventListener("click", () => startEdit(node));
+    meta.prepend(edit);
+  }
+  bubble.append(text, meta);
+  node.appendChild(bubble);
+  fillMessageNode(node, message);
+  return node;
+}
+
+function fillMessageNode(node, message) {
+  node.querySelector(".text").textContent = message.content;
+  const time = node.querySelector(".time");
+  time.textContent = clock(message.createdAt);
+  time.dateTime = message.createdAt;
+  node.querySelector(".edited").hidden = !message.messageId || message.updatedAt === message.createdAt;
+  node.dataset.createdAt = message.createdAt;
+  node.dataset.updatedAt = message.updatedAt;
+  if (message.clientMessageId) node.dataset.clientMessageId = message.clientMessageId;
+  const status = node.querySelector(".status");
+  if (message.messageId) {
+    node.dataset.messageId = message.messageId;
+    node.classList.remove("pending", "failed");
+    status.textContent = "";
+  } else {
+    node.classList.add("pending");
+    status.textContent = "Sending…";
+  }
+}
+
+/** Put one message of the open dialog on screen: confirm its pending node, update it, or add a node in order. */
+function placeMessage(message) {
+  if (message.messageId && messageNodes.has(message.messageId)) {
+    const node = messageNodes.get(message.messageId);
+    if (message.updatedAt > node.dataset.updatedAt) fillMessageNode(node, message);
+    return node;
+  }
+  const cid = message.clientMessageId;
+  if (cid && pendingNodes.has(cid)) {
+    const node = pendingNodes.get(cid);
+    fillMessageNode(node, message);
+    if (message.messageId) {
+      pendingNodes.delete(cid);
+      messageNodes.set(message.messageId, node);
+    }
+    return node;
+  }
+  const node = createMessageNode(message);
+  if (message.messageId) messageNodes.set(message.messageId, node);
+  else pendingNodes.set(cid, node);
+  // Usually the newest: append. Otherwise walk back to its place (a page merged in after live events).
+  let after = view.messages.lastElementChild;
+  while (after && after.dataset.createdAt > message.createdAt) after = after.previousElementSibling;
+  if (after) after.after(node);
+  else view.messages.prepend(node);
+  return node;
+}
+
+function mergeMessages(page) {
+  if (!view.messages.firstElementChild) {
+    const fragment = document.createDocumentFragment();
+    for (const message of page) {
+      const node = createMessageNode(message);
+      messageNodes.set(message.messageId, node);
+      fragment.appendChild(node);
+    }
+    view.messages.appendChild(fragment);
+    return;
+  }
+  for (const message of page) placeMessage(message);
+}
+
+async function loadOlder() {
+  if (!openId || !hasOlder || loadingOlder) return;
+  const oldest = view.messages.querySelector("[data-message-id]");
+  if (!oldest) return;
+  const dialogId = openId;
+  loadingOlder = true;
+  view.historyStatus.textContent = "Loading earlier messages…";
+  try {
+    const page = await client.listMessages(dialogId, { limit: PAGE_SIZE, before: oldest.dataset.messageId });
+    if (openId !== dialogId) return;
+    hasOlder = page.length === PAGE_SIZE;
+    const fragment = document.createDocumentFragment();
+    for (const message of page) {
+      if (messageNodes.has(message.messageId)) continue;
+      const node = createMessageNode(message);
+      messageNodes.set(message.messageId, node);
+      fragment.appendChild(node);
+    }
+    // Keep the view where it was: what was on screen stays on screen, the older page grows above it.
+    const before = view.scroll.scrollHeight;
+    view.messages.prepend(fragment);
+    view.scroll.scrollTop += view.scroll.scrollHeight - before;
+  } catch (error) {
+    console.warn("chat: could not load earlier messages", error);
+  } finally {
+    loadingOlder = false;
+    if (openId === dialogId) view.historyStatus.textContent = hasOlder ? "" : "This is the beginning of the conversation.";
+  }
+  fillViewport();
+}
+
+/** Load older pages until the list can scroll (a short first page leaves nothing to scroll up with). */
+function fillViewport() {
+  if (hasOlder && !loadingOlder && view.scroll.scrollHeight <= view.scroll.clientHeight) loadOlder();
+}
+
+view.scroll.addEventListener(
+  "scroll",
+  () => {
+    if (view.scroll.scrollTop < 120) loadOlder();
+  },
+  { passive: true },
+);
+
+function showTyping(userIds) {
+  view.typing.textContent = userIds.length === 0 ? "" : userIds.length === 1 ? "typing…" : `${userIds.length} people are typing…`;
+}
+
+// -- events from the client ---------------------------------------------------------------------------------
+
+function onMessage(message) {
+  const mine = me && message.senderId === me.userId;
+  const isOpen = message.dialogId === openId;
+  const beingRead = isOpen && pageVisible();
+  if (!noteMessageInList(message, { counts: !mine && !beingRead })) {
+    // A dialog this page does not list yet: its row comes from the server, counts included.
+    client.getDialog(message.dialogId).then((dialog) => upsertDialog(dialog, { moveToTop: true }), () => {});
+  }
+  if (isOpen) {
+    const stick = mine || nearBottom();
+    placeMessage(message);
+    if (stick) scrollToBottom();
+    if (!mine) {
+      needsRead = true;
+      scheduleRead();
+    }
+  }
+  if (!mine && document.visibilityState === "hidden") notify(message);
+}
+
+function onPending(message) {
+  noteMessageInList(message, { counts: false });
+  if (message.dialogId !== openId) return;
+  const node = placeMessage(message);
+  node.classList.remove("failed");
+  scrollToBottom();
+}
+
+function onFailed({ message, error }) {
+  const node = pendingNodes.get(message.clientMessageId);
+  if (!node) return;
+  node.classList.add("failed");
+  const status = node.querySelector(".status");
+  status.replaceChildren(el("span", "", `Not sent: ${error.message}. `));
+  const retry = el("button", "link-button", "Retry");
+  retry.type = "button";
+  retry.addEventListener("click", () => client.retry(message.clientMessageId));
+  status.appendChild(retry);
+}
+
+function onUpdate(message) {
+  const entry = dialogs.get(message.dialogId);
+  if (entry && entry.data.lastMessage && entry.data.lastMessage.messageId === message.messageId) {
+    entry.data.lastMessage = message;
+    renderDialog(entry);
+  }
+  const node = messageNodes.get(message.messageId);
+  if (node && message.updatedAt > node.dataset.updatedAt) fillMessageNode(node, message);
+}
+
+// -- reading and notifications ------------------------------------------------------------------------------
+
+function scheduleRead() {
+  clearTimeout(readTimer);
+  readTimer = setTimeout(markRead, 200);
+}
+
+async function markRead() {
+  const entry = dialogs.get(openId);
+  if (!entry || !pageVisible() || !(needsRead || entry.data.unreadCount)) return;
+  const nodes = view.messages.querySelectorAll("[data-message-id]");
+  const last = nodes[nodes.length - 1];
+  if (!last) return;
+  needsRead = false;
+  entry.data.unreadCount = 0;
+  renderDialog(entry);
+  try {
+    upsertDialog(await client.markRead(openId, last.dataset.messageId), { moveToTop: false });
+  } catch (error) {
+    needsRead = true;
+    console.warn("chat: could not mark the dialog read", error);
+  }
+}
+
+document.addEventListener("visibilitychange", () => {
+  if (pageVisible()) scheduleRead();
+});
+
+function updateNotifyButton() {
+  view.notify.hidden = !("Notification" in window) || Notification.permission !== "default";
+}
+
+view.notify.addEventListener("click", async () => {
+  await Notification.requestPermission();
+  updateNotifyButton();
+});
+
+function notify(message) {
+  if (!("Notification" in window) || Notification.permission !== "granted") return;
+  const entry = dialogs.get(message.dialogId);
+  // The body is plain text by the Notifications API's definition.
+  const notification = new Notification(entry ? entry.data.title : "New message", {
+    body: message.content.length > 200 ? message.content.slice(0, 200) + "…" : message.content,
+    tag: message.dialogId,
+  });
+  notification.onclick = () => {
+    window.focus();
+    openDialog(message.dialogId);
+    notification.close();
+  };
+}
+
+// -- composer -----------------------------------------------------------------------------------------------
+
+view.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  submitComposer();
+});
+
+view.input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    submitComposer();
+  } else if (event.key === "Escape" && editing) {
+    cancelEdit();
+  }
+});
+
+view.input.addEventListener("input", () => {
+  if (!openId || editing) return;
+  if (view.input.value) client.typing(openId);
+  else client.stopTyping();
+});
+
+view.cancelEdit.addEventListener("click", cancelEdit);
+
+async function submitComposer() {
+  const content = view.input.value;
+  if (!openId || !content.trim()) return;
+  if (editing) {
+    const messageId = editing;
+    try {
+      await client.editMessage(messageId, content);
+      cancelEdit();
+    } catch (error) {
+      view.editBanner.querySelector("span").textContent = `Could not save: ${error.message}`;
+    }
+    return;
+  }
+  view.input.value = "";
+  client.stopTyping();
+  client.sendMessage(openId, content);
+}
+
+function startEdit(node) {
+  if (!node.dataset.messageId) return;
+  editing = node.dataset.messageId;
+  view.editBanner.querySelector("span").textContent = "Editing message";
+  view.editBanner.hidden = false;
+  view.input.value = node.querySelector(".text").textContent;
+  view.input.focus();
+}
+
+function cancelEdit() {
+  if (!editing) return;
+  editing = null;
+  view.editBanner.hidden = true;
+  view.input.value = "";
+}
+
+window.addEventListener("hashchange", () => {
+  const dialogId = location.hash.slice(1);
+  if (client && dialogId && dialogs.has(dialogId)) openDialog(dialogId);
+});
+
+// -- start --------------------------------------------------------------------------------------------------
+
+const session = savedSession();
+if (session) startChat(session);
+else showLogin();
