@@ -1,12 +1,19 @@
 """The server's Prometheus metrics, in a registry of its own (never the global one).
 
 One `Metrics` object is built at start and passed to whoever counts; tests build their own, so two servers in
-one process never share counters. `/metrics` renders `registry`.
+one process never share counters. `/metrics` renders `registry`. What the broadcaster already counts (events
+published, duplicates dropped, history) is read from it at each scrape (`observe_broadcaster`), not counted twice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from chatserver.broadcaster import Broadcaster
 
 
 class Metrics:
@@ -17,8 +24,9 @@ class Metrics:
             "chatserver_connections", "Open real-time connections", ["transport"], registry=r
         )
         self.polls_waiting = Gauge("chatserver_polls_waiting", "Long-poll requests parked now", registry=r)
-        self.events_published = Counter(
-            "chatserver_events_published", "Events published to the broadcaster", registry=r
+        # Set to a function of the open requests where the server is assembled (handlers.app.build_context).
+        self.requests_in_flight = Gauge(
+            "chatserver_requests_in_flight", "HTTP requests being handled now (parked polls included)", registry=r
         )
         self.events_delivered = Counter(
             "chatserver_events_delivered", "Events handed to a connection", ["transport"], registry=r
@@ -49,3 +57,27 @@ class Metrics:
             self.chat3_events.labels(outcome)
         for outcome in ("sent", "received", "dropped", "invalid"):
             self.cluster_events.labels(outcome)
+
+    def observe_broadcaster(self, broadcaster: Broadcaster) -> None:
+        """Export the broadcaster's own counts (`chatserver_events_published_total` and the rest)."""
+        self.registry.register(_BroadcasterCollector(broadcaster))
+
+
+class _BroadcasterCollector(Collector):
+    """Reads the broadcaster's counters and sizes at scrape time: the domain counts once, in one place."""
+
+    def __init__(self, broadcaster: Broadcaster) -> None:
+        self._broadcaster = broadcaster
+
+    def collect(self) -> Iterator[Metric]:
+        b = self._broadcaster
+        yield CounterMetricFamily(
+            "chatserver_events_published", "Events published to the broadcaster (logged, with a cursor)",
+            value=b.published,
+        )
+        yield CounterMetricFamily(
+            "chatserver_events_duplicates_dropped", "Events dropped as already published (same messageId)",
+            value=b.duplicates_dropped,
+        )
+        yield GaugeMetricFamily("chatserver_history_events", "Events held for resume", value=b.history_length)
+        yield GaugeMetricFamily("chatserver_history_bytes", "Bytes of events held for resume", value=b.history_bytes)

@@ -4,8 +4,8 @@ It owns the conversation with the service manager and nothing else: `Notifier` s
 `WATCHDOG=1` and `STOPPING=1` datagrams to `$NOTIFY_SOCKET` (and is a no-op where that is unset, so the server
 runs the same outside systemd); `Heartbeat` pings the watchdog and refreshes the status line from the event
 loop itself, so a blocked loop misses its pings and systemd restarts the service; `inherited_sockets` adopts
-the listening sockets of a `.socket` unit (`$LISTEN_FDS`). It never imports anything HTTP: what the status
-line says is handed in as a callable.
+the listening sockets of a `.socket` unit (`$LISTEN_FDS`); `is_journal_stream` tells whether stderr goes to
+journald. It never imports anything HTTP: what the status line says is handed in as a callable.
 """
 
 from __future__ import annotations
@@ -155,6 +155,22 @@ class Heartbeat:
             self._timer.cancel()
             self._timer = None
         self._loop = None
+
+
+def is_journal_stream(environ: Mapping[str, str], fd: int) -> bool:
+    """True when `fd` is the journald stream systemd connected (`$JOURNAL_STREAM` is its `device:inode`).
+
+    Comparing the two, rather than only looking for the variable, keeps a process whose output was redirected
+    elsewhere (to a file, a pipe) from writing journald's priority prefixes there.
+    """
+    device, _, inode = environ.get("JOURNAL_STREAM", "").partition(":")
+    if not device.isdigit() or not inode.isdigit():
+        return False
+    try:
+        stat = os.fstat(fd)
+    except OSError:
+        return False
+    return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
 
 
 def inherited_sockets(environ: Mapping[str, str], pid: int) -> list[socket.socket]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from typing import Any
 
 import attrs
@@ -32,7 +33,8 @@ STATUS = {
     "conflict": 409,
     "too_large": 413,
 }
-_SECRET_PARAM = re.compile(r"(?i)\b(token|access_token|password)=[^&]*")
+# A value ends at '&', or at whitespace where a whole log line is redacted (run.py's log formatter).
+_SECRET_PARAM = re.compile(r"(?i)\b(token|access_token|password)=[^&\s]*")
 
 
 @attrs.define(slots=True, eq=False)
@@ -47,6 +49,8 @@ class AppContext:
     readiness: dict[str, Any] = attrs.Factory(dict)
     # Open real-time connections, so that shutdown can close them (WebSocket, SSE, parked polls).
     connections: set[Any] = attrs.Factory(set)
+    # HTTP requests being handled (from the handler's start to its finish), so that shutdown can wait for them.
+    requests: weakref.WeakSet[Any] = attrs.Factory(weakref.WeakSet)
     shutting_down: bool = False
 
 
@@ -77,6 +81,11 @@ class JsonErrors(tornado.web.RequestHandler):
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.service = ctx.service
+        ctx.requests.add(self)
+
+    def on_finish(self) -> None:
+        # The response is written (a WebSocket's at its upgrade): no longer in flight.
+        self.ctx.requests.discard(self)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         message = self._reason
@@ -97,7 +106,9 @@ class JsonErrors(tornado.web.RequestHandler):
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, ChatError) or (isinstance(value, tornado.web.HTTPError) and value.status_code < 500):
             return  # an expected answer to bad input, already in the access log with its status
-        super().log_exception(typ, value, tb)
+        # Not Tornado's own line: it prints the request's URI, and with it a `?token=`.
+        log.error("uncaught exception in %s %s", self.request.method, redact(self.request.uri or ""),
+                  exc_info=(typ, value, tb))
 
 
 class JsonHandler(JsonErrors):
