@@ -31,7 +31,11 @@ def build_context(config: Config, *, store: SQLiteStore | None = None) -> AppCon
     secret = config.secret or load_or_create_secret(config.resolved_state_dir)
     broadcaster = Broadcaster(config.history_size)
     service = ChatService(AsyncStore(sqlite), broadcaster, config, TokenSigner(secret, config.token_ttl))
-    return AppContext(service=service, broadcaster=broadcaster, config=config, metrics=Metrics())
+    metrics = Metrics()
+    metrics.observe_broadcaster(broadcaster)
+    ctx = AppContext(service=service, broadcaster=broadcaster, config=config, metrics=metrics)
+    metrics.requests_in_flight.set_function(lambda: len(ctx.requests))
+    return ctx
 
 
 def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
