@@ -8,6 +8,7 @@ and the flags are handed in.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -94,10 +95,12 @@ def _from_text(name: str, raw: str) -> Any:
     if kind is str:
         return raw
     try:
-        return kind(raw.strip())
+        value = kind(raw.strip())
     except ValueError:
-        raise ConfigError(f"setting '{name}' must be {'an integer' if kind is int else 'a number'}, "
-                          f"got {raw!r}") from None
+        value = math.nan
+    if isinstance(value, float) and not math.isfinite(value):  # also refuses "nan" and "inf"
+        raise ConfigError(f"setting '{name}' must be {'an integer' if kind is int else 'a number'}, got {raw!r}")
+    return value
 
 
 def _from_toml(name: str, value: Any) -> Any:
@@ -107,7 +110,7 @@ def _from_toml(name: str, value: Any) -> Any:
     ok = isinstance(value, kind) and not isinstance(value, bool)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok, value = True, float(value)
-    if not ok:
+    if not ok or (kind is float and not math.isfinite(value)):
         raise ConfigError(f"setting '{name}' in the config file must be of type {kind.__name__}, got {value!r}")
     return value
 
@@ -118,7 +121,7 @@ def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             data = tomllib.load(handle)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     settings = {}
     for key, value in data.items():
