@@ -34,7 +34,7 @@ def test_defaults_without_file_environment_or_flags(tmp_path: Path, monkeypatch:
 def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None:
     path = write(
         tmp_path / "c.toml",
-        'port = 7001\nhost = "0.0.0.0"\nmax_body_size = 1000\nchat3_queue = "from-file"\nshutdown_grace = 3\n',
+        'port = 7001\nhost = "127.0.0.2"\nmax_body_size = 1000\nchat3_queue = "from-file"\nshutdown_grace = 3\n',
     )
     environ = {
         "CHATSERVER_PORT": "7002",
