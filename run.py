@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -39,13 +40,15 @@ class Fatal(Exception):
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", help="SQLite file (default <state_dir>/chatserver.db)")
-    common.add_argument("--config", help="TOML config file (see conf/chatserver.toml)")
+    # SUPPRESS: a subcommand's own (absent) --db must not overwrite one given before the subcommand.
+    common.add_argument("--db", default=argparse.SUPPRESS, help="SQLite file (default <state_dir>/chatserver.db)")
+    common.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (see conf/chatserver.toml)")
     parser = argparse.ArgumentParser(prog="run.py", description="chatserver: real-time chat gateway",
                                      parents=[common])
     parser.add_argument("--demo", action="store_true", help="create the demo users and dialog if missing")
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 8888)")
+    # Parsed with the other settings, so that a bad value is the same one-line ConfigError.
+    parser.add_argument("--port", help="port to listen on (default 8888)")
     commands = parser.add_subparsers(dest="command")
     users = commands.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
     add_user = users.add_parser("add", parents=[common], help="create a user and print its JSON")
@@ -156,11 +159,11 @@ async def serve(config: Config, *, demo: bool) -> None:
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ) if environ is None else environ
-    flags: dict[str, Any] = {"db": args.db}
+    flags: dict[str, Any] = {"db": getattr(args, "db", None)}
     if args.command is None:
         flags.update(port=args.port, host=args.host)
     try:
-        config = load_config(flags, environ, args.config)
+        config = load_config(flags, environ, getattr(args, "config", None))
         configure_logging(config, environ)
         if args.command is not None:
             return run_command(args, config)
@@ -170,6 +173,10 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         return 2 if isinstance(exc, ConfigError) else 1
     except ChatError as exc:
         print(f"chatserver: {exc.message}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        # A database that opened but then fails (locked, read-only, corrupt past its header): still one line.
+        print(f"chatserver: database error: {exc}", file=sys.stderr)
         return 1
     return 0
 
