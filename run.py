@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import errno
 import logging
 import os
@@ -22,17 +24,22 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import tornado.httpserver
 import tornado.netutil
 
-from chatserver import jsonutil
+from chatserver import jsonutil, systemd
 from chatserver.admin import add_dialog, add_user, ensure_demo
-from chatserver.chat3 import start_amqp
+from chatserver.chat3 import Amqp, start_amqp
 from chatserver.config import Config, ConfigError, load_config
 from chatserver.errors import ChatError
 from chatserver.store import SQLiteStore, StoreError
 from handlers.app import build_context, make_app, make_http_server
+from handlers.base import AppContext, redact
 
 log = logging.getLogger("chatserver")
+
+# How often shutdown looks whether what was in flight has finished.
+DRAIN_STEP = 0.02
 
 class Fatal(Exception):
     """An error the operator must fix; printed as one line, exit code 1."""
@@ -64,11 +71,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def configure_logging(config: Config, environ: dict[str, str]) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if environ.get("JOURNAL_STREAM"):
-        # journald adds its own timestamps; <N> is the syslog priority it understands.
-        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(log_formatter(systemd.is_journal_stream(environ, sys.stderr.fileno())))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
@@ -79,11 +82,25 @@ def configure_logging(config: Config, environ: dict[str, str]) -> None:
 _JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
-class _JournalFormatter(logging.Formatter):
+def log_formatter(journal: bool) -> logging.Formatter:
+    """Under journald (which adds its own timestamps) `<N>` priority prefixes; elsewhere timestamps."""
+    if journal:
+        return OneLineFormatter("%(name)s: %(message)s", journal=True)
+    return OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class OneLineFormatter(logging.Formatter):
+    """One line per record, tracebacks included (folded at ' | '), with token-like values redacted."""
+
+    def __init__(self, fmt: str, *, journal: bool = False) -> None:
+        super().__init__(fmt)
+        self._journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record).replace("\n", " | ")
-        return f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{text}"
+        text = redact(" | ".join(super().format(record).splitlines()))
+        if self._journal:
+            return f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{text}"
+        return text
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -122,7 +139,59 @@ def bind(config: Config) -> list[socket.socket]:
         raise Fatal(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
 
 
-async def serve(config: Config, *, demo: bool) -> None:
+def adopt_sockets(environ: dict[str, str]) -> list[socket.socket]:
+    """The listening sockets of a systemd `.socket` unit, if this process was started by one."""
+    try:
+        sockets = systemd.inherited_sockets(environ, os.getpid())
+    except ValueError as exc:
+        raise Fatal(str(exc)) from None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # meant for this process only, never for a child
+    return sockets
+
+
+class StopSignal:
+    """SIGTERM and SIGINT as an awaitable: the first starts the shutdown, later ones are logged and ignored.
+
+    Installed with `signal.signal`, not `loop.add_signal_handler`, so that it outlives the loop: a signal that
+    arrives while asyncio.run() tears down is ignored too, never a KeyboardInterrupt traceback.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._event = asyncio.Event()
+        self.name = ""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: we are exiting anyway
+            self._loop.call_soon_threadsafe(self._received, signal.Signals(signum).name)
+
+    def _received(self, name: str) -> None:
+        if self._event.is_set():
+            log.info("%s received while shutting down; still finishing what is in flight", name)
+            return
+        self.name = name
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+def connection_status(ctx: AppContext) -> str:
+    """The connection counts for systemd's status line and the shutdown log."""
+    counts = collections.Counter(getattr(c, "transport", "other") for c in ctx.connections)
+    return (f"{counts['websocket']} websocket, {counts['sse']} sse, {counts['longpoll']} polls parked; "
+            f"{len(ctx.requests)} requests in flight")
+
+
+async def serve(config: Config, *, demo: bool, environ: dict[str, str]) -> None:
+    loop = asyncio.get_running_loop()
+    stop = StopSignal(loop)
+    notifier = systemd.Notifier.from_environ(environ)
     store = open_store(config)
     if demo:
         ensure_demo(store)
@@ -130,30 +199,70 @@ async def serve(config: Config, *, demo: bool) -> None:
         ctx = build_context(config, store=store)
     except (OSError, StoreError) as exc:
         raise Fatal(f"cannot prepare state in {config.resolved_state_dir}: {exc}") from None
-    sockets = bind(config)
+    sockets = adopt_sockets(environ) or bind(config)
     server = make_http_server(make_app(ctx), config)
     server.add_sockets(sockets)
     amqp = start_amqp(ctx.service, config, ctx.metrics, ctx.readiness)
     address = sockets[0].getsockname()
-    log.info("listening on http://%s:%d", address[0], address[1])
+    url = f"http://{address[0]}:{address[1]}"
+    log.info("listening on %s", url)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    heartbeat = systemd.Heartbeat(
+        notifier, lambda: f"serving {url}: {connection_status(ctx)}", systemd.watchdog_interval(environ, os.getpid())
+    )
+    notifier.ready(f"serving {url}: {connection_status(ctx)}")
+    heartbeat.start(loop)
     await stop.wait()
-    log.info("shutting down")
+    heartbeat.stop()
+    log.info("%s: shutting down (%s)", stop.name, connection_status(ctx))
+    notifier.stopping(f"stopping: {connection_status(ctx)}")
+    await shut_down(ctx, server, amqp, config.shutdown_grace)
+    notifier.close()
+
+
+async def shut_down(
+    ctx: AppContext, server: tornado.httpserver.HTTPServer, amqp: Amqp | None, grace: float
+) -> None:
+    """PROTOCOL section 7, all within `grace` seconds: stop accepting, close WebSockets with 1001, answer parked
+    polls with their cursor, finish the requests in flight and the listener's events in hand, close the store."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + grace
     ctx.shutting_down = True
     server.stop()
-    for connection in list(ctx.connections):
-        connection.shutdown()
+    # The listener stops taking broker messages now and finishes those in hand while the HTTP side drains.
+    listener = loop.create_task(amqp.stop(grace)) if amqp is not None else None
+    if not await finish_in_flight(ctx, deadline):
+        log.warning("still open after the %.1fs grace: %s; closing them", grace, connection_status(ctx))
     try:
-        await asyncio.wait_for(server.close_all_connections(), config.shutdown_grace)
+        if listener is not None:
+            await asyncio.wait_for(listener, max(deadline - loop.time(), 0.1))
     except TimeoutError:
-        log.warning("connections still open after %.1fs; exiting anyway", config.shutdown_grace)
-    if amqp is not None:
-        await amqp.stop(min(5.0, config.shutdown_grace))
+        log.warning("the Chat3 listener did not stop within the grace; exiting anyway")
+    try:
+        # What is left are idle kept-alive connections (and, past the grace, whatever did not finish).
+        await asyncio.wait_for(server.close_all_connections(), max(deadline - loop.time(), 0.5))
+    except TimeoutError:
+        log.warning("connections did not close in time; exiting anyway")
     ctx.service.db.close()
+    log.info("stopped in %.2fs", loop.time() - started)
+
+
+async def finish_in_flight(ctx: AppContext, deadline: float) -> bool:
+    """Wait until no request is in flight and no real-time connection is open; False at the deadline.
+
+    Every pass asks the open connections to end (a WebSocket closes with 1001, a parked poll answers at once,
+    an SSE stream ends), so that one that arrived on a kept-alive connection meanwhile ends as well.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        for connection in list(ctx.connections):
+            connection.shutdown()
+        if not ctx.connections and not ctx.requests:
+            return True
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(DRAIN_STEP)
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
@@ -167,7 +276,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         configure_logging(config, environ)
         if args.command is not None:
             return run_command(args, config)
-        asyncio.run(serve(config, demo=args.demo))
+        asyncio.run(serve(config, demo=args.demo, environ=environ))
     except (ConfigError, Fatal, StoreError) as exc:
         print(f"chatserver: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
