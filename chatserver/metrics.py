@@ -41,6 +41,9 @@ class Metrics:
         self.chat3_connected = Gauge(
             "chatserver_chat3_connected", "1 while the Chat3 listener is consuming", registry=r
         )
+        self.chat3_retries = Counter(
+            "chatserver_chat3_retries", "Chat3 deliveries retried or requeued because the store failed", registry=r
+        )
         self.cluster_events = Counter(
             "chatserver_cluster_events", "Events relayed between server processes by outcome", ["outcome"],
             registry=r,
