@@ -4,8 +4,8 @@
 decoded, validated into the domain's models and handed to the one write path (`ChatService.accept_message`,
 `accept_update`, `save_dialog`), which stores it idempotently and then publishes it; only then is it acked, on
 the channel that delivered it. Poison is rejected without requeue (to the dead-letter exchange, where the queue
-has one), logged with its reason and counted. A store that is briefly unusable is not poison: the delivery is
-retried, then requeued, and dead-lettered only when the same body keeps failing.
+has one), logged with its reason and counted. A store that is unusable for a while is not poison: the delivery
+is retried, then requeued in its place, with a capped backoff, and never dead-lettered for it.
 
 `ClusterBus` fans events out between the server processes that share one database: each process publishes the
 events it originates to a fanout exchange and consumes the others' through an exclusive queue of its own,
@@ -50,10 +50,13 @@ log = logging.getLogger(__name__)
 HEARTBEAT = 30
 BACKOFF_FIRST = 0.5
 BACKOFF_CAP = 10.0
-# A delivery whose store write fails transiently is retried after these pauses, then requeued; the same body
-# failing this many times in a row is treated as poison (it would otherwise circle the queue forever).
-TRANSIENT_PAUSES = (0.1, 0.5, 1.0)
-MAX_TRANSIENT_FAILURES = 5
+# A delivery whose store write fails transiently (the store is not the event's fault) is never dead-lettered:
+# it is retried in place a few times, then requeued, after a pause that doubles with each failure of the same
+# event up to a cap. So a store outage costs at most one attempt per TRANSIENT_PAUSE_CAP seconds, and loses
+# nothing: the event (and every one behind it, in order) waits in the queue until the store is back.
+TRANSIENT_PAUSE_FIRST = 0.1
+TRANSIENT_PAUSE_CAP = 5.0
+IN_PLACE_RETRIES = 3
 LOG_PREFIX_BYTES = 60
 
 CONSUMING = ""
@@ -84,6 +87,17 @@ def connection_parameters(url: str, name: str) -> pika.URLParameters:
 
 
 def _describe(reason: BaseException | None) -> str:
+    """One short line for a pika error, naming its root cause (pika wraps a refused connect three deep)."""
+    for _ in range(5):
+        inner = getattr(reason, "exceptions", None)
+        if inner:
+            reason = inner[-1]
+        elif isinstance(getattr(reason, "exception", None), BaseException):
+            reason = reason.exception  # type: ignore[union-attr]
+        elif reason is not None and reason.args and isinstance(reason.args[0], BaseException):
+            reason = reason.args[0]
+        else:
+            break
     text = f"{type(reason).__name__}: {reason}" if reason is not None else "unknown reason"
     return text if len(text) <= 200 else text[:197] + "..."
 
@@ -204,12 +218,13 @@ class _Link:
         if channel is not self._channel:
             return
         self._channel = None
+        connection = self._connection
+        if connection is None or connection.is_closing or connection.is_closed:
+            return  # the connection's own close callback reconnects, with its reason
         # One channel per connection: without it the connection is of no use. Close it; its close callback
         # reconnects, and reports the channel's reason (a refused declare says more than "closed by us").
         self._channel_problem = f"channel closed: {_describe(reason)}"
-        connection = self._connection
-        if connection is not None and not (connection.is_closing or connection.is_closed):
-            connection.close()
+        connection.close()
 
     def _ready(self) -> None:
         self._attempts = 0
@@ -342,34 +357,35 @@ class Chat3Listener(_Link):
 
     async def _handle(self, deliveries: _Deliveries, method: pika.spec.Basic.Deliver, body: bytes) -> None:
         channel, tag = deliveries.channel, method.delivery_tag
-        for pause in (*TRANSIENT_PAUSES, None):
+        attempt = 0
+        while True:
             try:
                 outcome = await apply_chat3_event(self.service, body, self.config.max_content_length)
+                break
             except ChatError as exc:
                 self._reject(channel, method, body, exc.message)
                 return
             except TRANSIENT_ERRORS as exc:
                 failures = self._count_failure(body)
-                if failures >= MAX_TRANSIENT_FAILURES:
-                    self._reject(channel, method, body, f"failed {failures} times: {_describe(exc)}")
-                elif pause is not None:
-                    await asyncio.sleep(pause)
-                    continue
-                else:
-                    self._requeue(deliveries, tag, _describe(exc))
-                return
+                self.metrics.chat3_retries.inc()
+                await asyncio.sleep(min(TRANSIENT_PAUSE_CAP, TRANSIENT_PAUSE_FIRST * 2 ** (failures - 1)))
+                if deliveries.closed:
+                    return  # the channel is gone: the broker redelivers this one
+                attempt += 1
+                if attempt > IN_PLACE_RETRIES:
+                    self._requeue(deliveries, tag, f"failed {failures} times: {_describe(exc)}")
+                    return
             except Exception as exc:
                 # A bug, not the event's fault; still, never loop on it: dead-letter it where it can be looked at.
                 log.exception("%s: delivery %s failed unexpectedly", self.name, tag)
                 self._reject(channel, method, body, f"internal error: {_describe(exc)}")
                 return
-            self._failures.pop(_digest(body), None)
-            self.metrics.chat3_events.labels(outcome).inc()
-            if self._usable(channel):
-                channel.basic_ack(tag)
-            else:
-                log.info("%s: channel closed before delivery %s was acked; the broker redelivers it", self.name, tag)
-            return
+        self._failures.pop(_digest(body), None)
+        self.metrics.chat3_events.labels(outcome).inc()
+        if self._usable(channel):
+            channel.basic_ack(tag)
+        else:
+            log.info("%s: channel closed before delivery %s was acked; the broker redelivers it", self.name, tag)
 
     def _requeue(self, deliveries: _Deliveries, tag: int, why: str) -> None:
         """Give back this delivery and every one buffered behind it, in one nack: the broker puts them back in
@@ -382,7 +398,7 @@ class Chat3Listener(_Link):
             else:
                 deliveries.queue.put_nowait(None)
                 break
-        log.warning("%s: store unusable (%s); requeued deliveries %s..%s", self.name, why, tag, last)
+        log.warning("%s: store unusable (%s); requeued deliveries %s to %s", self.name, why, tag, last)
         if self._usable(deliveries.channel):
             deliveries.channel.basic_nack(last, multiple=True, requeue=True)
 
@@ -560,6 +576,9 @@ def start_amqp(
     Registers each in `readiness` ("broker", "cluster") so that `/readyz` names what is down. Raises
     ConfigError for an unusable URL, or cluster mode without a broker.
     """
+    if log.getEffectiveLevel() > logging.DEBUG:
+        # pika reports one refused connect as seven ERROR lines; each link logs one line with the root cause.
+        logging.getLogger("pika").setLevel(logging.CRITICAL)
     if not config.amqp_url:
         if config.cluster_exchange:
             raise ConfigError("setting 'cluster_exchange' needs 'amqp_url' (the cluster bus runs on the broker)")

@@ -447,8 +447,17 @@ class _Transaction:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error:
+                # A failed COMMIT (a full disk) leaves the transaction open: end it, or every later write on
+                # this connection would fail too.
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        elif self.conn.in_transaction:
+            # SQLite has already rolled back after some errors (a full disk): a second ROLLBACK would fail and
+            # hide the error that matters.
             self.conn.execute("ROLLBACK")
 
 

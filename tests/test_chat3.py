@@ -26,10 +26,11 @@ import pika
 import pytest
 
 from chatserver import jsonutil
-from chatserver.chat3 import Amqp, start_amqp
+from chatserver.chat3 import IN_PLACE_RETRIES, Amqp, start_amqp
 from chatserver.config import ConfigError, load_config
 from chatserver.metrics import Metrics
 from chatserver.models import new_id, now_iso
+from chatserver.store import SQLiteStore
 from handlers.app import build_context
 from handlers.base import AppContext
 from tests.conftest import Client, Socket, require_service
@@ -403,6 +404,42 @@ async def test_events_queued_while_the_server_was_stopped_arrive_after_it_starts
         got = await message_ids(bob_ws, 3, "message:new")
         assert got == [e["data"]["messageId"] for e in events]
         await bob_ws.nothing_within(0.3)
+
+
+def cap_pages(store: SQLiteStore, cap: bool) -> None:
+    """On the store's own writer connection: stop the database from growing (SQLite then fails every write that
+    needs a new page with "database or disk is full", as on a full disk), or lift that cap again."""
+    conn = store._connect()
+    pages = conn.execute("PRAGMA page_count").fetchone()[0] if cap else 1073741823
+    conn.execute(f"PRAGMA max_page_count = {int(pages)}")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_store_failing_for_a_while_delays_events_in_order_and_never_dead_letters_them(
+    ctx: AppContext, alice: Client, bob: Client, dialog_id: str, broker: Broker
+) -> None:
+    broker.declare_dead_letters()
+    loop = asyncio.get_running_loop()
+
+    def retries() -> float:
+        return ctx.metrics.registry.get_sample_value("chatserver_chat3_retries_total") or 0.0
+
+    async with listening(ctx):
+        bob_ws = await bob.websocket()
+        await ctx.service.db.write(cap_pages, True)
+        big = message_event(dialog_id, alice.user_id, "needs new pages " * 600)
+        behind = message_event(dialog_id, alice.user_id, "queued behind it")
+        await broker.publish(big, behind)
+        # Retried in place, then requeued, then redelivered and failing again: still not dead-lettered.
+        await eventually(lambda: retries() >= IN_PLACE_RETRIES + 2, "the event to be requeued and fail again")
+        await bob_ws.nothing_within(0.05)
+        await ctx.service.db.write(cap_pages, False)
+
+        got = await message_ids(bob_ws, 2, "message:new")
+        assert got == [big["data"]["messageId"], behind["data"]["messageId"]]
+        assert await loop.run_in_executor(None, broker.dead_letters_sync) == []
+        assert chat3_count(ctx, "rejected") == 0
+        assert chat3_count(ctx, "accepted") == 2
 
 
 def rabbitmqctl(command: str) -> None:
