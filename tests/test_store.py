@@ -1,0 +1,283 @@
+"""The SQLite store on real files: schema and migrations, WAL, durability, idempotent writes, reads.
+
+No loop here: the store is synchronous (the server reaches it through AsyncStore's threads).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from chatserver.errors import BadRequest, Conflict, NotFound
+from chatserver.models import Dialog, Message, User, new_id, now_iso
+from chatserver.store import SCHEMA_VERSION, SQLiteStore, StoreError
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "chat.db"
+
+
+@pytest.fixture
+def store(path: Path) -> Iterator[SQLiteStore]:
+    opened = SQLiteStore(path)
+    yield opened
+    opened.close()
+
+
+def user(store: SQLiteStore, phone: str) -> User:
+    return store.create_user(User(new_id("usr"), f"name {phone}", phone), "hash")
+
+
+def dialog(store: SQLiteStore, *members: User, title: str = "D") -> Dialog:
+    stamp = now_iso()
+    return store.save_dialog(Dialog(new_id("dlg"), title, tuple(m.user_id for m in members), stamp, stamp))[1]
+
+
+def message(dialog_id: str, sender: User, content: str = "hi", client_id: str | None = None) -> Message:
+    stamp = now_iso()
+    return Message(new_id("msg"), dialog_id, sender.user_id, content, "text", {"k": [1]}, stamp, stamp, client_id)
+
+
+@pytest.fixture
+def pair(store: SQLiteStore) -> tuple[User, User, Dialog]:
+    ann, ben = user(store, "701"), user(store, "702")
+    return ann, ben, dialog(store, ann, ben)
+
+
+# -- schema -------------------------------------------------------------------------------------------------
+
+
+def test_schema_is_migrated_at_open_and_wal_is_on(store: SQLiteStore, path: Path) -> None:
+    assert store.schema_version() == SCHEMA_VERSION
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"users", "dialogs", "dialog_members", "messages"} <= tables
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"messages_by_dialog", "messages_by_client_id", "dialog_members_by_user"} <= indexes
+
+
+def test_history_page_query_uses_the_dialog_index(store: SQLiteStore, path: Path) -> None:
+    with sqlite3.connect(path) as conn:
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM messages WHERE dialog_id = ? AND seq < ? ORDER BY seq DESC LIMIT 50",
+            ("dlg_x", 10),
+        ).fetchall()
+    text = " ".join(str(row[-1]) for row in plan)
+    assert "messages_by_dialog" in text and "TEMP B-TREE" not in text, text
+
+
+def test_an_empty_file_is_migrated_and_reopening_migrates_nothing(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    sqlite3.connect(path).close()
+    first = SQLiteStore(path)
+    ann = user(first, "701")
+    first.close()
+    again = SQLiteStore(path)
+    assert again.schema_version() == SCHEMA_VERSION
+    assert again.get_user(ann.user_id) == ann
+    again.close()
+
+
+def test_reopening_keeps_every_kind_of_data(path: Path) -> None:
+    first = SQLiteStore(path)
+    ann, ben = user(first, "701"), user(first, "702")
+    talk = dialog(first, ann, ben, title="Talk")
+    sent, _ = first.insert_message(message(talk.dialog_id, ann, "kept \u0000 verbatim <b>", client_id="c1"))
+    first.mark_read(talk.dialog_id, ben.user_id, sent.message_id)
+    first.close()
+
+    second = SQLiteStore(path)
+    assert second.user_by_phone("702") == ben
+    assert second.get_dialog(talk.dialog_id) == talk
+    assert second.get_message(sent.message_id) == sent
+    view = second.dialog_view(talk.dialog_id, ben.user_id)
+    assert view is not None and view.last_message == sent and view.unread_count == 0
+    second.close()
+
+
+def test_a_newer_schema_refuses_to_open(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError) as caught:
+        SQLiteStore(path)
+    text = str(caught.value)
+    assert str(path) in text and f"schema version {SCHEMA_VERSION + 1}" in text and "upgrade" in text
+    with sqlite3.connect(path) as conn:  # untouched
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+
+
+@pytest.mark.parametrize("kind", ["random-bytes", "directory", "under-a-file"])
+def test_an_unusable_file_is_a_store_error(tmp_path: Path, kind: str) -> None:
+    if kind == "random-bytes":
+        target = tmp_path / "random.db"
+        target.write_bytes(bytes(range(256)) * 64)
+    elif kind == "directory":
+        target = tmp_path
+    else:
+        (tmp_path / "plain").write_text("x")
+        target = tmp_path / "plain" / "chat.db"
+    with pytest.raises(StoreError) as caught:
+        SQLiteStore(target)
+    assert str(target) in str(caught.value) and "\n" not in str(caught.value)
+
+
+# -- users and dialogs --------------------------------------------------------------------------------------
+
+
+def test_a_duplicate_phone_is_a_conflict(store: SQLiteStore) -> None:
+    user(store, "701")
+    with pytest.raises(Conflict):
+        user(store, "701")
+
+
+def test_save_dialog_updates_title_and_members(store: SQLiteStore) -> None:
+    ann, ben, cid = user(store, "701"), user(store, "702"), user(store, "703")
+    talk = dialog(store, ann, ben)
+    changed = attrs.evolve(talk, title="Renamed", member_ids=(ann.user_id, cid.user_id), updated_at=now_iso())
+    before, after = store.save_dialog(changed)
+    assert before == talk
+    assert after.title == "Renamed" and after.member_ids == (ann.user_id, cid.user_id)
+    assert [v.dialog.dialog_id for v in store.dialog_views(ben.user_id)] == []
+    assert store.unknown_users([ann.user_id, "usr_nobody"]) == ["usr_nobody"]
+
+
+# -- messages -----------------------------------------------------------------------------------------------
+
+
+def test_insert_is_idempotent_by_message_id(store: SQLiteStore, pair: tuple[User, User, Dialog]) -> None:
+    ann, _, talk = pair
+    sent = message(talk.dialog_id, ann)
+    assert store.insert_message(sent) == (sent, True)
+    again = attrs.evolve(sent, content="a redelivery that differs")
+    assert store.insert_message(again) == (sent, False)
+    assert store.list_messages(talk.dialog_id, limit=10) == [sent]
+
+
+def test_insert_is_idempotent_by_client_message_id_per_sender_and_dialog(
+    store: SQLiteStore, pair: tuple[User, User, Dialog]
+) -> None:
+    ann, ben, talk = pair
+    other = dialog(store, ann, ben)
+    first, created = store.insert_message(message(talk.dialog_id, ann, "one", client_id="c1"))
+    assert created
+    retry, created = store.insert_message(message(talk.dialog_id, ann, "one again", client_id="c1"))
+    assert (retry, created) == (first, False)
+    assert store.insert_message(message(talk.dialog_id, ben, "bob's", client_id="c1"))[1]
+    assert store.insert_message(message(other.dialog_id, ann, "elsewhere", client_id="c1"))[1]
+    assert store.insert_message(message(talk.dialog_id, ann, "no id"))[1]
+    assert store.insert_message(message(talk.dialog_id, ann, "no id either"))[1]
+    assert len(store.list_messages(talk.dialog_id, limit=200)) == 4
+
+
+def test_concurrent_inserts_of_one_client_message_id_store_one(
+    store: SQLiteStore, pair: tuple[User, User, Dialog]
+) -> None:
+    ann, _, talk = pair
+    results: list[tuple[Message, bool]] = []
+    barrier = threading.Barrier(6)
+
+    def send() -> None:
+        barrier.wait(timeout=10)
+        results.append(store.insert_message(message(talk.dialog_id, ann, "race", client_id="r1")))
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(results) == 6
+    assert sum(created for _, created in results) == 1
+    assert len({stored.message_id for stored, _ in results}) == 1
+
+
+def test_apply_update_applies_only_newer_versions(store: SQLiteStore, pair: tuple[User, User, Dialog]) -> None:
+    ann, ben, talk = pair
+    sent, _ = store.insert_message(message(talk.dialog_id, ann, "v1"))
+    older = attrs.evolve(sent, content="older", updated_at="2000-01-01T00:00:00.000Z")
+    assert store.apply_update(older) == (sent, False)
+    same = attrs.evolve(sent, content="same stamp")
+    assert store.apply_update(same) == (sent, False)
+    newer = attrs.evolve(sent, content="v2", updated_at="2999-01-01T00:00:00.000Z", meta={"edited": True})
+    stored, applied = store.apply_update(newer)
+    assert applied and stored == newer and store.get_message(sent.message_id) == newer
+    # An update never moves a message to another dialog or sender.
+    hijack = attrs.evolve(newer, sender_id=ben.user_id, dialog_id="dlg_other", updated_at="2999-01-02T00:00:00.000Z")
+    stored, applied = store.apply_update(hijack)
+    assert applied and stored.sender_id == ann.user_id and stored.dialog_id == talk.dialog_id
+    assert store.apply_update(newer) == (stored, False)
+
+
+def test_apply_update_of_an_unseen_message_stores_it(store: SQLiteStore, pair: tuple[User, User, Dialog]) -> None:
+    ann, _, talk = pair
+    unseen = message(talk.dialog_id, ann, "first seen as an update")
+    assert store.apply_update(unseen) == (unseen, True)
+    assert store.list_messages(talk.dialog_id, limit=5) == [unseen]
+    view = store.dialog_view(talk.dialog_id, ann.user_id)
+    assert view is not None and view.last_message == unseen
+
+
+def test_unread_counts_follow_messages_of_others_and_read_marks(
+    store: SQLiteStore, pair: tuple[User, User, Dialog]
+) -> None:
+    ann, ben, talk = pair
+    sent = [store.insert_message(message(talk.dialog_id, ann, f"a{i}"))[0] for i in range(3)]
+    store.insert_message(message(talk.dialog_id, ben, "b"))
+    assert store.unread_counts(talk.dialog_id) == {ann.user_id: 1, ben.user_id: 3}
+    view = store.mark_read(talk.dialog_id, ben.user_id, sent[1].message_id)
+    assert view.unread_count == 1
+    assert store.mark_read(talk.dialog_id, ben.user_id, sent[0].message_id).unread_count == 1  # never backwards
+    assert store.unread_counts(talk.dialog_id) == {ann.user_id: 1, ben.user_id: 1}
+    assert store.mark_read(talk.dialog_id, ben.user_id, sent[2].message_id).unread_count == 0
+    with pytest.raises(NotFound):
+        store.mark_read(talk.dialog_id, ben.user_id, "msg_missing")
+    other = dialog(store, ann, ben)
+    elsewhere, _ = store.insert_message(message(other.dialog_id, ann))
+    with pytest.raises(BadRequest):
+        store.mark_read(talk.dialog_id, ben.user_id, elsewhere.message_id)
+
+
+def test_dialog_views_are_most_recently_active_first(store: SQLiteStore) -> None:
+    ann, ben = user(store, "701"), user(store, "702")
+    first, second, third = dialog(store, ann, ben), dialog(store, ann, ben), dialog(store, ann)
+    store.insert_message(message(first.dialog_id, ben))
+    store.insert_message(message(second.dialog_id, ben))
+    store.insert_message(message(first.dialog_id, ben, "latest"))
+    views = store.dialog_views(ann.user_id)
+    assert [v.dialog.dialog_id for v in views][:2] == [first.dialog_id, second.dialog_id]
+    assert {v.dialog.dialog_id for v in views} == {first.dialog_id, second.dialog_id, third.dialog_id}
+    assert views[0].last_message is not None and views[0].last_message.content == "latest"
+    assert [v.unread_count for v in views[:2]] == [2, 1]
+    assert [v.dialog.dialog_id for v in store.dialog_views(ben.user_id)] == [first.dialog_id, second.dialog_id]
+
+
+def test_list_messages_pages(store: SQLiteStore, pair: tuple[User, User, Dialog]) -> None:
+    ann, _, talk = pair
+    ids = [store.insert_message(message(talk.dialog_id, ann, f"m{i}"))[0].message_id for i in range(10)]
+
+    def page(**kwargs: object) -> list[str]:
+        return [m.message_id for m in store.list_messages(talk.dialog_id, **kwargs)]  # type: ignore[arg-type]
+
+    assert page(limit=4) == ids[6:]
+    assert page(limit=100) == ids
+    assert page(limit=4, before=ids[6]) == ids[2:6]
+    assert page(limit=4, before=ids[2]) == ids[:2]
+    assert page(limit=4, after=ids[2]) == ids[3:7]
+    assert page(limit=4, after=ids[8]) == ids[9:]
+    assert page(limit=100, after=ids[1], before=ids[5]) == ids[2:5]
+    assert page(limit=2, after=ids[1], before=ids[5]) == ids[2:4]
+    assert page(limit=5, after=ids[9]) == []
+    empty = dialog(store, ann)
+    assert store.list_messages(empty.dialog_id, limit=50) == []
+    for field in ("before", "after"):
+        with pytest.raises(BadRequest) as caught:
+            store.list_messages(empty.dialog_id, limit=5, **{field: ids[0]})
+        assert caught.value.field == field
