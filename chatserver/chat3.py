@@ -122,6 +122,7 @@ class _Link:
         self._channel_problem: str | None = None
         self._stopping = False
         self._closed = asyncio.Event()
+        self._down_since: float | None = None
         self.state = STOPPED
 
     # -- public ------------------------------------------------------------------------------------------
@@ -200,10 +201,12 @@ class _Link:
         if self._stopping:
             return
         self._set_state(f"disconnected: {why}")
+        assert self._loop is not None
+        if self._down_since is None:
+            self._down_since = self._loop.time()
         delay = min(self._backoff_cap, self._backoff_first * 2**self._attempts) * random.uniform(0.5, 1.0)
         self._attempts += 1
         log.warning("%s: %s; reconnecting in %.1fs", self.name, why, delay)
-        assert self._loop is not None
         self._retry = self._loop.call_later(delay, self._connect)
 
     # -- channel -----------------------------------------------------------------------------------------
@@ -211,7 +214,16 @@ class _Link:
     def _on_channel_open(self, channel: pika.channel.Channel) -> None:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_cancel_callback(self._on_consumer_cancelled)
         self._setup(channel)
+
+    def _on_consumer_cancelled(self, _frame: Any) -> None:
+        # The broker cancels a consumer whose queue was deleted: start over, which declares the queue again.
+        connection = self._connection
+        if self._stopping or connection is None or connection.is_closing or connection.is_closed:
+            return
+        self._channel_problem = "the broker cancelled the consumer (was the queue deleted?)"
+        connection.close()
 
     def _on_channel_closed(self, channel: pika.channel.Channel, reason: BaseException) -> None:
         self._channel_lost(channel)
@@ -229,7 +241,11 @@ class _Link:
     def _ready(self) -> None:
         self._attempts = 0
         self._set_state(CONSUMING)
-        log.info("%s: consuming", self.name)
+        if self._down_since is not None and self._loop is not None:
+            log.warning("%s: consuming again after %.1fs", self.name, self._loop.time() - self._down_since)
+            self._down_since = None
+        else:
+            log.info("%s: consuming", self.name)
 
 
 @attrs.define(slots=True, eq=False)

@@ -406,6 +406,39 @@ async def test_events_queued_while_the_server_was_stopped_arrive_after_it_starts
         await bob_ws.nothing_within(0.3)
 
 
+@pytest.mark.gen_test
+async def test_listener_declares_its_queue_again_when_it_is_deleted_under_it(
+    ctx: AppContext, alice: Client, bob: Client, dialog_id: str, broker: Broker
+) -> None:
+    loop = asyncio.get_running_loop()
+    async with listening(ctx) as amqp:
+        bob_ws = await bob.websocket()
+        await loop.run_in_executor(None, broker.delete)
+        # The broker cancels the consumer; the listener starts over and declares exchange, queue and binding.
+        await eventually(lambda: amqp.listener.problem() != "", "the listener to notice the cancel", 5)
+        await eventually(lambda: amqp.listener.problem() == "", "the listener to consume again")
+        event = message_event(dialog_id, alice.user_id, "into the new queue")
+        await broker.publish(event)
+        assert (await bob_ws.next_of("message:new"))["data"] == event["data"]
+
+
+@pytest.mark.gen_test
+async def test_a_queue_declared_with_other_arguments_is_named_by_readyz(
+    ctx: AppContext, alice: Client, broker: Broker
+) -> None:
+    # Someone declared the queue without the dead-letter exchange this server is configured with.
+    broker._run(lambda channel: channel.queue_declare(broker.queue, durable=True))
+    amqp = start_amqp(ctx.service, ctx.config, ctx.metrics, ctx.readiness)
+    assert amqp is not None
+    try:
+        await eventually(lambda: "PRECONDITION_FAILED" in amqp.listener.problem(), "the refused declare")
+        status, body = await alice.call("GET", "/readyz")
+        assert status == 503
+        assert "x-dead-letter-exchange" in body["data"]["broker"], body
+    finally:
+        await amqp.stop()
+
+
 def cap_pages(store: SQLiteStore, cap: bool) -> None:
     """On the store's own writer connection: stop the database from growing (SQLite then fails every write that
     needs a new page with "database or disk is full", as on a full disk), or lift that cap again."""
