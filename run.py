@@ -210,8 +210,7 @@ async def serve(config: Config, *, demo: bool, environ: dict[str, str]) -> None:
     heartbeat = systemd.Heartbeat(
         notifier, lambda: f"serving {url}: {connection_status(ctx)}", systemd.watchdog_interval(environ, os.getpid())
     )
-    notifier.ready(f"serving {url}: {connection_status(ctx)}")
-    heartbeat.start(loop)
+    heartbeat.start(loop, "READY=1")  # with the first status line and watchdog ping
     await stop.wait()
     heartbeat.stop()
     log.info("%s: shutting down (%s)", stop.name, connection_status(ctx))

@@ -65,17 +65,8 @@ class Notifier:
         self._failed = False
         return True
 
-    def ready(self, status: str) -> bool:
-        return self.send("READY=1", _status(status))
-
     def stopping(self, status: str) -> bool:
         return self.send("STOPPING=1", _status(status))
-
-    def status(self, status: str) -> bool:
-        return self.send(_status(status))
-
-    def watchdog(self) -> bool:
-        return self.send("WATCHDOG=1")
 
     def close(self) -> None:
         if self._socket is not None:
@@ -125,18 +116,15 @@ class Heartbeat:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    @property
-    def period(self) -> float:
-        return self._period
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, *first: str) -> None:
+        """Tick now (sending the `first` fields too, such as `READY=1`), then every `period` seconds."""
         if not self._notifier.enabled:
             return
         self._loop = loop
-        self._tick()
+        self._tick(*first)
 
-    def _tick(self) -> None:
-        fields = ["WATCHDOG=1"] if self._watchdog else []
+    def _tick(self, *first: str) -> None:
+        fields = [*first, "WATCHDOG=1"] if self._watchdog else list(first)
         try:
             status = self._status()
         except Exception:  # a broken status line must never stop the watchdog

@@ -176,5 +176,5 @@ def test_watchdog_interval_comes_from_watchdog_usec_for_this_process_only() -> N
 def test_notifier_without_notify_socket_sends_nothing() -> None:
     notifier = systemd.Notifier.from_environ({})
     assert not notifier.enabled
-    assert notifier.ready("serving") is False
-    assert notifier.watchdog() is False
+    assert notifier.send("READY=1", "STATUS=serving") is False
+    assert notifier.stopping("stopping") is False
