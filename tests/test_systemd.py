@@ -63,12 +63,20 @@ async def test_server_notifies_ready_status_watchdog_and_stopping(
         first = await notification_with(sock, "WATCHDOG")
         second = await notification_with(sock, "WATCHDOG")
         assert first["WATCHDOG"] == second["WATCHDOG"] == "1"
+        # The status line follows the connections (checked at every tick, sent when it changes).
+        token = await server.login()
+        ws = await tornado.websocket.websocket_connect(f"{server.url.replace('http', 'ws')}/ws?token={token}")
+        assert jsonutil.loads(await asyncio.wait_for(ws.read_message(), 5))["type"] == "ready"
+        status = await notification_with(sock, "STATUS")
+        assert status["STATUS"] == f"serving {server.url}: 1 websocket, 0 sse, 0 polls parked; 0 requests in flight"
 
         server.signal(signal.SIGTERM)
         stopping = await notification_with(sock, "STOPPING")
         assert stopping["STOPPING"] == "1"
-        assert stopping["STATUS"].startswith("stopping: ")
+        assert stopping["STATUS"].startswith("stopping: 1 websocket")
         assert await server.exit_code(GRACE + 5) == 0
+        assert await asyncio.wait_for(ws.read_message(), 5) is None
+        ws.close()
     assert "Traceback" not in server.stderr
 
 
