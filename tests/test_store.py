@@ -15,7 +15,7 @@ import pytest
 
 from chatserver.errors import BadRequest, Conflict, NotFound
 from chatserver.models import Dialog, Message, User, new_id, now_iso
-from chatserver.store import SCHEMA_VERSION, SQLiteStore, StoreError
+from chatserver.store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, StoreError
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_schema_is_migrated_at_open_and_wal_is_on(store: SQLiteStore, path: Path
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"users", "dialogs", "dialog_members", "messages"} <= tables
         indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert {"messages_by_dialog", "messages_by_client_id", "dialog_members_by_user"} <= indexes
+        assert {"messages_by_dialog_sender", "messages_by_client_id", "dialog_members_by_user"} <= indexes
 
 
 def test_history_page_query_uses_the_dialog_index(store: SQLiteStore, path: Path) -> None:
@@ -71,7 +71,40 @@ def test_history_page_query_uses_the_dialog_index(store: SQLiteStore, path: Path
             ("dlg_x", 10),
         ).fetchall()
     text = " ".join(str(row[-1]) for row in plan)
-    assert "messages_by_dialog" in text and "TEMP B-TREE" not in text, text
+    assert "messages_by_dialog_sender" in text and "TEMP B-TREE" not in text, text
+
+
+def test_unread_count_reads_the_index_alone(store: SQLiteStore, path: Path) -> None:
+    with sqlite3.connect(path) as conn:
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT count(*) FROM messages WHERE dialog_id = ? AND sender_id != ? AND seq > ?",
+            ("dlg_x", "usr_x", 10),
+        ).fetchall()
+    text = " ".join(str(row[-1]) for row in plan)
+    assert "COVERING INDEX messages_by_dialog_sender" in text, text
+
+
+def test_a_version_1_database_is_migrated_at_open_keeping_its_data(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    with sqlite3.connect(path) as conn:
+        conn.executescript(MIGRATIONS[0])
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("INSERT INTO users VALUES ('usr_a', '701', 'Ann', 'hash', '2025-01-01T00:00:00.000Z')")
+        conn.execute(
+            "INSERT INTO dialogs (dialog_id, title, created_at, updated_at, activity_at) "
+            "VALUES ('dlg_a', 'Old', '2025-01-01T00:00:00.000Z', '2025-01-01T00:00:00.000Z', "
+            "'2025-01-01T00:00:00.000Z')"
+        )
+        conn.execute("INSERT INTO dialog_members (dialog_id, user_id, position) VALUES ('dlg_a', 'usr_a', 0)")
+    migrated = SQLiteStore(path)
+    assert migrated.schema_version() == SCHEMA_VERSION == len(MIGRATIONS)
+    assert migrated.get_user("usr_a") == User("usr_a", "Ann", "701")
+    sent, created = migrated.insert_message(message("dlg_a", User("usr_a", "Ann", "701")))
+    assert created and migrated.list_messages("dlg_a", limit=5) == [sent]
+    migrated.close()
+    with sqlite3.connect(path) as conn:
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "messages_by_dialog_sender" in indexes and "messages_by_dialog" not in indexes
 
 
 def test_an_empty_file_is_migrated_and_reopening_migrates_nothing(path: Path) -> None:
