@@ -551,8 +551,9 @@ def free_port() -> int:
 @contextlib.asynccontextmanager
 async def server_processes(ctx: AppContext, broker: Broker, count: int) -> AsyncIterator[list[str]]:
     """`count` real `python run.py` processes on one database file and one broker, in cluster mode."""
+    inherited = ("CHATSERVER_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "JOURNAL_STREAM")
     env = dict(
-        os.environ,
+        {k: v for k, v in os.environ.items() if not k.startswith(inherited)},
         CHATSERVER_STATE_DIR=str(ctx.config.resolved_state_dir),
         CHATSERVER_AMQP_URL=AMQP_URL,
         CHATSERVER_CHAT3_EXCHANGE=broker.exchange,
