@@ -87,6 +87,12 @@ class JsonErrors(tornado.web.RequestHandler):
         # The response is written (a WebSocket's at its upgrade): no longer in flight.
         self.ctx.requests.discard(self)
 
+    def on_connection_close(self) -> None:
+        # The client went away: nobody is waiting for an answer, and a handler still reading a body never
+        # finishes (Tornado drops it), so shutdown must not wait for it.
+        self.ctx.requests.discard(self)
+        super().on_connection_close()
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         message = self._reason
         exc_info = kwargs.get("exc_info")

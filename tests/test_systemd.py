@@ -67,8 +67,13 @@ async def test_server_notifies_ready_status_watchdog_and_stopping(
         token = await server.login()
         ws = await tornado.websocket.websocket_connect(f"{server.url.replace('http', 'ws')}/ws?token={token}")
         assert jsonutil.loads(await asyncio.wait_for(ws.read_message(), 5))["type"] == "ready"
-        status = await notification_with(sock, "STATUS")
-        assert status["STATUS"] == f"serving {server.url}: 1 websocket, 0 sse, 0 polls parked; 0 requests in flight"
+        expected = f"serving {server.url}: 1 websocket, 0 sse, 0 polls parked; 0 requests in flight"
+
+        async def status_becomes_expected() -> None:
+            while (await notification_with(sock, "STATUS"))["STATUS"] != expected:
+                pass
+
+        await asyncio.wait_for(status_becomes_expected(), 5)
 
         server.signal(signal.SIGTERM)
         stopping = await notification_with(sock, "STOPPING")
@@ -132,6 +137,27 @@ async def test_sigterm_answers_parked_poll_closes_websocket_with_1001_and_finish
     assert "Traceback" not in server.stderr
     assert "SIGTERM: shutting down (1 websocket, 0 sse, 1 polls parked; 2 requests in flight)" in server.stderr
     assert "while shutting down" in server.stderr
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_request_whose_client_went_away_mid_body_does_not_hold_up_shutdown(tmp_path: Path) -> None:
+    env = {"CHATSERVER_SHUTDOWN_GRACE": str(GRACE)}
+    async with await ServerProcess.start(tmp_path, "--demo", env=env) as server:
+        token = await server.login()
+        dialog_id = (await server.call("GET", "/api/dialogs", token=token))[1]["data"][0]["dialogId"]
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            f"POST /api/messages/dialog/{dialog_id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Length: 100\r\n\r\n{{".encode()
+        )
+        await writer.drain()
+        await server.wait_for_metric("chatserver_requests_in_flight 2.0")  # the POST, and /metrics itself
+        writer.close()
+        await server.wait_for_metric("chatserver_requests_in_flight 1.0")
+        server.signal(signal.SIGTERM)
+        assert await server.exit_code(GRACE + 5) == 0
+    assert "0 requests in flight" in server.stderr
+    assert "still open after" not in server.stderr
 
 
 @pytest.mark.gen_test(timeout=30)
