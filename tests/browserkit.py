@@ -157,6 +157,11 @@ class ChatPage:
         """Message nodes whose text is exactly `text`."""
         return self.page.locator("#messages .message .text", has_text=re.compile(f"^{re.escape(text)}$"))
 
+    def message_node(self, text: str) -> Any:
+        """The message (<li>) whose text is exactly `text`."""
+        exact = self.page.locator(".text", has_text=re.compile(f"^{re.escape(text)}$"))
+        return self.page.locator("#messages .message").filter(has=exact)
+
     def message_texts(self) -> list[str]:
         return list(self.page.locator("#messages .message .text").all_text_contents())
 

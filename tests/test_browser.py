@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, WebSocketRoute, expect, sync_playwright
+from playwright.sync_api import Browser, Page, WebSocketRoute, expect, sync_playwright
 
 from tests.browserkit import ALICE_PHONE, BOB_PHONE, ChatPage, ServerProcess, chromium_path, launch_chromium
 from tests.conftest import require_service
@@ -75,6 +75,18 @@ def unique(label: str) -> str:
     return f"{label} {secrets.token_hex(3)}"
 
 
+def wait_until(page: Page, condition: Callable[[], bool], timeout: float) -> None:
+    """Wait for something the test sees from Python (a route handler ran), keeping Playwright's events flowing."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached within {timeout}s"
+        page.wait_for_timeout(50)
+
+
+def demo_dialog(server: ServerProcess, token: str) -> str:
+    return str(next(d["dialogId"] for d in server.api("GET", "/api/dialogs", token=token) if d["title"] == "Demo"))
+
+
 def test_receiver_sees_message_without_reload_and_sender_sees_it_once(open_page: OpenPage) -> None:
     alice, bob = open_page(ALICE_PHONE), open_page(BOB_PHONE)
     for page in (alice, bob):
@@ -106,15 +118,10 @@ def test_blocked_websocket_falls_back_to_long_poll(open_page: OpenPage, server: 
     expect(alice.page.locator("#connection-label")).to_have_text("Long-poll")
 
     # It keeps trying WebSocket in the background (and the proxy keeps refusing it).
-    deadline = time.monotonic() + 10
-    while len(attempts) < 2 and time.monotonic() < deadline:
-        alice.page.wait_for_timeout(100)
-    assert len(attempts) >= 2, attempts
+    wait_until(alice.page, lambda: len(attempts) >= 2, 10)
 
     bob = server.login(BOB_PHONE)
-    dialog_id = next(
-        d["dialogId"] for d in server.api("GET", "/api/dialogs", token=bob["token"]) if d["title"] == "Demo"
-    )
+    dialog_id = demo_dialog(server, bob["token"])
     server.api("POST", f"/api/dialogs/{dialog_id}/typing", {"typing": True}, token=bob["token"])
     expect(alice.page.locator("#typing")).to_have_text("typing…", timeout=2000)
 
@@ -131,6 +138,120 @@ def test_blocked_websocket_falls_back_to_long_poll(open_page: OpenPage, server: 
 
     expect(alice.connection()).to_have_attribute("data-state", "long-poll")
     assert server.log().count("GET /ws") == upgrades_before, "a WebSocket upgrade reached the server"
+
+
+def test_silent_websocket_is_dropped_for_long_poll_and_taken_back_without_loss(
+    browser: Browser, server: ServerProcess
+) -> None:
+    """The library alone, with short heartbeats: a socket that stops carrying frames is given up for long-poll,
+    WebSocket is taken back once it works, and every event arrives once, in order, across the switches."""
+    silent = [False]
+    upgrades: list[str] = []
+
+    def through_flaky_proxy(ws: WebSocketRoute) -> None:
+        upgrades.append(ws.url)
+        upstream = ws.connect_to_server()
+        ws.on_message(lambda message: None if silent[0] else upstream.send(message))
+        upstream.on_message(lambda message: None if silent[0] else ws.send(message))
+
+    context = browser.new_context()
+    try:
+        context.route_web_socket(re.compile(r"/ws(\?|$)"), through_flaky_proxy)
+        page = context.new_page()
+        page.goto(server.base_url + "/")
+        alice, bob = server.login(ALICE_PHONE), server.login(BOB_PHONE)
+        page.evaluate(
+            """async ({ token, userId }) => {
+                const { ChatClient } = await import("/static/chatclient.js");
+                const client = new ChatClient({ token, userId, heartbeatInterval: 300, heartbeatTimeout: 300,
+                                                connectTimeout: 1000, backoffBase: 200, backoffCap: 1000 });
+                window.received = [];
+                client.on("message:new", (message) => window.received.push(message.content));
+                window.client = client;
+                await client.start();
+            }""",
+            {"token": alice["token"], "userId": alice["user"]["userId"]},
+        )
+        page.wait_for_function("() => window.client.state === 'websocket'", timeout=5000)
+        dialog_id = demo_dialog(server, bob["token"])
+
+        def post(text: str) -> str:
+            server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": text}, bob["token"])
+            return text
+
+        silent[0] = True
+        sent = [post(unique("while the socket is silent"))]
+        page.wait_for_function("() => window.client.state === 'long-poll'", timeout=5000)
+        page.wait_for_function("() => window.received.length === 1", timeout=3000)
+        sent.append(post(unique("over long-poll")))
+        page.wait_for_function("() => window.received.length === 2", timeout=3000)
+        # Background attempts go on, and fail: the proxy still swallows their frames.
+        tried = len(upgrades)
+        wait_until(page, lambda: len(upgrades) > tried + 1, 10)
+        assert page.evaluate("window.client.state") == "long-poll"
+
+        silent[0] = False
+        page.wait_for_function("() => window.client.state === 'websocket'", timeout=15000)
+        sent.append(post(unique("over WebSocket again")))
+        page.wait_for_function("() => window.received.length === 3", timeout=3000)
+        page.wait_for_timeout(300)
+        assert page.evaluate("window.received") == sent
+    finally:
+        context.close()
+
+
+def test_sender_edits_own_message_and_receiver_sees_the_edit(open_page: OpenPage) -> None:
+    alice, bob = open_page(ALICE_PHONE), open_page(BOB_PHONE)
+    for page in (alice, bob):
+        page.open_dialog("Demo")
+    text, edited = unique("a typo"), unique("no typo")
+    alice.send(text)
+    expect(bob.messages_with(text)).to_have_count(1, timeout=2000)
+    mine = alice.message_node(text)
+    expect(mine).not_to_have_class(re.compile("pending"), timeout=2000)
+    mine.hover()
+    mine.locator(".edit-button").click()
+    expect(alice.page.locator("#edit-banner")).to_be_visible()
+    alice.send(edited)
+    expect(bob.messages_with(edited)).to_have_count(1, timeout=2000)
+    expect(bob.messages_with(text)).to_have_count(0)
+    theirs = bob.message_node(edited)
+    expect(theirs.locator(".edited")).to_be_visible()
+    expect(alice.messages_with(edited)).to_have_count(1)
+    expect(bob.page.locator("#messages .message.mine .edit-button")).to_have_count(
+        bob.page.locator("#messages .message.mine").count()
+    )
+
+
+def test_older_pages_load_on_scroll_up_and_nothing_is_rebuilt(open_page: OpenPage, server: ServerProcess) -> None:
+    alice = server.login(ALICE_PHONE)
+    bob = server.login(BOB_PHONE)
+    title = unique("Archive")
+    dialog = server.api("POST", "/api/dialogs", {"title": title, "memberIds": [bob["user"]["userId"]]}, alice["token"])
+    texts = [f"{title} #{n:03d}" for n in range(120)]
+    for text in texts:
+        server.api("POST", f"/api/messages/dialog/{dialog['dialogId']}", {"content": text}, alice["token"])
+
+    page = open_page(BOB_PHONE)
+    page.open_dialog(title)
+    nodes = page.page.locator("#messages .message")
+    expect(nodes).to_have_count(50)
+    assert page.message_texts() == texts[-50:]
+    # Mark the newest node: if anything re-rendered the list, the mark would be gone.
+    page.page.locator("#messages .message").last.evaluate("node => { node.marked = true; }")
+    scroller = page.page.locator("#message-scroll")
+    for shown in (100, 120):
+        scroller.evaluate("node => { node.scrollTop = 0; }")
+        expect(nodes).to_have_count(shown, timeout=3000)
+    expect(page.page.locator("#history-status")).to_have_text("This is the beginning of the conversation.")
+    assert page.message_texts() == texts
+
+    latest = unique("one more")
+    server.api("POST", f"/api/messages/dialog/{dialog['dialogId']}", {"content": latest}, alice["token"])
+    expect(page.messages_with(latest)).to_have_count(1, timeout=2000)
+    assert page.message_texts() == [*texts, latest]
+    marked = page.page.locator("#messages .message").nth(119)
+    assert marked.evaluate("node => node.marked === true")
 
 
 def test_pages_recover_from_server_restart_without_reload(open_page: OpenPage, server: ServerProcess) -> None:

@@ -154,7 +154,8 @@ async function startChat(session) {
   const wanted = new URLSearchParams(location.search).get("transports");
   const options = { token: session.token, userId: me.userId };
   if (wanted) options.transports = wanted.split(",");
-  client = new ChatClient(options);
+  const current = new ChatClient(options);
+  client = current;
   client.on("state", ({ state }) => showConnection(state));
   client.on("message:new", onMessage);
   client.on("message:pending", onPending);
@@ -169,7 +170,8 @@ async function startChat(session) {
   client.on("unauthorized", () => signOut("Your session has ended. Please sign in again."));
   showConnection(client.state);
   updateNotifyButton();
-  await client.start();
+  await current.start();
+  if (client !== current) return; // signed out meanwhile
   await reload();
   const fromHash = location.hash.slice(1);
   if (fromHash && dialogs.has(fromHash)) openDialog(fromHash);

@@ -279,6 +279,7 @@ export class ChatClient {
   _onSocketFrame(session, raw) {
     if (session.ended) return;
     clearTimeout(session.timers.silence);
+    session.timers.silence = null;
     let frame;
     try {
       frame = JSON.parse(raw);
@@ -313,8 +314,10 @@ export class ChatClient {
   _heartbeat(session) {
     if (session.ended || session.socket.readyState !== WebSocket.OPEN) return;
     session.socket.send(JSON.stringify({ type: "ping" }));
-    clearTimeout(session.timers.silence);
-    session.timers.silence = setTimeout(() => this._closeSession(session, true), this.options.heartbeatTimeout);
+    // Counted from the first unanswered ping: later pings do not push the deadline back.
+    if (!session.timers.silence) {
+      session.timers.silence = setTimeout(() => this._closeSession(session, true), this.options.heartbeatTimeout);
+    }
   }
 
   _webSocketReady(session) {
