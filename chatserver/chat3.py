@@ -72,11 +72,15 @@ def connection_parameters(url: str, name: str) -> pika.URLParameters:
 
     Raises ConfigError for a URL pika cannot use. The URL holds a password: it is never logged.
     """
+    usage = "expected amqp://user:password@host:port/vhost or amqps://..."
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ConfigError(f"setting 'amqp_url' is not an AMQP URL: {usage}")
     try:
         params = pika.URLParameters(url)
     except Exception as exc:
-        raise ConfigError(f"setting 'amqp_url' is not a usable AMQP URL: {type(exc).__name__}") from None
-    query = parse_qs(urlsplit(url).query)
+        raise ConfigError(f"setting 'amqp_url' is not a usable AMQP URL ({type(exc).__name__}): {usage}") from None
+    query = parse_qs(parts.query)
     if "heartbeat" not in query:
         params.heartbeat = HEARTBEAT
     if "blocked_connection_timeout" not in query:

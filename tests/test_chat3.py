@@ -539,6 +539,18 @@ def test_cluster_mode_without_a_broker_is_a_config_error(tmp_path: Path) -> None
         ctx.service.db.close()
 
 
+@pytest.mark.parametrize("url", ["not a url", "http://127.0.0.1/", "amqp://guest:secret@127.0.0.1:port/"])
+def test_an_unusable_amqp_url_is_a_config_error_that_does_not_show_the_password(tmp_path: Path, url: str) -> None:
+    ctx = build_context(load_config({"state_dir": str(tmp_path), "amqp_url": url}, {}))
+    try:
+        with pytest.raises(ConfigError, match="amqp_url") as raised:
+            start_amqp(ctx.service, ctx.config, Metrics(), ctx.readiness)
+        assert "secret" not in str(raised.value)
+        assert ctx.readiness == {}
+    finally:
+        ctx.service.db.close()
+
+
 # -- cluster mode: two real server processes -------------------------------------------------------------
 
 
