@@ -72,7 +72,7 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE client_message_id IS NOT NULL;
     """,
     # 2: unread counts (messages after a read mark, not the reader's own) read the index alone, never the rows:
-    # at a million messages the dialog list of a member of many dialogs went from seconds to milliseconds.
+    # at a million messages the dialog list of a member of a thousand dialogs went from over a second to a tenth.
     # It serves history pages as the old index did.
     """
     CREATE INDEX messages_by_dialog_sender ON messages (dialog_id, seq, sender_id);
@@ -84,6 +84,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _MESSAGE_COLUMNS = (
     "message_id, dialog_id, sender_id, content, type, meta, created_at, updated_at, client_message_id"
 )
+
+_LAST_MESSAGE_COLUMNS = ", ".join("l." + column.strip() for column in _MESSAGE_COLUMNS.split(","))
 
 
 def _message(row: Sequence[Any]) -> Message:
@@ -269,15 +271,39 @@ class SQLiteStore:
         return self.get_dialog(row[0]) if row else None
 
     def dialog_views(self, user_id: str) -> list[DialogView]:
-        """The user's dialogs, most recently active first."""
+        """The user's dialogs, most recently active first, each with its last message and the user's unread count.
+
+        Two queries in one snapshot, however many dialogs: not a round of queries per dialog.
+        """
         conn = self._connect()
-        rows = conn.execute(
-            "SELECT d.dialog_id FROM dialog_members m JOIN dialogs d ON d.dialog_id = m.dialog_id "
-            "WHERE m.user_id = ? ORDER BY d.activity_at DESC, d.last_seq DESC, d.dialog_id",
-            (user_id,),
-        ).fetchall()
-        views = [self._view(conn, row[0], user_id) for row in rows]
-        return [v for v in views if v is not None]
+        conn.execute("BEGIN")
+        try:
+            rows = conn.execute(
+                "SELECT d.dialog_id, d.title, d.created_at, d.updated_at, "  # noqa: S608
+                "(SELECT count(*) FROM messages x WHERE x.dialog_id = m.dialog_id AND x.seq > m.last_read_seq "
+                f"AND x.sender_id != m.user_id), {_LAST_MESSAGE_COLUMNS} "
+                "FROM dialog_members m JOIN dialogs d ON d.dialog_id = m.dialog_id "
+                "LEFT JOIN messages l ON l.seq = d.last_seq "
+                "WHERE m.user_id = ? ORDER BY d.activity_at DESC, d.last_seq DESC, d.dialog_id",
+                (user_id,),
+            ).fetchall()
+            members: dict[str, list[str]] = {}
+            for dialog_id, member in conn.execute(
+                "SELECT o.dialog_id, o.user_id FROM dialog_members m "
+                "JOIN dialog_members o ON o.dialog_id = m.dialog_id WHERE m.user_id = ? ORDER BY o.position",
+                (user_id,),
+            ):
+                members.setdefault(dialog_id, []).append(member)
+        finally:
+            conn.execute("COMMIT")
+        return [
+            DialogView(
+                Dialog(row[0], row[1], tuple(members.get(row[0], ())), row[2], row[3]),
+                _message(row[5:]) if row[5] is not None else None,
+                int(row[4]),
+            )
+            for row in rows
+        ]
 
     def dialog_view(self, dialog_id: str, user_id: str) -> DialogView | None:
         return self._view(self._connect(), dialog_id, user_id)
