@@ -294,10 +294,12 @@ function noteMessageInList(message, { counts }) {
   const entry = dialogs.get(message.dialogId);
   if (!entry) return false;
   const last = entry.data.lastMessage;
-  if (!last || last.createdAt <= message.createdAt || (message.clientMessageId && last.clientMessageId === message.clientMessageId)) {
+  const newer = !last || last.createdAt <= message.createdAt;
+  if (newer || (message.clientMessageId && last.clientMessageId === message.clientMessageId)) {
     entry.data.lastMessage = message;
   }
-  if (counts) entry.data.unreadCount = (entry.data.unreadCount || 0) + 1;
+  // One older than the last message the server showed us was already in that snapshot's unread count.
+  if (counts && newer) entry.data.unreadCount = (entry.data.unreadCount || 0) + 1;
   if (view.dialogs.firstChild !== entry.node) view.dialogs.prepend(entry.node);
   renderDialog(entry);
   return true;

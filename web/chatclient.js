@@ -187,7 +187,9 @@ export class ChatClient {
     this._stop = new AbortController();
     this._setState("connecting");
     await this._handshake();
-    if (this._running) this._connect();
+    if (!this._running) return;
+    this._connect();
+    this._kickOutbox(); // sends left pending by an earlier stop()
   }
 
   /** Close every connection and timer. Pending sends stay pending (start() again resumes them). */
@@ -655,7 +657,7 @@ export class ChatClient {
     let attempt = 0;
     try {
       // One at a time, in order: the server sees the messages in the order they were written.
-      while (this._outbox.length) {
+      while (this._outbox.length && this._running) {
         const clientMessageId = this._outbox[0];
         const message = this._pending.get(clientMessageId);
         if (!message) {
