@@ -648,6 +648,24 @@ async def test_unknown_routes_are_json_404(alice: Client, dialog_id: str) -> Non
 
 
 @pytest.mark.gen_test
+async def test_undecodable_path_or_query_is_a_json_4xx(alice: Client, dialog_id: str) -> None:
+    for path in ("/api/dialogs/%FF", "/api/messages/%FF", f"/api/messages/dialog/{dialog_id}?before=%FF"):
+        status, body = await alice.call(
+            "GET" if "dialog/" in path or "dialogs" in path else "PATCH",
+            path,
+            {"content": "x"} if "messages/%" in path else None,
+        )
+        assert_error(status, body, status)
+        assert 400 <= status < 500, (path, status)
+
+
+@pytest.mark.gen_test
+async def test_healthz_needs_no_token(alice: Client) -> None:
+    status, body = await alice.call("GET", "/healthz", token="")
+    assert assert_ok(status, body) is not None
+
+
+@pytest.mark.gen_test
 async def test_wrong_method_is_json_405(alice: Client, dialog_id: str) -> None:
     sent = await alice.post_message(dialog_id, "x")
     wrong = [
