@@ -475,6 +475,26 @@ async def test_a_store_failing_for_a_while_delays_events_in_order_and_never_dead
         assert chat3_count(ctx, "accepted") == 2
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_stopping_the_listener_acks_what_it_handled_and_hands_back_the_rest(
+    ctx: AppContext, alice: Client, bob: Client, dialog_id: str, broker: Broker
+) -> None:
+    loop = asyncio.get_running_loop()
+    events = [message_event(dialog_id, alice.user_id, f"event {n}") for n in range(40)]
+    bob_ws = await bob.websocket()
+    async with listening(ctx):
+        await broker.publish(*events)
+        first = await bob_ws.next_of("message:new")
+    # Stopped in the middle: what it handled was acked, the rest went back to the queue.
+    handled = chat3_count(ctx, "accepted")
+    assert handled + await loop.run_in_executor(None, broker.ready_count_sync) == len(events)
+    async with listening(ctx):
+        got = [first["data"]["messageId"], *await message_ids(bob_ws, len(events) - 1, "message:new")]
+        assert got == [e["data"]["messageId"] for e in events]
+        await bob_ws.nothing_within(0.2)
+    assert chat3_count(ctx, "duplicate") == 0
+
+
 def rabbitmqctl(command: str) -> None:
     subprocess.run(["rabbitmqctl", command], check=True, capture_output=True, timeout=60)
 
