@@ -117,7 +117,8 @@ class Heartbeat:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop, *first: str) -> None:
-        """Tick now (sending the `first` fields too, such as `READY=1`), then every `period` seconds."""
+        """Tick now (sending the `first` fields too, such as `READY=1`), then every half watchdog interval
+        (every `status_interval` seconds at most)."""
         if not self._notifier.enabled:
             return
         self._loop = loop
