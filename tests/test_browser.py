@@ -194,6 +194,12 @@ def test_silent_websocket_is_dropped_for_long_poll_and_taken_back_without_loss(
         page.wait_for_function("() => window.client.state === 'websocket'", timeout=15000)
         sent.append(post(unique("over WebSocket again")))
         page.wait_for_function("() => window.received.length === 3", timeout=3000)
+
+        # And the socket taken back is watched like the first one: silent again, long-poll again.
+        silent[0] = True
+        sent.append(post(unique("silent once more")))
+        page.wait_for_function("() => window.client.state === 'long-poll'", timeout=5000)
+        page.wait_for_function("() => window.received.length === 4", timeout=3000)
         page.wait_for_timeout(300)
         assert page.evaluate("window.received") == sent
     finally:

@@ -323,6 +323,7 @@ export class ChatClient {
   }
 
   _webSocketReady(session) {
+    session.probe = false; // a promoted probe is now the connection, and ends like one
     this._ws = session;
     this.transport = "websocket";
     this._failures = 0;
@@ -368,8 +369,10 @@ export class ChatClient {
     if (this._ws !== session) return;
     this._ws = null;
     this.transport = null;
-    if (session.ready && this._wsFailures === 0) {
-      // A socket that worked has dropped: one quick retry, then long-poll while retrying in the background.
+    if (session.ready && !session.failed && this._wsFailures === 0) {
+      // A socket that worked was closed (a restart, a slow-client cut): one quick retry, then long-poll while
+      // retrying in the background. A socket that went silent goes to long-poll at once: something on the way
+      // is eating its frames, and another socket along the same way would likely fare no better.
       this._wsFailures = 1;
       this._setState("connecting");
       setTimeout(() => this._running && !this._ws && !this._poll && this._openWebSocket(false), this._backoff(0));
@@ -382,6 +385,7 @@ export class ChatClient {
 
   _closeSession(session, failed = false) {
     if (!session || session.ended) return;
+    session.failed = failed;
     const socket = session.socket;
     if (socket) {
       try {
