@@ -23,7 +23,18 @@ from chatserver.auth import DUMMY_HASH, TokenSigner, hash_password, verify_passw
 from chatserver.broadcaster import Broadcaster, EventRecord
 from chatserver.config import Config
 from chatserver.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from chatserver.models import Dialog, DialogView, Message, User, check_id, check_text, new_id, require_id, require_str
+from chatserver.models import (
+    MAX_ID_LENGTH,
+    Dialog,
+    DialogView,
+    Message,
+    User,
+    check_text,
+    is_id,
+    new_id,
+    require_id,
+    require_str,
+)
 from chatserver.store import AsyncStore, SQLiteStore
 
 log = logging.getLogger(__name__)
@@ -89,7 +100,7 @@ class ChatService:
         check_text(name, "name", max_length=200)
         check_text(password, "password", max_length=1024)
         password_hash = await self.db.offload(hash_password, password)
-        return await self.db.run(SQLiteStore.create_user, User(new_id("usr"), name, phone), password_hash)
+        return await self.db.write(SQLiteStore.create_user, User(new_id("usr"), name, phone), password_hash)
 
     # -- membership --------------------------------------------------------------------------------------
 
@@ -116,7 +127,8 @@ class ChatService:
 
     async def authorize_dialog(self, user_id: str, dialog_id: str) -> frozenset[str]:
         """The members of a dialog the user belongs to; NotFound or Forbidden otherwise."""
-        check_id(dialog_id, "dialogId", "dlg")
+        if not is_id(dialog_id, "dlg"):
+            raise NotFound(f"dialog {dialog_id[:MAX_ID_LENGTH]!r} not found")
         members = await self.members(dialog_id)
         if user_id not in members:
             raise Forbidden("you are not a member of this dialog", dialog_id=dialog_id)
@@ -148,7 +160,7 @@ class ChatService:
             raise BadRequest(f"unknown users in 'memberIds': {', '.join(unknown)}", field="memberIds")
         if not dialog.member_ids:
             raise BadRequest("'memberIds' must name at least one user", field="memberIds")
-        before, after = await self.db.run(SQLiteStore.save_dialog, dialog)
+        before, after = await self.db.write(SQLiteStore.save_dialog, dialog)
         self._cache_members(after)
         recipients = set(after.member_ids) | set(before.member_ids if before else ())
         await self._publish_dialog(after, recipients)
@@ -183,21 +195,27 @@ class ChatService:
         )
         return await self.accept_message(message)
 
-    async def edit_message(self, user_id: str, message_id: str, body: dict[str, Any]) -> Message:
-        check_id(message_id, "messageId", "msg")
+    async def editable_message(self, user_id: str, message_id: str) -> Message:
+        """The message, if the user may edit it: NotFound, or Forbidden for a non-member or another sender."""
+        if not is_id(message_id, "msg"):
+            raise NotFound(f"message {message_id[:MAX_ID_LENGTH]!r} not found")
         stored = await self.db.run(SQLiteStore.get_message, message_id)
         if stored is None:
             raise NotFound(f"message {message_id} not found")
         await self.authorize_dialog(user_id, stored.dialog_id)
         if stored.sender_id != user_id:
             raise Forbidden("only the sender may edit a message")
+        return stored
+
+    async def edit_message(self, user_id: str, message_id: str, body: dict[str, Any]) -> Message:
+        stored = await self.editable_message(user_id, message_id)
         content = require_str(body, "content", max_length=self.config.max_content_length)
         return (await self.accept_update(stored.edited(content))).message
 
     async def accept_message(self, message: Message) -> Outcome:
         """Store a new message (idempotently) and, if it was new, publish `message:new` to every member."""
         members = await self.members(message.dialog_id)
-        stored, created = await self.db.run(SQLiteStore.insert_message, message)
+        stored, created = await self.db.write(SQLiteStore.insert_message, message)
         if created:
             self._publish(events.MESSAGE_NEW, stored.to_json(), members, stored.dialog_id)
         return Outcome(stored, created)
@@ -205,7 +223,7 @@ class ChatService:
     async def accept_update(self, message: Message) -> Outcome:
         """Store a newer version of a message and, if it was newer, publish `message:update`."""
         members = await self.members(message.dialog_id)
-        stored, applied = await self.db.run(SQLiteStore.apply_update, message)
+        stored, applied = await self.db.write(SQLiteStore.apply_update, message)
         if applied:
             self._publish(events.MESSAGE_UPDATE, stored.to_json(), members, stored.dialog_id)
         return Outcome(stored, applied)
@@ -213,7 +231,7 @@ class ChatService:
     async def mark_read(self, user_id: str, dialog_id: str, body: dict[str, Any]) -> DialogView:
         await self.authorize_dialog(user_id, dialog_id)
         message_id = require_id(body, "messageId", "msg")
-        view = await self.db.run(SQLiteStore.mark_read, dialog_id, user_id, message_id)
+        view = await self.db.write(SQLiteStore.mark_read, dialog_id, user_id, message_id)
         self._publish(events.DIALOG_UPDATE, view.to_json(), frozenset((user_id,)), dialog_id)
         return view
 
