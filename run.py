@@ -204,7 +204,8 @@ async def serve(config: Config, *, demo: bool, environ: dict[str, str]) -> None:
     server.add_sockets(sockets)
     amqp = start_amqp(ctx.service, config, ctx.metrics, ctx.readiness)
     address = sockets[0].getsockname()
-    url = f"http://{address[0]}:{address[1]}"
+    host = f"[{address[0]}]" if ":" in address[0] else address[0]  # an IPv6 address in a URL takes brackets
+    url = f"http://{host}:{address[1]}"
     log.info("listening on %s", url)
 
     heartbeat = systemd.Heartbeat(
