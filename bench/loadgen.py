@@ -1,0 +1,755 @@
+"""The load generator: one process, apart from the server, that runs one workload against one system.
+
+    python bench/loadgen.py < spec.json
+
+It reads a JSON spec on stdin (system, address, server pid, workload and its sizes), connects its clients with
+the raw protocols of `bench/wire.py`, publishes events over HTTP from separate publisher connections, counts
+every delivery per client, and prints `RESULT <json>` as its last line. For the resume storm it prints
+`RESTART` and waits for `RESTARTED <pid>` on stdin (bench/run.py restarts the server). Every wait is bounded:
+a run that stalls ends with its losses counted, never hangs.
+
+Server CPU is read from /proc/<pid>/stat (utime+stime of the server's process tree: nginx's master and
+worker, Python's threads) and the generator's own from getrusage, over the same measured window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import resource
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from wire import (
+    MARKER,
+    HttpConnection,
+    WebSocketClient,
+    eio_packets,
+)
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+CONNECT_CONCURRENCY = 100
+EVENT_BYTES = 365
+WARM = b"~WRM"
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# -- the server's process tree ------------------------------------------------------------------------
+
+
+def process_tree(root: int) -> list[int]:
+    pids = [root]
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == root:
+            pids.append(int(proc.name))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / CLK_TCK
+
+
+def rss_kb(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Meter:
+    """CPU of the server and of the generator, and the wall clock, over one measured window."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+
+    def start(self) -> None:
+        self.t0, self.s0, self.g0 = time.perf_counter(), cpu_seconds(self.pids), own_cpu()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.t0
+        server = cpu_seconds(self.pids) - self.s0
+        gen = own_cpu() - self.g0
+        return {"wall": wall, "server_cpu": server, "gen_cpu": gen}
+
+
+# -- the systems --------------------------------------------------------------------------------------
+
+
+class Target:
+    """How one system is spoken to: its subscribe paths, its publish call, its long-poll loop."""
+
+    name = ""
+    # Subscribed once the upgrade is answered (Nchan); else at the message `ws_ready` accepts.
+    ready_at_upgrade = False
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.host = f"{spec['host']}:{spec['port']}"
+
+    def ws_path(self, i: int, cursor: str | None = None) -> str:
+        raise NotImplementedError
+
+    def ws_ready(self, payload: bytes) -> bool:
+        raise NotImplementedError
+
+    def ws_control(self, client: WebSocketClient, payload: bytes) -> None:
+        """Protocol-level messages (engine.io open and ping); events are counted elsewhere."""
+
+    def publish_request(self, content: str) -> tuple[str, str, dict[str, str], bytes]:
+        raise NotImplementedError
+
+    async def poll_loop(self, gen: Generator, conn: HttpConnection, i: int) -> None:
+        raise NotImplementedError
+
+    def content(self, idx: int, marker: bytes = MARKER) -> str:
+        head = f"{marker.decode()}{idx:08d} T{time.time():.6f} "
+        return head + "x" * max(0, self.content_size - len(head))
+
+    content_size = 65
+
+
+class Ours(Target):
+    name = "ours"
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__(spec)
+        from chatserver.auth import TokenSigner
+
+        signer = TokenSigner(spec["secret"], 7 * 24 * 3600)
+        self.tokens = [signer.issue(user_id) for user_id in spec["users"]]
+        self.publisher_token = signer.issue(spec["publisher"])
+        self.dialog = spec["dialog"]
+        # message:new around an empty content is 300 bytes: 65 characters of content make the 365-byte event.
+        self.content_size = spec.get("content_size", 65)
+
+    def ws_path(self, i: int, cursor: str | None = None) -> str:
+        path = f"/ws?token={self.tokens[i]}"
+        return path + f"&cursor={quote(cursor)}" if cursor else path
+
+    def ws_ready(self, payload: bytes) -> bool:
+        return payload.startswith(b'{"type":"ready"') or payload.startswith(b'{"type":"reset"')
+
+    def publish_request(self, content: str) -> tuple[str, str, dict[str, str], bytes]:
+        body = json.dumps({"content": content, "type": "text"}).encode()
+        headers = {"Authorization": f"Bearer {self.publisher_token}", "Content-Type": "application/json"}
+        return "POST", f"/api/messages/dialog/{self.dialog}", headers, body
+
+    async def poll_loop(self, gen: Generator, conn: HttpConnection, i: int) -> None:
+        headers = {"Authorization": f"Bearer {self.tokens[i]}"}
+        answer = await conn.request("GET", "/api/poll", headers)
+        cursor = json.loads(answer.body)["data"]["cursor"]
+        timeout = gen.spec.get("poll_timeout", 55)
+        while gen.running:
+            answer = await conn.request("GET", f"/api/poll?timeout={timeout}&cursor={quote(cursor)}", headers)
+            if answer.status != 200:
+                gen.errors.append(f"poll answered {answer.status}: {answer.body[:200]!r}")
+                return
+            body = answer.body
+            at = body.rfind(b'"cursor":"')
+            cursor = body[at + 10 : body.index(b'"', at + 10)].decode()
+            gen.poll_answer(conn, body)
+
+
+class SocketIO(Target):
+    name = "sio"
+    # 42["message",{...}] around a content: the frame matches ours in size.
+    content_size = EVENT_BYTES - 46
+
+    def ws_path(self, i: int, cursor: str | None = None) -> str:
+        return "/socket.io/?EIO=4&transport=websocket"
+
+    def ws_ready(self, payload: bytes) -> bool:
+        return payload.startswith(b"40")
+
+    def ws_control(self, client: WebSocketClient, payload: bytes) -> None:
+        if payload == b"2":
+            client.send_text(b"3")
+        elif payload.startswith(b"0{"):
+            client.send_text(b"40")
+
+    def publish_request(self, content: str) -> tuple[str, str, dict[str, str], bytes]:
+        body = json.dumps({"type": "message:new", "content": content}).encode()
+        return "POST", "/publish", {"Content-Type": "application/json"}, body
+
+    async def poll_loop(self, gen: Generator, conn: HttpConnection, i: int) -> None:
+        base = "/socket.io/?EIO=4&transport=polling"
+        answer = await conn.request("GET", base)
+        sid = json.loads(answer.body[1:])["sid"]
+        path = f"{base}&sid={sid}"
+        await self._post(gen, path, b"40")
+        while gen.running:
+            answer = await conn.request("GET", path)
+            if answer.status != 200:
+                gen.errors.append(f"engine.io poll answered {answer.status}: {answer.body[:200]!r}")
+                return
+            gen.poll_answer(conn, answer.body)
+            for packet in eio_packets(answer.body):
+                if packet == b"2":
+                    await self._post(gen, path, b"3")
+                elif packet.startswith(b"40"):
+                    conn.extra["ready"] = True
+
+    async def _post(self, gen: Generator, path: str, body: bytes) -> None:
+        # A second connection for the client's own packets, as a browser does: the first one is parked.
+        conn = await gen.open_http()
+        try:
+            await conn.request("POST", path, {"Content-Type": "text/plain;charset=UTF-8"}, body)
+        finally:
+            conn.close()
+
+
+class Nchan(Target):
+    name = "nchan"
+    content_size = EVENT_BYTES - 44
+
+    def ws_path(self, i: int, cursor: str | None = None) -> str:
+        return "/sub/bench"
+
+    ready_at_upgrade = True
+
+    def publish_request(self, content: str) -> tuple[str, str, dict[str, str], bytes]:
+        body = json.dumps({"type": "message:new", "content": content}).encode()
+        return "POST", "/pub/bench", {"Content-Type": "application/json", "Accept": "text/json"}, body
+
+    async def poll_loop(self, gen: Generator, conn: HttpConnection, i: int) -> None:
+        headers: dict[str, str] = {}
+        while gen.running:
+            answer = await conn.request("GET", "/sub/bench", headers)
+            if answer.status == 304 or answer.status == 408:
+                continue
+            if answer.status != 200:
+                gen.errors.append(f"nchan poll answered {answer.status}: {answer.body[:200]!r}")
+                return
+            headers = {
+                "If-Modified-Since": answer.headers.get("last-modified", ""),
+                "If-None-Match": answer.headers.get("etag", ""),
+            }
+            gen.poll_answer(conn, answer.body)
+
+
+TARGETS: dict[str, type[Target]] = {"ours": Ours, "sio": SocketIO, "nchan": Nchan}
+
+
+# -- the generator ------------------------------------------------------------------------------------
+
+
+class Generator:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.target = TARGETS[spec["system"]](spec)
+        self.pids = process_tree(spec["pid"])
+        self.loop = asyncio.get_running_loop()
+        self.running = True
+        self.errors: list[str] = []
+        self.ws_clients: list[WebSocketClient] = []
+        self.pollers: list[HttpConnection] = []
+        self.poll_tasks: list[asyncio.Task[None]] = []
+        self.events = 0  # events per measured run
+        self.expected = 0  # receivers per event
+        self.per_event = bytearray()
+        self.per_event_counts: list[int] = []
+        self.completed = 0
+        self.delivered = 0
+        self.duplicates = 0
+        self.warmed = 0
+        self.answers = 0
+        self.progress = asyncio.Event()
+        self.track_latency = False
+        self.latencies: list[float] = []
+        self.track_cursor = False
+        self.event_bytes = 0
+        self._connect_gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    # -- counting --------------------------------------------------------------------------------------
+
+    def arm(self, events: int, receivers: list[Any]) -> None:
+        self.events = events
+        self.expected = len(receivers)
+        self.per_event_counts = [0] * events
+        self.completed = 0
+        self.delivered = 0
+        self.duplicates = 0
+        for client in receivers:
+            client.counts = bytearray(events)
+
+    def record(self, client: Any, payload: bytes, at: int) -> None:
+        idx = int(payload[at + 4 : at + 12])
+        counts = client.counts
+        if counts is None or idx >= len(counts):
+            self.errors.append(f"event {idx} outside the run")
+            return
+        if counts[idx]:
+            self.duplicates += 1
+            counts[idx] = 2
+            return
+        counts[idx] = 1
+        self.delivered += 1
+        if self.track_latency:
+            sent = float(payload[at + 14 : at + 31])
+            self.latencies.append(time.time() - sent)
+        n = self.per_event_counts[idx] + 1
+        self.per_event_counts[idx] = n
+        if n == self.expected:
+            self.completed += 1
+            self.progress.set()
+
+    def on_ws_message(self, client: WebSocketClient, payload: bytes) -> None:
+        at = payload.find(MARKER)
+        if at >= 0:
+            if not self.event_bytes:
+                self.event_bytes = len(payload)
+            self.record(client, payload, at)
+            if self.track_cursor:
+                self._take_cursor(client, payload)
+            return
+        if WARM in payload:
+            if not client.extra.get("warm"):
+                client.extra["warm"] = True
+                self.warmed += 1
+            if self.track_cursor:
+                self._take_cursor(client, payload)
+            return
+        self.target.ws_control(client, payload)
+        if payload.startswith(b'{"type":"reset"'):
+            client.extra["reset"] = payload
+
+    @staticmethod
+    def _take_cursor(client: WebSocketClient, payload: bytes) -> None:
+        at = payload.rfind(b'"cursor":"')
+        if at >= 0:
+            client.cursor = payload[at + 10 : payload.index(b'"', at + 10)].decode()
+
+    def poll_answer(self, conn: HttpConnection, body: bytes) -> None:
+        self.answers += 1
+        conn.extra["answers"] = conn.extra.get("answers", 0) + 1
+        at = body.find(MARKER)
+        while at >= 0:
+            self.record(conn, body, at)
+            at = body.find(MARKER, at + 12)
+        if WARM in body and not conn.extra.get("warm"):
+            conn.extra["warm"] = True
+            self.warmed += 1
+
+    # -- connecting ------------------------------------------------------------------------------------
+
+    async def open_http(self) -> HttpConnection:
+        spec = self.spec
+        _, conn = await self.loop.create_connection(
+            lambda: HttpConnection(self.target.host), spec["host"], spec["port"]
+        )
+        return conn
+
+    async def open_ws(self, i: int, cursor: str | None = None, rcvbuf: int = 0) -> WebSocketClient:
+        spec = self.spec
+        async with self._connect_gate:
+            sock = None
+            if rcvbuf:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                sock.setblocking(False)
+                await self.loop.sock_connect(sock, (spec["host"], spec["port"]))
+            factory: Callable[[], WebSocketClient] = lambda: WebSocketClient(  # noqa: E731
+                self.target.host,
+                self.target.ws_path(i, cursor),
+                self.on_ws_message,
+                None if self.target.ready_at_upgrade else self.target.ws_ready,
+                i,
+            )
+            if sock is not None:
+                _, client = await self.loop.create_connection(factory, sock=sock)
+            else:
+                _, client = await self.loop.create_connection(factory, spec["host"], spec["port"])
+            await asyncio.wait_for(client.ready, 30)
+        return client
+
+    async def connect_ws(self, count: int, first: int = 0) -> list[WebSocketClient]:
+        clients = await asyncio.gather(*(self.open_ws(first + i) for i in range(count)))
+        self.ws_clients.extend(clients)
+        return list(clients)
+
+    async def start_pollers(self, count: int, first: int = 0) -> list[HttpConnection]:
+        async def one(i: int) -> HttpConnection:
+            async with self._connect_gate:
+                conn = await self.open_http()
+            self.poll_tasks.append(self.loop.create_task(self._poll_guard(conn, i)))
+            return conn
+
+        pollers = await asyncio.gather(*(one(first + i) for i in range(count)))
+        self.pollers.extend(pollers)
+        return list(pollers)
+
+    async def _poll_guard(self, conn: HttpConnection, i: int) -> None:
+        try:
+            await self.target.poll_loop(self, conn, i)
+        except (ConnectionError, OSError) as exc:
+            if self.running:
+                self.errors.append(f"poller {i}: {exc!r}")
+        except asyncio.CancelledError:
+            pass
+
+    # -- publishing ------------------------------------------------------------------------------------
+
+    async def publishers(self, count: int) -> list[HttpConnection]:
+        return [await self.open_http() for _ in range(count)]
+
+    async def publish(self, conn: HttpConnection, content: str) -> None:
+        method, path, headers, body = self.target.publish_request(content)
+        answer = await conn.request(method, path, headers, body)
+        if answer.status >= 300:
+            self.errors.append(f"publish answered {answer.status}: {answer.body[:200]!r}")
+
+    async def warm_up(self, pub: HttpConnection, receivers: int, limit: float = 60.0) -> None:
+        """Publish warm-up events until every receiver has one: then every subscription is in place."""
+        deadline = time.perf_counter() + limit
+        n = 0
+        while self.warmed < receivers:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"only {self.warmed} of {receivers} clients subscribed after {limit:.0f}s")
+            await self.publish(pub, self.target.content(n, WARM))
+            n += 1
+            for _ in range(20):
+                if self.warmed >= receivers:
+                    break
+                await asyncio.sleep(0.05)
+
+    async def publish_window(self, pubs: list[HttpConnection], events: int, window: int, limit: float) -> bool:
+        """Publish `events` events, at most `window` of them not yet delivered to everyone; True if all were."""
+        next_idx = 0
+
+        async def worker(conn: HttpConnection) -> None:
+            nonlocal next_idx
+            while True:
+                while next_idx < events and next_idx - self.completed >= window:
+                    self.progress.clear()
+                    await self.progress.wait()
+                if next_idx >= events:
+                    return
+                idx = next_idx
+                next_idx += 1
+                await self.publish(conn, self.target.content(idx))
+
+        async def all_done() -> None:
+            while self.completed < events:
+                self.progress.clear()
+                await self.progress.wait()
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(worker(c) for c in pubs), all_done()), limit)
+            return True
+        except TimeoutError:
+            return False
+
+    async def publish_paced(self, pubs: list[HttpConnection], events: int, rate: float) -> None:
+        start = time.perf_counter()
+        queue: asyncio.Queue[HttpConnection] = asyncio.Queue()
+        for conn in pubs:
+            queue.put_nowait(conn)
+        tasks = []
+
+        async def one(idx: int) -> None:
+            conn = await queue.get()
+            try:
+                await self.publish(conn, self.target.content(idx))
+            finally:
+                queue.put_nowait(conn)
+
+        for idx in range(events):
+            delay = start + idx / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(self.loop.create_task(one(idx)))
+        await asyncio.gather(*tasks)
+
+    async def wait_complete(self, limit: float) -> bool:
+        deadline = time.perf_counter() + limit
+        while self.completed < self.events:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return False
+            self.progress.clear()
+            try:
+                await asyncio.wait_for(self.progress.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
+
+    # -- checking --------------------------------------------------------------------------------------
+
+    def losses(self, receivers: list[Any]) -> int:
+        return sum(c.counts.count(0) for c in receivers if c.counts is not None)
+
+    async def shutdown(self) -> None:
+        self.running = False
+        for task in self.poll_tasks:
+            task.cancel()
+        for client in self.ws_clients:
+            client.close()
+        for conn in self.pollers:
+            conn.close()
+        await asyncio.sleep(0.2)
+
+
+# -- workloads ----------------------------------------------------------------------------------------
+
+
+def fanout_result(gen: Generator, meter: dict[str, float], receivers: list[Any], complete: bool) -> dict[str, Any]:
+    lost = gen.losses(receivers)
+    deliveries = gen.delivered
+    result: dict[str, Any] = {
+        **meter,
+        "deliveries": deliveries,
+        "lost": lost,
+        "duplicated": gen.duplicates,
+        "complete": complete,
+        "event_bytes": gen.event_bytes,
+    }
+    if deliveries:
+        result["cpu_per_10k"] = meter["server_cpu"] / deliveries * 10_000
+        result["gen_cpu_per_10k"] = meter["gen_cpu"] / deliveries * 10_000
+        result["deliveries_per_s"] = deliveries / meter["wall"] if meter["wall"] else 0.0
+    # The generator limits the figure when it was busy for nearly the whole window.
+    result["gen_bound"] = meter["gen_cpu"] > 0.85 * meter["wall"]
+    return result
+
+
+async def run_fanout(gen: Generator, ws: int, polls: int) -> dict[str, Any]:
+    spec = gen.spec
+    pubs = await gen.publishers(spec.get("publishers", 4))
+    clients: list[Any] = await gen.connect_ws(ws)
+    clients += await gen.start_pollers(polls, first=ws)
+    await gen.warm_up(pubs[0], len(clients))
+    gen.arm(spec["events"], clients)
+    answers0 = gen.answers
+    gc.collect()
+    meter = Meter(gen.pids)
+    meter.start()
+    complete = await gen.publish_window(pubs, spec["events"], spec.get("window", 8), spec.get("limit", 120))
+    measured = meter.stop()
+    if not complete:
+        await gen.wait_complete(3)
+    result = fanout_result(gen, measured, clients, complete)
+    if polls:
+        answers = gen.answers - answers0
+        poll_deliveries = sum(c.counts.count(1) for c in clients[ws:] if c.counts is not None)
+        result["poll_answers"] = answers
+        result["events_per_answer"] = poll_deliveries / answers if answers else 0.0
+    return result
+
+
+async def run_idle(gen: Generator) -> dict[str, Any]:
+    n = gen.spec["clients"]
+    await asyncio.sleep(0.5)
+    base = rss_kb(gen.pids)
+    await gen.connect_ws(n)
+    await asyncio.sleep(2.0)
+    after_ws = rss_kb(gen.pids)
+    await gen.start_pollers(n, first=0)
+    await asyncio.sleep(3.0)
+    after_polls = rss_kb(gen.pids)
+    alive_ws = sum(1 for c in gen.ws_clients if not c.closed.done())
+    alive_polls = sum(1 for t in gen.poll_tasks if not t.done())
+    return {
+        "rss_base_kb": base,
+        "rss_ws_kb": after_ws,
+        "rss_all_kb": after_polls,
+        "kb_per_ws": (after_ws - base) / n,
+        "kb_per_poll": (after_polls - after_ws) / n,
+        "concurrent": alive_ws + alive_polls,
+        "wanted": 2 * n,
+        "lost": 0,
+        "duplicated": 0,
+    }
+
+
+async def run_latency(gen: Generator) -> dict[str, Any]:
+    spec = gen.spec
+    n = spec["clients"]
+    rate = spec["rate"] / n  # events per second for `rate` deliveries per second
+    events = max(1, int(rate * spec["duration"]))
+    pubs = await gen.publishers(4)
+    clients = await gen.connect_ws(n)
+    await gen.warm_up(pubs[0], n)
+    gen.arm(events, clients)
+    gen.track_latency = True
+    meter = Meter(gen.pids)
+    meter.start()
+    await gen.publish_paced(pubs, events, rate)
+    complete = await gen.wait_complete(30)
+    measured = meter.stop()
+    result = fanout_result(gen, measured, clients, complete)
+    lat = sorted(gen.latencies)
+    if lat:
+        result["p50_ms"] = 1000 * lat[len(lat) // 2]
+        result["p99_ms"] = 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        result["max_ms"] = 1000 * lat[-1]
+        result["mean_ms"] = 1000 * statistics.fmean(lat)
+    result["event_rate"] = rate
+    result["gen_bound"] = measured["gen_cpu"] > 0.85 * measured["wall"]
+    return result
+
+
+async def run_slow(gen: Generator) -> dict[str, Any]:
+    spec = gen.spec
+    n = spec["clients"]
+    gen.target.content_size = spec.get("slow_content", 8000)
+    pubs = await gen.publishers(2)
+    fast = await gen.connect_ws(n)
+    slow = await gen.open_ws(n, rcvbuf=4096)
+    gen.ws_clients.append(slow)
+    await gen.warm_up(pubs[0], n + 1)
+    slow.transport.pause_reading()  # type: ignore[union-attr]
+    gen.arm(spec["events"], fast)
+    slow.counts = bytearray(spec["events"])
+    base = rss_kb(gen.pids)
+    peak = base
+    sampling = True
+
+    async def sample() -> None:
+        nonlocal peak
+        while sampling:
+            peak = max(peak, rss_kb(gen.pids))
+            await asyncio.sleep(0.1)
+
+    sampler = gen.loop.create_task(sample())
+    meter = Meter(gen.pids)
+    meter.start()
+    complete = await gen.publish_window(pubs, spec["events"], spec.get("window", 8), spec.get("limit", 120))
+    measured = meter.stop()
+    await asyncio.sleep(1.0)
+    sampling = False
+    await sampler
+    after = rss_kb(gen.pids)
+    cut_off_while_paused = slow.closed.done()
+    slow.transport.resume_reading()  # type: ignore[union-attr]
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(slow.closed), 15)
+    result = fanout_result(gen, measured, fast, complete)
+    result.update(
+        rss_base_kb=base,
+        rss_peak_kb=peak,
+        rss_after_kb=after,
+        rss_growth_kb=peak - base,
+        slow_received=slow.counts.count(1),
+        slow_closed=slow.closed.done(),
+        slow_close_code=slow.close_code,
+        slow_cut_while_paused=cut_off_while_paused,
+        event_bytes_total=spec["events"] * (gen.event_bytes or 0),
+    )
+    return result
+
+
+async def run_storm(gen: Generator) -> dict[str, Any]:
+    spec = gen.spec
+    n = spec["clients"]
+    gen.track_cursor = True
+    pubs = await gen.publishers(1)
+    clients = await gen.connect_ws(n)
+    await gen.warm_up(pubs[0], n)
+    gen.arm(spec.get("events", 3), clients)
+    await gen.publish_window(pubs, gen.events, 8, 30)
+    cursors = [c.cursor for c in clients]
+    for conn in pubs:
+        conn.close()
+    print("RESTART", flush=True)
+    line = await gen.loop.run_in_executor(None, sys.stdin.readline)
+    if not line.startswith("RESTARTED"):
+        raise RuntimeError(f"bench/run.py answered {line!r} to RESTART")
+    gen.pids = process_tree(int(line.split()[1]))
+    for client in clients:
+        client.close()
+    gen.ws_clients.clear()
+    meter = Meter(gen.pids)
+    meter.start()
+    fresh = await asyncio.gather(
+        *(gen.open_ws(i, cursors[i] if spec["system"] == "ours" else None) for i in range(n)),
+        return_exceptions=True,
+    )
+    measured = meter.stop()
+    ok = [c for c in fresh if isinstance(c, WebSocketClient)]
+    gen.ws_clients.extend(ok)
+    failures = [repr(c) for c in fresh if not isinstance(c, WebSocketClient)]
+    resets = sum(1 for c in ok if b'"restarted"' in c.extra.get("reset", b""))
+    return {
+        **measured,
+        "time_to_all_ready_s": measured["wall"],
+        "ready": len(ok),
+        "resets_restarted": resets,
+        "failed": len(failures),
+        "first_failure": failures[0] if failures else None,
+        "lost": 0 if spec["system"] != "ours" or resets == n else n - resets,
+        "duplicated": 0,
+    }
+
+
+WORKLOADS: dict[str, Callable[[Generator], Coroutine[Any, Any, dict[str, Any]]]] = {
+    "ws": lambda g: run_fanout(g, g.spec["clients"], 0),
+    "poll": lambda g: run_fanout(g, 0, g.spec["clients"]),
+    "mixed": lambda g: run_fanout(
+        g,
+        int(g.spec["clients"] * g.spec.get("ws_fraction", 0.8)),
+        g.spec["clients"] - int(g.spec["clients"] * g.spec.get("ws_fraction", 0.8)),
+    ),
+    "idle": run_idle,
+    "latency": run_latency,
+    "slow": run_slow,
+    "storm": run_storm,
+}
+
+
+async def main() -> None:
+    raise_nofile()
+    spec = json.loads(sys.stdin.readline())
+    gen = Generator(spec)
+    try:
+        result = await asyncio.wait_for(WORKLOADS[spec["workload"]](gen), spec.get("deadline", 600))
+    except Exception as exc:  # the run failed: report it as a failed run, never a traceback-only exit
+        result = {"failed_run": f"{type(exc).__name__}: {exc}", "lost": -1, "duplicated": 0}
+    await gen.shutdown()
+    result["errors"] = gen.errors[:10]
+    result["error_count"] = len(gen.errors)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,313 @@
+"""Tables, ratios, target checks and plots of one benchmark run (bench/run.py hands it the run's results).
+
+Every figure of ours is printed beside the peers' from the same run, with the ratio ours / peer (below 1: ours
+is cheaper or faster). `write_docs` replaces the generated part of docs/benchmarks.md (between the markers)
+and redraws docs/bench-*.png; the prose around the markers is kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- results:begin (bench/run.py writes this part) -->", "<!-- results:end -->"
+PEERS = ("nchan", "sio-aiohttp", "sio-tornado")
+ORDER = ("ours", *PEERS)
+LABELS = {
+    "ours": "chatserver",
+    "nchan": "nginx + Nchan",
+    "sio-aiohttp": "python-socketio on aiohttp",
+    "sio-tornado": "python-socketio on Tornado",
+}
+
+# (workload, key, label, unit, digits): the figures of the table, lower is better for each.
+FIGURES: list[tuple[str, str, str, str, int]] = [
+    ("ws1k", "cpu_per_10k", "WebSocket fan-out, 1,000 subscribers", "CPU-s / 10k deliveries", 3),
+    ("ws5k", "cpu_per_10k", "WebSocket fan-out, 5,000 subscribers", "CPU-s / 10k deliveries", 3),
+    ("poll1k", "cpu_per_10k", "long-poll, 1,000 pollers, one event per answer", "CPU-s / 10k deliveries", 3),
+    ("pollbatch", "cpu_per_10k", "long-poll, 1,000 pollers, events piling up", "CPU-s / 10k deliveries", 3),
+    ("mixed", "cpu_per_10k", "mixed 80% WebSocket / 20% long-poll, 1,000 clients", "CPU-s / 10k deliveries", 3),
+    ("idle", "kb_per_ws", "memory per idle WebSocket", "kB", 1),
+    ("idle", "kb_per_poll", "memory per parked long-poll", "kB", 1),
+    ("latency", "p50_ms", "POST-to-receipt p50 at 10,000 deliveries/s", "ms", 1),
+    ("latency", "p99_ms", "POST-to-receipt p99 at 10,000 deliveries/s", "ms", 1),
+    ("slow", "rss_growth_kb", "server RSS growth with one stalled reader", "kB", 0),
+    ("storm", "time_to_all_ready_s", "resume storm: 1,000 reconnects after a restart, all ready", "s", 2),
+]
+
+
+def index(run: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r["workload"], r["system"]): r for r in run["results"]}
+
+
+def value(results: dict[tuple[str, str], dict[str, Any]], workload: str, system: str, key: str) -> float | None:
+    r = results.get((workload, system))
+    if r is None or r.get("failed_run"):
+        return None
+    v = r.get(key)
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def fmt(v: float | None, digits: int) -> str:
+    return "—" if v is None else f"{v:,.{digits}f}"
+
+
+def ratio(ours: float | None, peer: float | None) -> str:
+    if ours is None or peer is None or peer == 0:
+        return "—"
+    return f"{ours / peer:.2f}x"
+
+
+def systems_in(run: dict[str, Any]) -> list[str]:
+    present = {r["system"] for r in run["results"]}
+    return [s for s in ORDER if s in present]
+
+
+def table_rows(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    results = index(run)
+    systems = systems_in(run)
+    peers = [s for s in systems if s != "ours"]
+    header = ["figure (lower is better)", "unit", *[LABELS[s] for s in systems], *[f"ours ÷ {s}" for s in peers]]
+    rows = []
+    for workload, key, label, unit, digits in FIGURES:
+        values = {s: value(results, workload, s, key) for s in systems}
+        if all(v is None for v in values.values()):
+            continue
+        rows.append(
+            [
+                label,
+                unit,
+                *[fmt(values[s], digits) for s in systems],
+                *[ratio(values.get("ours"), values[s]) for s in peers],
+            ]
+        )
+    return header, rows
+
+
+def checks(run: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """The targets of issue 7: (target, measured, met)."""
+    results = index(run)
+    out: list[tuple[str, str, bool | None]] = []
+
+    def v(w: str, s: str, k: str) -> float | None:
+        return value(results, w, s, k)
+
+    def at_most(label: str, x: float | None, limit: float, text: str) -> None:
+        out.append((label, text if x is not None else "not measured", None if x is None else x <= limit))
+
+    ws1k, ws5k, poll = (
+        v("ws1k", "ours", "cpu_per_10k"),
+        v("ws5k", "ours", "cpu_per_10k"),
+        v("poll1k", "ours", "cpu_per_10k"),
+    )
+    nchan_ws, nchan_poll = v("ws1k", "nchan", "cpu_per_10k"), v("poll1k", "nchan", "cpu_per_10k")
+    sio_ws = v("ws1k", "sio-tornado", "cpu_per_10k")
+    at_most("WebSocket, 1,000 subscribers: at most 0.12 CPU-s / 10k", ws1k, 0.12, f"{fmt(ws1k, 3)}")
+    at_most("WebSocket, 5,000 subscribers: at most 0.15 CPU-s / 10k", ws5k, 0.15, f"{fmt(ws5k, 3)}")
+    r = ws1k / nchan_ws if ws1k and nchan_ws else None
+    at_most("WebSocket: within 1.7x of Nchan (same run)", r, 1.7, f"{fmt(r, 2)}x")
+    r = sio_ws / ws1k if ws1k and sio_ws else None
+    out.append(
+        (
+            "WebSocket: at least 6x better than python-socketio on Tornado",
+            f"{fmt(r, 2)}x",
+            None if r is None else r >= 6,
+        )
+    )
+    at_most("long-poll: at most 0.6 CPU-s / 10k", poll, 0.6, f"{fmt(poll, 3)}")
+    r = poll / nchan_poll if poll and nchan_poll else None
+    at_most("long-poll: within 3.5x of Nchan (same run)", r, 3.5, f"{fmt(r, 2)}x")
+    per_answer = v("pollbatch", "ours", "events_per_answer")
+    out.append(
+        (
+            "long-poll: batching when events pile up",
+            f"{fmt(per_answer, 1)} events per answer",
+            None if per_answer is None else per_answer > 1.5,
+        )
+    )
+    kb_ws, kb_poll = v("idle", "ours", "kb_per_ws"), v("idle", "ours", "kb_per_poll")
+    at_most("at most 12 kB per idle WebSocket", kb_ws, 12, f"{fmt(kb_ws, 1)} kB")
+    at_most("at most 10 kB per parked long-poll", kb_poll, 10, f"{fmt(kb_poll, 1)} kB")
+    concurrent = v("idle", "ours", "concurrent")
+    wanted = v("idle", "ours", "wanted")
+    out.append(
+        (
+            "10,000 concurrent clients in one process",
+            f"{fmt(concurrent, 0)} of {fmt(wanted, 0)} held",
+            None if concurrent is None or wanted is None else concurrent >= 10000 and concurrent == wanted,
+        )
+    )
+    p99, nchan_p99 = v("latency", "ours", "p99_ms"), v("latency", "nchan", "p99_ms")
+    r = p99 / nchan_p99 if p99 and nchan_p99 else None
+    at_most(
+        "latency at 10,000 deliveries/s: p99 within 1.5x of Nchan",
+        r,
+        1.5,
+        f"{fmt(p99, 1)} ms vs {fmt(nchan_p99, 1)} ms: {fmt(r, 2)}x",
+    )
+    slow = results.get(("slow", "ours"))
+    if slow and not slow.get("failed_run"):
+        ok = slow.get("slow_close_code") in (1008, 4008) or bool(slow.get("slow_cut_while_paused"))
+        out.append(
+            (
+                "slow consumer cut off (4008/1008), the others keep receiving, RSS bounded",
+                f"close code {slow.get('slow_close_code')}, lost {slow.get('lost')}, "
+                f"RSS +{fmt(slow.get('rss_growth_kb'), 0)} kB for {fmt(slow.get('event_bytes_total', 0) / 1024, 0)}"
+                " kB published",
+                ok and slow.get("lost") == 0,
+            )
+        )
+    return out
+
+
+def notes(run: dict[str, Any]) -> list[str]:
+    lines = []
+    for r in run["results"]:
+        where = f"{r['workload']} on {r['system']}"
+        if r.get("failed_run"):
+            lines.append(f"{where}: FAILED: {r['failed_run']}")
+        if r.get("lost") or r.get("duplicated"):
+            lines.append(f"{where}: lost {r.get('lost')}, duplicated {r.get('duplicated')}")
+        if r.get("gen_bound"):
+            lines.append(
+                f"{where}: the generator was busy {r['gen_cpu']:.2f} of {r['wall']:.2f} s: it limited the rate "
+                f"({r.get('deliveries_per_s', 0):,.0f} deliveries/s); the CPU per delivery is still the server's"
+            )
+        if r["workload"] == "slow" and not r.get("failed_run"):
+            lines.append(
+                f"{where}: stalled reader closed={r.get('slow_closed')} code={r.get('slow_close_code')}, "
+                f"got {r.get('slow_received')} of {r.get('events')} events; server RSS +{r.get('rss_growth_kb')} kB"
+            )
+        if r["workload"] == "storm" and not r.get("failed_run"):
+            lines.append(
+                f"{where}: {r.get('ready')} ready ({r.get('resets_restarted')} with reset 'restarted'), "
+                f"{r.get('failed')} failed, in {r.get('time_to_all_ready_s', 0):.2f} s"
+            )
+        if r["workload"] in ("poll1k", "pollbatch") and r.get("events_per_answer") is not None:
+            lines.append(f"{where}: {r['events_per_answer']:.2f} events per poll answer")
+    return lines
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def print_table(run: dict[str, Any]) -> None:
+    header, rows = table_rows(run)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    print()
+    for row in [header, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)))
+    print("\ntargets of issue 7:")
+    for label, measured, met in checks(run):
+        mark = "n/a " if met is None else "MET " if met else "MISS"
+        print(f"  [{mark}] {label}: {measured}")
+    for line in notes(run):
+        print("  - " + line)
+
+
+def plot(run: dict[str, Any]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -r bench/requirements.txt): no plots")
+        return []
+    results = index(run)
+    systems = systems_in(run)
+    colors = {"ours": "#1f77b4", "nchan": "#2ca02c", "sio-aiohttp": "#ff7f0e", "sio-tornado": "#d62728"}
+    made = []
+
+    def bars(name: str, groups: list[tuple[str, str, str]], ylabel: str, title: str, log: bool = False) -> None:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        width = 0.8 / max(1, len(systems))
+        for n, system in enumerate(systems):
+            xs, ys = [], []
+            for g, (workload, key, _) in enumerate(groups):
+                y = value(results, workload, system, key)
+                if y is not None:
+                    xs.append(g + n * width)
+                    ys.append(y)
+            ax.bar(xs, ys, width, label=LABELS[system], color=colors[system])
+            for x, y in zip(xs, ys, strict=True):
+                ax.text(x, y, f"{y:.3g}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks([g + width * (len(systems) - 1) / 2 for g in range(len(groups))])
+        ax.set_xticklabels([label for _, _, label in groups], fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        if log:
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = ROOT / "docs" / f"bench-{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path.name)
+
+    bars(
+        "cpu",
+        [
+            ("ws1k", "cpu_per_10k", "WebSocket\n1,000 subs"),
+            ("ws5k", "cpu_per_10k", "WebSocket\n5,000 subs"),
+            ("poll1k", "cpu_per_10k", "long-poll\n1 event/answer"),
+            ("pollbatch", "cpu_per_10k", "long-poll\nevents piling up"),
+            ("mixed", "cpu_per_10k", "mixed\n80/20"),
+        ],
+        "server CPU-s per 10,000 deliveries (log)",
+        f"Server CPU per 10,000 deliveries of a ~365-byte event ({run['mode']} run)",
+        log=True,
+    )
+    bars(
+        "memory",
+        [("idle", "kb_per_ws", "per idle WebSocket"), ("idle", "kb_per_poll", "per parked long-poll")],
+        "kB of server RSS",
+        "Server memory per idle connection",
+    )
+    bars(
+        "latency",
+        [("latency", "p50_ms", "p50"), ("latency", "p99_ms", "p99")],
+        "ms",
+        "POST-to-receipt latency, 1,000 WebSocket clients at 10,000 deliveries/s",
+    )
+    return made
+
+
+def write_docs(run: dict[str, Any]) -> None:
+    plots = plot(run)
+    header, rows = table_rows(run)
+    parts = [
+        BEGIN,
+        "",
+        f"Run: `{run['mode']}`{' (' + run['label'] + ')' if run.get('label') else ''}, started {run['started']}, "
+        f"{run['seconds']:.0f} s. Ratios are ours ÷ peer (below 1: ours is cheaper or faster).",
+        "",
+        markdown_table(header, rows),
+        "",
+        "Targets of issue 7 in this run:",
+        "",
+        markdown_table(
+            ["target", "measured", "met"],
+            [[t, m, "n/a" if ok is None else "yes" if ok else "**no**"] for t, m, ok in checks(run)],
+        ),
+        "",
+    ]
+    if run.get("skipped"):
+        parts += [f"Skipped: {name}: {why}" for name, why in run["skipped"].items()] + [""]
+    parts += ["Notes from the run:", ""] + [f"- {line}" for line in notes(run)] + [""]
+    parts += [f"![{p}]({p})" for p in plots] + ["", END]
+    generated = "\n".join(parts)
+    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + generated + tail
+    else:
+        text = text.rstrip() + "\n\n" + generated + "\n"
+    DOC.write_text(text)
+    print(f"wrote {DOC.relative_to(ROOT)} and {', '.join(plots) or 'no plots'}")
