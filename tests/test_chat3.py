@@ -440,11 +440,15 @@ async def test_a_queue_declared_with_other_arguments_is_named_by_readyz(
 
 
 def cap_pages(store: SQLiteStore, cap: bool) -> None:
-    """On the store's own writer connection: stop the database from growing (SQLite then fails every write that
-    needs a new page with "database or disk is full", as on a full disk), or lift that cap again."""
-    conn = store._connect()
-    pages = conn.execute("PRAGMA page_count").fetchone()[0] if cap else 1073741823
-    conn.execute(f"PRAGMA max_page_count = {int(pages)}")
+    """Stop the database from growing (SQLite then fails every write that needs a new page with "database or
+    disk is full", as on a full disk), or lift that cap again: on every connection the store has opened (run on
+    the store's writer thread, so that its connection is one of them)."""
+    store._connect()
+    with store._lock:
+        connections = list(store._connections)
+    for conn in connections:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] if cap else 1073741823
+        conn.execute(f"PRAGMA max_page_count = {int(pages)}")
 
 
 @pytest.mark.gen_test(timeout=30)
