@@ -499,13 +499,16 @@ class AsyncStore:
 
     Writes go to one writer thread, in the order they are submitted, and their awaiters resume in that same
     order: so the order in which messages are stored (history pages) is the order in which they are
-    published (live events). Reads run on their own threads and never wait behind a write.
+    published (live events). Reads run on their own threads and never wait behind a write, nor behind password
+    hashing, which has threads of its own: a burst of logins must not stall every history page and membership
+    check behind ~50 ms of scrypt each.
     """
 
-    def __init__(self, store: SQLiteStore, readers: int = 2) -> None:
+    def __init__(self, store: SQLiteStore, readers: int = 2, hashers: int = 2) -> None:
         self.sync = store
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="store-read")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-write")
+        self._hashers = ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="hash")
 
     async def run(self, method: Callable[Concatenate[SQLiteStore, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """A read."""
@@ -520,9 +523,10 @@ class AsyncStore:
     async def offload(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run CPU-heavy work (password hashing) off the loop too."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, functools.partial(func, *args, **kwargs))
+        return await loop.run_in_executor(self._hashers, functools.partial(func, *args, **kwargs))
 
     def close(self) -> None:
+        self._hashers.shutdown(wait=True)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self.sync.close()

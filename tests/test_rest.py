@@ -7,6 +7,7 @@ bad, may get a 500.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -108,6 +109,19 @@ async def test_login_with_wrong_types_is_400_naming_the_field(alice: Client, bod
 async def test_login_with_a_body_that_is_not_an_object_is_400(alice: Client) -> None:
     for raw in (b"", b"[]", b'"79111111111"', b"{", b"null"):
         assert_error(*await alice.call("POST", "/api/auth/login", raw=raw, token=""), 400)
+
+
+@pytest.mark.gen_test
+async def test_reads_do_not_wait_behind_password_hashing(alice: Client, ctx: AppContext, dialog_id: str) -> None:
+    # Every hashing thread busy (as under a burst of logins): history and /api/me still answer.
+    gate = threading.Event()
+    busy = [asyncio.ensure_future(ctx.service.db.offload(gate.wait, 10)) for _ in range(4)]
+    try:
+        assert assert_ok(*await asyncio.wait_for(alice.call("GET", f"/api/messages/dialog/{dialog_id}"), 5)) == []
+        assert assert_ok(*await asyncio.wait_for(alice.call("GET", "/api/me"), 5))["userId"] == alice.user_id
+    finally:
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*busy), 10)
 
 
 @pytest.mark.gen_test
