@@ -168,20 +168,18 @@ def message_event(
     content: str,
     *,
     event: str = "message.created",
-    message_id: str | None = None,
     created_at: str | None = None,
-    updated_at: str | None = None,
 ) -> dict[str, Any]:
     created_at = created_at or now_iso()
     data = {
-        "messageId": message_id or new_id("msg"),
+        "messageId": new_id("msg"),
         "dialogId": dialog_id,
         "senderId": sender_id,
         "content": content,
         "type": "text",
         "meta": {},
         "createdAt": created_at,
-        "updatedAt": updated_at or created_at,
+        "updatedAt": created_at,
         "clientMessageId": None,
     }
     return {"event": event, "data": data}
