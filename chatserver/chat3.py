@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import pika
 import pika.channel
+import pika.exceptions
 import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 
@@ -528,21 +529,25 @@ class ClusterBus(_Link):
         self._blocked = False
 
     def relay(self, event_type: str, data: dict[str, Any], recipients: frozenset[str]) -> None:
+        # Called inside the write path: whatever happens here must never fail the write that was just made.
         channel = self._channel
         if channel is None or not channel.is_open or self._blocked or self.state != CONSUMING:
-            self.metrics.cluster_events.labels("dropped").inc()
-            if not self._warned:
-                self._warned = True
-                log.warning(
-                    "%s: not connected (%s); events are not reaching the other processes",
-                    self.name,
-                    self.state or "blocked by the broker",
-                )
+            self._drop(self.state or "blocked by the broker")
             return
         body = jsonutil.dumps_bytes({"type": event_type, "data": data, "recipients": sorted(recipients)})
         properties = pika.BasicProperties(app_id=self.origin, content_type="application/json")
-        channel.basic_publish(self.exchange, "", body, properties)
+        try:
+            channel.basic_publish(self.exchange, "", body, properties)
+        except pika.exceptions.AMQPError as exc:
+            self._drop(_describe(exc))
+            return
         self.metrics.cluster_events.labels("sent").inc()
+
+    def _drop(self, why: str) -> None:
+        self.metrics.cluster_events.labels("dropped").inc()
+        if not self._warned:  # once per outage, not once per event
+            self._warned = True
+            log.warning("%s: not connected (%s); events are not reaching the other processes", self.name, why)
 
     def _on_message(
         self, _channel: pika.channel.Channel, _method: Any, properties: pika.BasicProperties, body: bytes

@@ -153,12 +153,19 @@ def broker() -> Iterator[Broker]:
 
 
 @pytest.fixture
-def settings(broker: Broker) -> dict[str, Any]:
+def with_cluster() -> bool:
+    """Whether the in-process server also runs the cluster bus (a test parametrizes this to True)."""
+    return False
+
+
+@pytest.fixture
+def settings(broker: Broker, with_cluster: bool) -> dict[str, Any]:
     return {
         "amqp_url": AMQP_URL,
         "chat3_exchange": broker.exchange,
         "chat3_queue": broker.queue,
         "chat3_dead_letter_exchange": broker.dead_letter_exchange,
+        "cluster_exchange": broker.cluster_exchange if with_cluster else "",
     }
 
 
@@ -501,6 +508,7 @@ def rabbitmqctl(command: str) -> None:
     subprocess.run(["rabbitmqctl", command], check=True, capture_output=True, timeout=60)
 
 
+@pytest.mark.parametrize("with_cluster", [True])
 @pytest.mark.gen_test(timeout=60)
 async def test_listener_reconnects_after_the_broker_restarts_and_loses_nothing(
     ctx: AppContext, alice: Client, bob: Client, dialog_id: str, broker: Broker
@@ -514,27 +522,31 @@ async def test_listener_reconnects_after_the_broker_restarts_and_loses_nothing(
         assert (await bob_ws.next_of("message:new"))["data"] == before["data"]
 
         during = [message_event(dialog_id, alice.user_id, f"after start_app {n}") for n in range(3)]
-        stopped = False
+        assert amqp.bus is not None
+        links = (amqp.listener, amqp.bus)
+        await eventually(lambda: amqp.bus is not None and amqp.bus.problem() == "", "the cluster bus to consume")
+        restored = False
         try:
             await loop.run_in_executor(None, rabbitmqctl, "stop_app")
-            stopped = True
-            await eventually(lambda: amqp.listener.problem().startswith("disconnected"), "the listener to notice")
+            await eventually(lambda: all(link.problem().startswith("disconnected") for link in links), "the cut")
             status, ready = await alice.call("GET", "/readyz")
-            assert status == 503 and "broker" in ready["data"], ready
+            assert status == 503 and {"broker", "cluster"} <= set(ready["data"]), ready
             assert ctx.metrics.registry.get_sample_value("chatserver_chat3_connected") == 0
-            # The broker is away; REST and WebSocket are not.
+            # The broker is away; REST and WebSocket are not (what this process relays is dropped, and counted).
             sent = await alice.post_message(dialog_id, "while the broker is down")
             assert (await bob_ws.next_of("message:new"))["data"] == sent
+            dropped = {"outcome": "dropped"}
+            assert ctx.metrics.registry.get_sample_value("chatserver_cluster_events_total", dropped) >= 1
             await loop.run_in_executor(None, rabbitmqctl, "start_app")
-            stopped = False
+            restored = True
         finally:
-            if stopped:
+            if not restored:
                 rabbitmqctl("start_app")
         await broker.publish(*during)
 
         got = await message_ids(bob_ws, 3, "message:new")
         assert got == [e["data"]["messageId"] for e in during]
-        await eventually(lambda: amqp.listener.problem() == "", "the listener to consume again")
+        await eventually(lambda: all(link.problem() == "" for link in links), "both links to consume again")
         status, _ = await alice.call("GET", "/readyz")
         assert status == 200
         await bob_ws.nothing_within(0.3)
