@@ -311,7 +311,9 @@ def test_dialog_that_is_not_open_gets_unread_count_and_preview_live(open_page: O
     expect(bob_page.page.locator("#dialogs .dialog").first).to_have_attribute("data-dialog-id", team["dialogId"])
     expect(bob_page.page.locator("#dialog-title")).to_have_text("Demo")  # the open dialog did not change
 
-    bob_page.open_dialog(title)
+    with bob_page.page.expect_response(lambda r: r.url.endswith("/read") and r.request.method == "POST") as read:
+        bob_page.open_dialog(title)
+    assert read.value.status == 200
     expect(row.locator(".unread")).to_be_hidden(timeout=2000)
     views = server.api("GET", "/api/dialogs", token=bob["token"])
     assert next(v for v in views if v["dialogId"] == team["dialogId"])["unreadCount"] == 0
