@@ -110,34 +110,41 @@ def test_receiver_sees_message_without_reload_and_sender_sees_it_once(open_page:
 
 
 def test_blocked_websocket_falls_back_to_long_poll(open_page: OpenPage, server: ServerProcess) -> None:
-    attempts: list[str] = []
+    bob = open_page(BOB_PHONE)
+    bob.open_dialog("Demo")
+    expect(bob.connection()).to_have_attribute("data-state", "websocket", timeout=5000)
     upgrades_before = server.log().count("GET /ws")
+
+    attempts: list[str] = []
     alice = open_page(ALICE_PHONE, block_websocket=attempts)
     alice.open_dialog("Demo")
     expect(alice.connection()).to_have_attribute("data-state", "long-poll", timeout=5000)
     expect(alice.page.locator("#connection-label")).to_have_text("Long-poll")
-
     # It keeps trying WebSocket in the background (and the proxy keeps refusing it).
     wait_until(alice.page, lambda: len(attempts) >= 2, 10)
 
-    bob = server.login(BOB_PHONE)
-    dialog_id = demo_dialog(server, bob["token"])
-    server.api("POST", f"/api/dialogs/{dialog_id}/typing", {"typing": True}, token=bob["token"])
+    # Typing both ways: over REST from the long-poll page, and to it through its poll's `typing=`.
+    alice.page.fill("#composer-input", "…")
+    expect(bob.page.locator("#typing")).to_have_text("typing…", timeout=2000)
+    alice.page.fill("#composer-input", "")
+    expect(bob.page.locator("#typing")).to_have_text("", timeout=2000)
+    bob.page.fill("#composer-input", "…")
     expect(alice.page.locator("#typing")).to_have_text("typing…", timeout=2000)
+    bob.page.fill("#composer-input", "")
 
     incoming = unique("through the proxy")
-    server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": incoming}, token=bob["token"])
+    bob.send(incoming)
     expect(alice.messages_with(incoming)).to_have_count(1, timeout=2000)
-
     outgoing = unique("and back")
     alice.send(outgoing)
-    expect(alice.page.locator("#messages .message.pending")).to_have_count(0, timeout=3000)
+    expect(bob.messages_with(outgoing)).to_have_count(1, timeout=2000)
+    expect(alice.page.locator("#messages .message.pending")).to_have_count(0, timeout=2000)
     expect(alice.messages_with(outgoing)).to_have_count(1)
-    seen_by_bob = server.api("GET", f"/api/messages/dialog/{dialog_id}?limit=5", token=bob["token"])
-    assert [m["content"] for m in seen_by_bob].count(outgoing) == 1
 
     expect(alice.connection()).to_have_attribute("data-state", "long-poll")
-    assert server.log().count("GET /ws") == upgrades_before, "a WebSocket upgrade reached the server"
+    assert server.log().count("GET /ws") == upgrades_before, (
+        "a WebSocket upgrade of the blocked page reached the server"
+    )
 
 
 def test_silent_websocket_is_dropped_for_long_poll_and_taken_back_without_loss(
