@@ -228,29 +228,6 @@ def test_demo_twice_creates_nothing_twice(tmp_path: Path, servers: list[Server])
         assert conn.execute("SELECT count(*) FROM dialog_members").fetchone()[0] == 2
 
 
-def test_restart_on_the_same_db_keeps_data(tmp_path: Path, servers: list[Server]) -> None:
-    db = str(tmp_path / "keep.db")
-    first = Server(tmp_path, "--demo", "--port", "0", "--db", db)
-    servers.append(first)
-    url = first.url()
-    token = login(url, "79111111111", "demo")
-    dialog_id = http("GET", f"{url}/api/dialogs", token=token)[1]["data"][0]["dialogId"]
-    status, sent = http("POST", f"{url}/api/messages/dialog/{dialog_id}", {"content": "kept"}, token)
-    assert status == 201
-    assert first.stop() == 0
-
-    second = Server(tmp_path, "--port", "0", "--db", db)
-    servers.append(second)
-    url = second.url()
-    # The secret lives in the state folder: a token from before the restart still works.
-    status, body = http("GET", f"{url}/api/messages/dialog/{dialog_id}", token=token)
-    assert status == 200 and body["data"] == [sent["data"]]
-    bob = login(url, "79777777777", "demo")
-    status, body = http("GET", f"{url}/api/dialogs", token=bob)
-    assert body["data"][0]["lastMessage"] == sent["data"] and body["data"][0]["unreadCount"] == 1
-    assert second.stop() == 0
-
-
 def test_taken_port_is_one_clear_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

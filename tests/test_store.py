@@ -16,6 +16,7 @@ import pytest
 from chatserver.errors import BadRequest, Conflict, NotFound
 from chatserver.models import Dialog, Message, User, new_id, now_iso
 from chatserver.store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, StoreError
+from tests.test_cli import Server, http, login
 
 
 @pytest.fixture
@@ -314,3 +315,39 @@ def test_list_messages_pages(store: SQLiteStore, pair: tuple[User, User, Dialog]
         with pytest.raises(BadRequest) as caught:
             store.list_messages(empty.dialog_id, limit=5, **{field: ids[0]})
         assert caught.value.field == field
+
+
+# -- restart ------------------------------------------------------------------------------------------------
+
+
+def test_a_restarted_server_on_the_same_db_serves_what_it_stored(tmp_path: Path) -> None:
+    """A real `python run.py` stopped with SIGTERM and started again on the same --db: the message is there."""
+    servers: list[Server] = []
+    try:
+        _restart_round_trip(tmp_path, servers)
+    finally:
+        for server in servers:
+            server.close()
+
+
+def _restart_round_trip(tmp_path: Path, servers: list[Server]) -> None:
+    db = str(tmp_path / "keep.db")
+    first = Server(tmp_path, "--demo", "--port", "0", "--db", db)
+    servers.append(first)
+    url = first.url()
+    token = login(url, "79111111111", "demo")
+    dialog_id = http("GET", f"{url}/api/dialogs", token=token)[1]["data"][0]["dialogId"]
+    status, sent = http("POST", f"{url}/api/messages/dialog/{dialog_id}", {"content": "kept"}, token)
+    assert status == 201
+    assert first.stop() == 0
+
+    second = Server(tmp_path, "--port", "0", "--db", db)
+    servers.append(second)
+    url = second.url()
+    # The secret lives in the state folder: a token from before the restart still works.
+    status, body = http("GET", f"{url}/api/messages/dialog/{dialog_id}", token=token)
+    assert status == 200 and body["data"] == [sent["data"]]
+    bob = login(url, "79777777777", "demo")
+    status, body = http("GET", f"{url}/api/dialogs", token=bob)
+    assert body["data"][0]["lastMessage"] == sent["data"] and body["data"][0]["unreadCount"] == 1
+    assert second.stop() == 0
