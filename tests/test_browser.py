@@ -267,6 +267,31 @@ def test_older_pages_load_on_scroll_up_and_nothing_is_rebuilt(open_page: OpenPag
     assert marked.evaluate("node => node.marked === true")
 
 
+def test_page_offline_shows_it_queues_sends_and_catches_up_when_back(open_page: OpenPage) -> None:
+    alice, bob = open_page(ALICE_PHONE), open_page(BOB_PHONE)
+    for page in (alice, bob):
+        page.open_dialog("Demo")
+        expect(page.connection()).to_have_attribute("data-state", "websocket", timeout=5000)
+
+    alice.context.set_offline(True)
+    expect(alice.connection()).to_have_attribute("data-state", "offline", timeout=2000)
+    expect(alice.page.locator("#connection-label")).to_have_text("Offline")
+    written, missed = unique("written offline"), unique("sent while Alice was offline")
+    alice.send(written)
+    expect(alice.message_node(written)).to_have_class(re.compile("pending"))
+    bob.send(missed)
+    expect(bob.messages_with(missed)).to_have_count(1, timeout=2000)
+
+    alice.context.set_offline(False)
+    expect(alice.connection()).to_have_attribute("data-state", "websocket", timeout=5000)
+    expect(alice.messages_with(missed)).to_have_count(1, timeout=2000)
+    expect(bob.messages_with(written)).to_have_count(1, timeout=2000)
+    expect(alice.message_node(written)).not_to_have_class(re.compile("pending"), timeout=2000)
+    for page in (alice, bob):
+        for text in (written, missed):
+            expect(page.messages_with(text)).to_have_count(1)
+
+
 def test_pages_recover_from_server_restart_without_reload(open_page: OpenPage, server: ServerProcess) -> None:
     alice, bob = open_page(ALICE_PHONE), open_page(BOB_PHONE)
     for page in (alice, bob):

@@ -126,6 +126,9 @@ export class ChatClient {
     this.openDialogId = null;
 
     this._handlers = new Map();
+    this._wakers = new Set(); // retries waiting out a backoff; the browser going online cuts them short
+    this._onOffline = () => this._networkLost();
+    this._onOnline = () => this._networkBack();
     this._running = false;
     this._stop = null; // AbortController of everything started by start()
     this._failures = 0; // consecutive failed attempts to reach the server (poll backoff)
@@ -186,6 +189,10 @@ export class ChatClient {
     this._running = true;
     this._stop = new AbortController();
     this._setState("connecting");
+    if (typeof window !== "undefined") {
+      window.addEventListener("offline", this._onOffline);
+      window.addEventListener("online", this._onOnline);
+    }
     await this._handshake();
     if (!this._running) return;
     this._connect();
@@ -196,6 +203,10 @@ export class ChatClient {
   stop() {
     this._running = false;
     if (this._stop) this._stop.abort();
+    if (typeof window !== "undefined") {
+      window.removeEventListener("offline", this._onOffline);
+      window.removeEventListener("online", this._onOnline);
+    }
     clearTimeout(this._probeTimer);
     this._closeSession(this._ws);
     this._closeSession(this._probe);
@@ -218,7 +229,7 @@ export class ChatClient {
       } catch (error) {
         if (!this._running || this._fatal(error)) return;
         this._setState("offline");
-        await sleep(this._backoff(this._failures++), this._stop.signal);
+        await this._nap(this._backoff(this._failures++), this._stop.signal);
       }
     }
   }
@@ -233,6 +244,37 @@ export class ChatClient {
   _backoff(attempt) {
     const ceiling = Math.min(this.options.backoffCap, this.options.backoffBase * 2 ** Math.min(attempt, 16));
     return ceiling / 2 + Math.random() * (ceiling / 2);
+  }
+
+  /** Wait out a backoff: `ms`, or less if the client stops or the browser comes back online. */
+  _nap(ms, signal) {
+    return new Promise((resolve) => {
+      const wake = () => {
+        this._wakers.delete(wake);
+        resolve();
+      };
+      this._wakers.add(wake);
+      sleep(ms, signal).then(wake);
+    });
+  }
+
+  /** The browser says the network is gone: what is open cannot carry anything, so stop waiting on it. */
+  _networkLost() {
+    if (!this._running) return;
+    this._closeSession(this._ws, true);
+    if (this._poll && this._poll.attempt) this._poll.attempt.abort();
+    this._setState("offline");
+  }
+
+  /** And back: retry now rather than at the end of a backoff. */
+  _networkBack() {
+    if (!this._running) return;
+    for (const wake of [...this._wakers]) wake();
+    if (this._wakeOutbox) this._wakeOutbox();
+    if (!this._ws && !this._probe && this.useWebSocket) {
+      clearTimeout(this._probeTimer);
+      this._openWebSocket(true);
+    }
   }
 
   _fatal(error) {
@@ -469,7 +511,7 @@ export class ChatClient {
         parked = false;
         this.transport = null;
         this._setState("offline");
-        await sleep(this._backoff(this._failures++), signal);
+        await this._nap(this._backoff(this._failures++), signal);
       } finally {
         clearTimeout(deadline);
         poll.attempt = null;
