@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -188,6 +189,21 @@ def connection_status(ctx: AppContext) -> str:
             f"{len(ctx.requests)} requests in flight")
 
 
+# The cyclic GC's young generation collects after this many net allocations (CPython's default: 700). A server
+# holding thousands of connections allocates a few objects per delivery; at 700 it ran a collection every few
+# hundred deliveries and, through the older generations, walked every connection object again and again.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """After start-up: everything built so far (modules, routes, the domain) is frozen out of the collector's
+    walks for good, and collections run less often. Connections are long-lived objects too: fewer collections
+    means they are walked less often, while short-lived cycles (a closed handler) are still collected."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(config: Config, *, demo: bool, environ: dict[str, str]) -> None:
     loop = asyncio.get_running_loop()
     stop = StopSignal(loop)
@@ -207,6 +223,7 @@ async def serve(config: Config, *, demo: bool, environ: dict[str, str]) -> None:
     host = f"[{address[0]}]" if ":" in address[0] else address[0]  # an IPv6 address in a URL takes brackets
     url = f"http://{host}:{address[1]}"
     log.info("listening on %s", url)
+    tune_gc()
 
     heartbeat = systemd.Heartbeat(
         notifier, lambda: f"serving {url}: {connection_status(ctx)}", systemd.watchdog_interval(environ, os.getpid())

@@ -5,6 +5,11 @@ without bound. `Outbox.push` appends the event's bytes and, when nothing is bein
 writer task. The writer awaits each write, so at most one write sits in the socket layer's buffer and the
 queue here holds the rest. Past `limit` bytes queued, the connection is cut off (`on_overflow`) and its client
 resumes later from its cursor: nothing is lost, and the server's memory stays bounded.
+
+The fast path: with nothing queued and no writer running, `write_now` (where the transport offers one) hands
+the bytes to the socket at once, with no task and no future; it declines when the socket layer still holds
+unwritten bytes, and the bytes take the queued, awaited path above. A fan-out to a thousand readers that keep
+up is then a thousand `send` calls, and the bound and the cut-off work exactly as before for the rest.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ class Outbox:
         send: Callable[[bytes], Awaitable[None]],
         on_overflow: Callable[[], None],
         on_sent: Callable[[], None] = lambda: None,
+        write_now: Callable[[bytes], bool] | None = None,
     ) -> None:
         self._limit = limit
+        self._write_now = write_now
         self._send = send
         self._on_overflow = on_overflow
         self._on_sent = on_sent
@@ -38,9 +45,22 @@ class Outbox:
     def queued_bytes(self) -> int:
         return self._queued
 
-    def push(self, data: bytes) -> None:
+    def push(self, data: bytes, *, direct: bool = True) -> None:
+        """Send `data` after everything pushed before it. `direct=False` skips the fast path: a replay is
+        queued whole, so that one bigger than the bound is cut off as it always was."""
         if self.closed:
             return
+        if direct and self._writer is None and self._write_now is not None and len(data) <= self._limit:
+            # Nothing queued (the writer drains the queue to empty before it stops): try the socket directly.
+            try:
+                written = self._write_now(data)
+            except Exception as exc:  # the peer went away: the close callback cleans up
+                log.debug("direct write failed: %r", exc)
+                self.close()
+                return
+            if written:
+                self._on_sent()
+                return
         self._queue.append(data)
         self._queued += len(data)
         if self._queued > self._limit:

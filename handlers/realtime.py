@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from typing import Any
 
+import tornado.iostream
 import tornado.web
 import tornado.websocket
 
@@ -37,6 +39,27 @@ def _token(handler: tornado.web.RequestHandler) -> str:
     if not token:
         raise Unauthorized("missing token")
     return token
+
+
+def websocket_frame(payload: bytes) -> bytes:
+    """One unfragmented text frame as a server sends it (RFC 6455 5.2): unmasked, so the same for every reader.
+
+    No extension is negotiated on `/ws` (no permessage-deflate), so these bytes are all a reader needs.
+    """
+    n = len(payload)
+    if n < 126:
+        return b"\x81" + bytes((n,)) + payload
+    if n < 65536:
+        return b"\x81\x7e" + struct.pack("!H", n) + payload
+    return b"\x81\x7f" + struct.pack("!Q", n) + payload
+
+
+def event_frame(record: EventRecord) -> bytes:
+    """The record's WebSocket frame, built by the first connection that sends it and shared by all the others."""
+    frame = record.frame
+    if frame is None:
+        frame = record.frame = websocket_frame(record.payload)
+    return frame
 
 
 def _count_resets(ctx: AppContext, replay: Replay) -> None:
@@ -72,17 +95,20 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         broadcaster = self.ctx.broadcaster
+        self._delivered = self.ctx.metrics.events_delivered.labels(self.transport)
         self._outbox = Outbox(
-            self.ctx.config.client_buffer_limit, self._send, self._cut_off, self._count_delivery
+            self.ctx.config.client_buffer_limit, self._send, self._cut_off, self._delivered.inc, self._write_now
         )
         # Replay and subscribe in one step of the loop: no event can fall between them or come twice.
         replay = broadcaster.events_after(self.user_id, self._cursor) if self._cursor else None
         cursor = self._cursor or broadcaster.cursor()
-        self._outbox.push(jsonutil.dumps_bytes({"type": "ready", "data": {"userId": self.user_id, "cursor": cursor}}))
+        ready = {"type": "ready", "data": {"userId": self.user_id, "cursor": cursor}}
+        # The ready frame and the replay are queued as one, counted against the bound (never the fast path).
+        self._outbox.push(websocket_frame(jsonutil.dumps_bytes(ready)), direct=False)
         if replay is not None:
             _count_resets(self.ctx, replay)
             for record in replay.events:
-                self._outbox.push(record.payload)
+                self._outbox.push(event_frame(record), direct=False)
         broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections.labels(self.transport).inc()
@@ -91,16 +117,45 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
 
     def deliver(self, record: EventRecord) -> None:
         if self._outbox is not None:
-            self._outbox.push(record.payload)
+            self._outbox.push(event_frame(record))
 
     def wants_typing(self, dialog_id: str) -> bool:
         return dialog_id in self.joined
 
-    async def _send(self, payload: bytes) -> None:
-        await self.write_message(payload)
+    def _stream(self) -> tornado.iostream.IOStream:
+        connection = self.ws_connection
+        if connection is None or connection.is_closing():
+            raise tornado.websocket.WebSocketClosedError()
+        return connection.stream  # type: ignore[attr-defined,no-any-return]
 
-    def _count_delivery(self) -> None:
-        self.ctx.metrics.events_delivered.labels(self.transport).inc()
+    def _write_now(self, frame: bytes) -> bool:
+        """The Outbox's fast path: the frame straight into the socket when Tornado's stream holds nothing unsent.
+
+        Declines (False) while the stream is still writing, so bytes never overtake each other. What the
+        socket does not take at once is left to the stream, which sends it when the socket drains; until then
+        the stream is writing and the next frames wait in the Outbox, counted against its bound.
+        """
+        stream = self._stream()
+        if stream.writing() or isinstance(stream, tornado.iostream.SSLIOStream):
+            return False
+        try:
+            sent = stream.socket.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise tornado.websocket.WebSocketClosedError() from exc
+        if sent < len(frame):
+            try:
+                stream.write(frame[sent:])
+            except tornado.iostream.StreamClosedError as exc:
+                raise tornado.websocket.WebSocketClosedError() from exc
+        return True
+
+    async def _send(self, frame: bytes) -> None:
+        try:
+            await self._stream().write(frame)
+        except tornado.iostream.StreamClosedError as exc:
+            raise tornado.websocket.WebSocketClosedError() from exc
 
     def _cut_off(self) -> None:
         log.info("closing a WebSocket of %s: it stopped reading its events", self.user_id)
@@ -146,7 +201,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
 
     def _reply(self, frame: dict[str, Any]) -> None:
         if self._outbox is not None:
-            self._outbox.push(jsonutil.dumps_bytes(frame))
+            self._outbox.push(websocket_frame(jsonutil.dumps_bytes(frame)))
 
     def on_close(self) -> None:
         self.ctx.broadcaster.unsubscribe(self)
