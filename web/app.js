@@ -287,6 +287,7 @@ function renderDialog(entry) {
   unread.textContent = data.unreadCount ? String(data.unreadCount) : "";
   node.classList.toggle("has-unread", Boolean(data.unreadCount));
   node.classList.toggle("active", data.dialogId === openId);
+  if (data.dialogId === openId) view.title.textContent = data.title;
 }
 
 /** A message moves its dialog to the top and becomes its preview; from others, not being read, it is unread. */
