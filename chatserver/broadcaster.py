@@ -205,6 +205,22 @@ class Broadcaster:
             return Replay(pending[:limit], self.cursor(pending[limit - 1].seq), more=True)
         return Replay(pending, self.cursor())
 
+    def start_new_epoch(self) -> int:
+        """Begin a new epoch: the history is forgotten, every cursor issued so far gets `restarted`, and every
+        live connection is sent that reset now. For when this process can no longer vouch that its history
+        holds every event (its cluster link was down); returns how many connections were reset.
+        """
+        old = self.epoch
+        while self.epoch == old:
+            self.epoch = secrets.token_hex(5)
+        self._history.clear()
+        self._history_bytes = 0
+        reset = self._reset("restarted").events[0]
+        subscribers = [s for group in self._subscribers.values() for s in group]
+        for subscriber in subscribers:
+            self._deliver(subscriber, reset)
+        return len(subscribers)
+
     def _reset(self, reason: str) -> Replay:
         now = self.cursor()
         payload = jsonutil.dumps_bytes({"type": RESET, "data": {"reason": reason, "cursor": now}, "cursor": now})

@@ -61,6 +61,8 @@ IN_PLACE_RETRIES = 3
 LOG_PREFIX_BYTES = 60
 
 CONSUMING = ""
+# A control message on the cluster exchange: "I could not relay my events for a while; reset your clients".
+RESYNC = "cluster:resync"
 CONNECTING = "connecting"
 STOPPED = "stopped"
 
@@ -518,9 +520,17 @@ class ClusterBus(_Link):
             return
         # Relayed events are live fan-out, not records: auto-ack, and handled at once (apply_remote is sync).
         channel.basic_consume(queue, self._on_message, auto_ack=True)
+        recovering, dropped = self._down_since is not None, self._warned
         self._blocked = False
         self._warned = False
         self._ready()
+        if recovering:
+            # While the link was down this process missed the others' events, and (if it dropped relays) they
+            # missed its own: never a silent gap. Its clients get a reset now and reload over REST; where it
+            # dropped events, it asks every other process to do the same.
+            self._resync("the cluster link was down")
+            if dropped:
+                self._publish({"type": RESYNC})
 
     def _on_blocked(self, _connection: Any, _frame: Any) -> None:
         self._blocked = True
@@ -534,14 +544,23 @@ class ClusterBus(_Link):
         if channel is None or not channel.is_open or self._blocked or self.state != CONSUMING:
             self._drop(self.state or "blocked by the broker")
             return
-        body = jsonutil.dumps_bytes({"type": event_type, "data": data, "recipients": sorted(recipients)})
+        if self._publish({"type": event_type, "data": data, "recipients": sorted(recipients)}):
+            self.metrics.cluster_events.labels("sent").inc()
+
+    def _publish(self, event: dict[str, Any]) -> bool:
+        assert self._channel is not None
         properties = pika.BasicProperties(app_id=self.origin, content_type="application/json")
         try:
-            channel.basic_publish(self.exchange, "", body, properties)
+            self._channel.basic_publish(self.exchange, "", jsonutil.dumps_bytes(event), properties)
         except pika.exceptions.AMQPError as exc:
             self._drop(_describe(exc))
-            return
-        self.metrics.cluster_events.labels("sent").inc()
+            return False
+        return True
+
+    def _resync(self, why: str) -> None:
+        count = self.service.resync()
+        self.metrics.resets.labels("restarted").inc(count)
+        log.warning("%s: %s; started a new epoch and reset %d connections", self.name, why, count)
 
     def _drop(self, why: str) -> None:
         self.metrics.cluster_events.labels("dropped").inc()
@@ -556,6 +575,9 @@ class ClusterBus(_Link):
             return
         try:
             event = jsonutil.loads_object(body)
+            if event.get("type") == RESYNC:
+                self._resync(f"process {properties.app_id} could not relay its events for a while")
+                return
             event_type, data, recipients = event.get("type"), event.get("data"), event.get("recipients")
             if not isinstance(event_type, str) or not isinstance(data, dict):
                 raise BadRequest("a relayed event needs a 'type' and a 'data' object")

@@ -269,6 +269,11 @@ class ChatService:
                 self._remember_members(dialog_id, frozenset(members))
         self.broadcaster.publish(event_type, data, recipients, dialog_id=dialog_id)
 
+    def resync(self) -> int:
+        """This process may have missed events (its cluster link was down): every client of it is reset, and
+        reloads over REST. Returns how many connections were reset."""
+        return self.broadcaster.start_new_epoch()
+
     def _publish(self, event_type: str, data: dict[str, Any], recipients: frozenset[str], dialog_id: str) -> None:
         record: EventRecord | None = self.broadcaster.publish(event_type, data, recipients, dialog_id=dialog_id)
         if record is not None:

@@ -190,3 +190,19 @@ def test_dedupe_memory_is_bounded() -> None:
     for i in range(50):
         hub.publish("message:new", message(f"msg_{i}"), {"usr_a"})
     assert len(hub._latest) == 5
+
+
+def test_a_new_epoch_resets_every_live_connection_and_every_old_cursor() -> None:
+    hub = Broadcaster(10)
+    first, second = Recorder("usr_a"), Recorder("usr_b")
+    hub.subscribe(first)
+    hub.subscribe(second)
+    hub.publish("message:new", message("msg_1"), {"usr_a"})
+    old_cursor = hub.cursor()
+    assert hub.start_new_epoch() == 2
+    expected = {"type": "reset", "data": {"reason": "restarted", "cursor": hub.cursor()}, "cursor": hub.cursor()}
+    assert first.events()[-1] == expected and second.events() == [expected]
+    assert hub.events_after("usr_a", old_cursor).reset == "restarted"
+    assert hub.history_length == 0
+    # Messages already published are still not published twice.
+    assert hub.publish("message:new", message("msg_1"), {"usr_a"}) is None

@@ -547,6 +547,11 @@ async def test_listener_reconnects_after_the_broker_restarts_and_loses_nothing(
         got = await message_ids(bob_ws, 3, "message:new")
         assert got == [e["data"]["messageId"] for e in during]
         await eventually(lambda: all(link.problem() == "" for link in links), "both links to consume again")
+        # The cluster link was down, so this process may have missed other processes' events: its clients were
+        # reset (never a silent gap), and their old cursors now get `restarted` too.
+        assert ctx.metrics.registry.get_sample_value("chatserver_resets_total", {"reason": "restarted"}) >= 1
+        status, body = await bob.poll(bob_ws.ready["data"]["cursor"], timeout="0")
+        assert status == 200 and body["data"]["events"][0]["data"]["reason"] == "restarted"
         status, _ = await alice.call("GET", "/readyz")
         assert status == 200
         await bob_ws.nothing_within(0.3)
