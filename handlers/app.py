@@ -19,7 +19,7 @@ from chatserver.config import Config
 from chatserver.metrics import Metrics
 from chatserver.service import ChatService
 from chatserver.store import AsyncStore, SQLiteStore
-from handlers import ops, realtime, rest, web
+from handlers import fastpoll, ops, realtime, rest, web
 from handlers.base import AppContext, NotFoundHandler, log_request
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
@@ -69,14 +69,19 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
         websocket_ping_interval=config.ws_ping_interval,
         websocket_ping_timeout=config.ws_ping_timeout,
         compress_response=False,
+        chatserver_ctx=ctx,
         **settings,
     )
 
 
 def make_http_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:
-    """The listener with bounds on everything a client controls: header size, body size, idle time."""
+    """The listener with bounds on everything a client controls: header size, body size, idle time.
+
+    Common long-polls are answered by handlers/fastpoll.py's lean path; every other request by `app`.
+    """
+    ctx = app.settings.get("chatserver_ctx")
     return tornado.httpserver.HTTPServer(
-        app,
+        fastpoll.LeanRouter(app, ctx) if isinstance(ctx, AppContext) else app,
         max_header_size=16 * 1024,
         # Bodies over max_body_size get a JSON 413 from the handler; this is the hard stop behind it.
         max_body_size=max(config.max_body_size * 2, 1024 * 1024),

@@ -61,16 +61,28 @@ def redact(uri: str) -> str:
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's `log_function`: one access line per request, with secrets redacted."""
-    status = handler.get_status()
-    request = handler.request
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    access_log.log(
-        level, "%d %s %s (%s) %.1fms",
-        status, request.method, redact(request.uri or ""), request.remote_ip, 1000.0 * request.request_time(),
-    )
     ctx = getattr(handler, "ctx", None)
-    if isinstance(ctx, AppContext):
-        ctx.metrics.request_latency.labels(request.method, type(handler).__name__).observe(request.request_time())
+    log_access(ctx if isinstance(ctx, AppContext) else None, handler.request, handler.get_status(),
+               type(handler).__name__)
+
+
+def log_access(
+    ctx: AppContext | None, request: Any, status: int, handler_name: str, latency: Any = None
+) -> None:
+    """The access line and the latency metric of one request (also for handlers/fastpoll.py's lean polls).
+
+    `latency` is the metric's child for this method and handler where the caller has it at hand.
+    """
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if access_log.isEnabledFor(level):  # redact() is a regex: not run for a line nobody will read
+        access_log.log(
+            level, "%d %s %s (%s) %.1fms",
+            status, request.method, redact(request.uri or ""), request.remote_ip, 1000.0 * request.request_time(),
+        )
+    if ctx is not None:
+        if latency is None:
+            latency = ctx.metrics.request_latency.labels(request.method, handler_name)
+        latency.observe(request.request_time())
 
 
 class JsonErrors(tornado.web.RequestHandler):

@@ -62,6 +62,14 @@ def event_frame(record: EventRecord) -> bytes:
     return frame
 
 
+def poll_body(events: list[EventRecord], cursor: str, more: bool) -> bytes:
+    """A poll's answer. The events are spliced in as the bytes they were encoded to once: no re-encoding."""
+    tail = b',"more":true' if more else b""
+    events_json = b",".join(record.payload for record in events)
+    return b"".join((b'{"success":true,"data":{"events":[', events_json, b'],"cursor":', jsonutil.dumps_bytes(cursor),
+                     tail, b"}}"))
+
+
 def _count_resets(ctx: AppContext, replay: Replay) -> None:
     if replay.reset is not None:
         ctx.metrics.resets.labels(replay.reset).inc()
@@ -301,18 +309,8 @@ class PollHandler(ApiHandler):
         self._release()
 
     def _answer(self, events: list[EventRecord], cursor: str, more: bool) -> None:
-        # The events are spliced in as the bytes they were encoded to once: no re-encoding per poller.
-        tail = b',"more":true' if more else b""
-        body = b"".join((
-            b'{"success":true,"data":{"events":[',
-            b",".join(record.payload for record in events),
-            b'],"cursor":',
-            jsonutil.dumps_bytes(cursor),
-            tail,
-            b"}}",
-        ))
         self.ctx.metrics.events_delivered.labels(self.transport).inc(len(events))
-        self.finish(body)
+        self.finish(poll_body(events, cursor, more))
 
 
 class EventStreamHandler(ApiHandler):

@@ -1,0 +1,273 @@
+"""The lean path of `GET /api/poll` (PROTOCOL section 5): a parked long-poll without a RequestHandler.
+
+A poll is the server's most frequent request: with a thousand pollers, every event is a thousand answers and a
+thousand new polls. Tornado's `RequestHandler` costs a task, a routing pass, an output transform chain and
+its own bookkeeping per poll, several times what the poll itself needs. So the one common shape of the
+request (a bearer token in the header, a cursor this server issued, no `typing`, no body, no conditional
+header) is answered here, straight on Tornado's HTTP/1.1 connection; every other poll (the handshake without a
+cursor, typing dialogs, any error: bad token, bad cursor, bad timeout) goes to `realtime.PollHandler` through
+the application, which answers it exactly as before. The answers here are the same: the same body (spliced
+from the events' pre-encoded bytes), the same headers, the same access line, metrics and shutdown behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import time
+from typing import Any
+
+import tornado.httputil
+import tornado.web
+
+from chatserver.broadcaster import EventRecord, Replay
+from chatserver.errors import ChatError
+from handlers.base import AppContext, log_access
+from handlers.realtime import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, poll_body
+
+log = logging.getLogger(__name__)
+
+_PATH = "/api/poll"
+_OK = tornado.httputil.ResponseStartLine("", 200, "OK")
+_SERVER = "TornadoServer/" + tornado.version
+
+
+@functools.lru_cache(maxsize=4)
+def _http_date(second: int) -> str:
+    """The Date header of a second, formatted once (the format has no finer part)."""
+    return tornado.httputil.format_timestamp(second)
+
+
+class LeanRouter(tornado.httputil.HTTPServerConnectionDelegate):
+    """The HTTP server's delegate: common polls to `LeanPoll`, everything else to the application as before."""
+
+    def __init__(self, app: tornado.web.Application, ctx: AppContext) -> None:
+        self.app = app
+        self.ctx = ctx
+        self.latency = ctx.metrics.request_latency.labels("GET", "PollHandler")
+
+    def start_request(
+        self, server_conn: object, request_conn: tornado.httputil.HTTPConnection
+    ) -> tornado.httputil.HTTPMessageDelegate:
+        return _Dispatch(self, server_conn, request_conn)
+
+    def on_close(self, server_conn: object) -> None:
+        self.app.on_close(server_conn)
+
+
+class _Dispatch(tornado.httputil.HTTPMessageDelegate):
+    """Decides at the request's headers who answers it, then forwards everything to that one."""
+
+    def __init__(self, router: LeanRouter, server_conn: object, request_conn: tornado.httputil.HTTPConnection):
+        self.router = router
+        self.server_conn = server_conn
+        self.request_conn = request_conn
+        self.target: tornado.httputil.HTTPMessageDelegate | None = None
+
+    def headers_received(
+        self,
+        start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
+        headers: tornado.httputil.HTTPHeaders,
+    ) -> Any:
+        assert isinstance(start_line, tornado.httputil.RequestStartLine)
+        if start_line.method == "GET" and start_line.path.startswith(_PATH + "?"):
+            poll = LeanPoll.accept(self.router, self.server_conn, self.request_conn, start_line, headers)
+            if poll is not None:
+                self.target = poll
+                return None
+        self.target = self.router.app.start_request(self.server_conn, self.request_conn)
+        return self.target.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Any:
+        assert self.target is not None
+        return self.target.data_received(chunk)
+
+    def finish(self) -> None:
+        assert self.target is not None
+        self.target.finish()
+
+    def on_connection_close(self) -> None:
+        if self.target is not None:
+            self.target.on_connection_close()
+
+
+def _timeout(raw: str | None) -> float | None:
+    """PollHandler's reading of `timeout`, or None where PollHandler would answer 400."""
+    if raw is None or raw == "":
+        return POLL_DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    if value != value:  # NaN
+        return None
+    return min(max(value, 0.0), POLL_MAX_TIMEOUT)
+
+
+def _last(arguments: dict[str, list[bytes]], name: str) -> str | None:
+    values = arguments.get(name)
+    if not values:
+        return None
+    try:
+        return values[-1].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "\ufffd"  # PollHandler's 400 for bad bytes: never eligible below
+
+
+class LeanPoll(tornado.httputil.HTTPMessageDelegate):
+    """One poll with a cursor: answered at once when events wait, else parked as a broadcaster subscriber."""
+
+    transport = "longpoll"
+
+    @classmethod
+    def accept(
+        cls,
+        router: LeanRouter,
+        server_conn: object,
+        request_conn: tornado.httputil.HTTPConnection,
+        start_line: tornado.httputil.RequestStartLine,
+        headers: tornado.httputil.HTTPHeaders,
+    ) -> LeanPoll | None:
+        """The poll, if it is one this path answers exactly as PollHandler would; else None (no side effect)."""
+        if "Content-Length" in headers and headers["Content-Length"] != "0":
+            return None
+        if "Transfer-Encoding" in headers or "If-None-Match" in headers:
+            return None
+        scheme, _, token = headers.get("Authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None
+        request = tornado.httputil.HTTPServerRequest(
+            connection=request_conn, server_connection=server_conn, start_line=start_line, headers=headers
+        )
+        arguments = request.query_arguments
+        cursor = _last(arguments, "cursor")
+        typing = _last(arguments, "typing")
+        timeout = _timeout(_last(arguments, "timeout"))
+        if not cursor or timeout is None or (typing is not None and typing.replace(",", "").strip()):
+            return None
+        ctx = router.ctx
+        try:
+            user_id = ctx.service.authenticate(token)
+            replay = ctx.broadcaster.events_after(user_id, cursor, ctx.config.poll_max_events)
+        except ChatError:
+            return None
+        return cls(router, request, user_id, cursor, timeout, replay)
+
+    def __init__(
+        self,
+        router: LeanRouter,
+        request: tornado.httputil.HTTPServerRequest,
+        user_id: str,
+        cursor: str,
+        timeout: float,
+        replay: Replay,
+    ) -> None:
+        self.router = router
+        self.ctx = router.ctx
+        self.request = request
+        self.user_id = user_id
+        self.cursor = cursor
+        self.timeout = timeout
+        self.replay: Replay | None = replay
+        self._started = time.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._parked = False
+        self._waking = False
+        self._done = False
+        self.ctx.requests.add(self)
+
+    # -- the request ---------------------------------------------------------------------------------------
+
+    def headers_received(self, start_line: Any, headers: Any) -> None:
+        return None
+
+    def data_received(self, chunk: bytes) -> None:
+        return None
+
+    def finish(self) -> None:
+        # The request is read: answer now, or park until an event for the caller or the timeout.
+        replay = self.replay
+        self.replay = None
+        assert replay is not None
+        if replay.events or self.timeout <= 0 or self.ctx.shutting_down:
+            self._answer(replay)
+            return
+        self.request.connection.set_close_callback(self._gone)  # type: ignore[union-attr]
+        self._parked = True
+        self.ctx.broadcaster.subscribe(self)
+        self.ctx.connections.add(self)
+        self.ctx.metrics.polls_waiting.inc()
+        self._timer = asyncio.get_running_loop().call_later(self.timeout, self._wake_now)
+
+    def on_connection_close(self) -> None:
+        self._gone()
+
+    # -- as a broadcaster subscriber -------------------------------------------------------------------
+
+    def deliver(self, record: EventRecord) -> None:
+        # Woken on the next turn of the loop, as PollHandler is: events published together leave together.
+        if self._parked and not self._waking:
+            self._waking = True
+            asyncio.get_running_loop().call_soon(self._wake_now)
+
+    def wants_typing(self, dialog_id: str) -> bool:
+        return False
+
+    def shutdown(self) -> None:
+        self._wake_now()
+
+    # -- answering -------------------------------------------------------------------------------------
+
+    def _unpark(self) -> None:
+        if not self._parked:
+            return
+        self._parked = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.ctx.broadcaster.unsubscribe(self)
+        self.ctx.connections.discard(self)
+        self.ctx.metrics.polls_waiting.dec()
+
+    def _wake_now(self) -> None:
+        if not self._parked:
+            return
+        self._unpark()
+        self._answer(self.ctx.broadcaster.events_after(self.user_id, self.cursor, self.ctx.config.poll_max_events))
+
+    def _gone(self) -> None:
+        # The client went away: drop the waiter now, not at its timeout; nobody is left to answer.
+        self._unpark()
+        self._done = True
+        self.ctx.requests.discard(self)
+
+    def _answer(self, replay: Replay) -> None:
+        if self._done:
+            return
+        self._done = True
+        ctx = self.ctx
+        if replay.reset is not None:
+            ctx.metrics.resets.labels(replay.reset).inc()
+        body = poll_body(replay.events, replay.cursor, replay.more)
+        ctx.metrics.events_delivered.labels(self.transport).inc(len(replay.events))
+        # RequestHandler's headers, in its order: its defaults, JsonHandler's, then finish()'s Etag and length.
+        headers = tornado.httputil.HTTPHeaders()
+        headers["Server"] = _SERVER
+        headers["Content-Type"] = "application/json; charset=utf-8"
+        headers["Date"] = _http_date(int(self._started))
+        headers["Cache-Control"] = "no-store"
+        headers["X-Content-Type-Options"] = "nosniff"
+        headers["Etag"] = f'"{hashlib.sha1(body).hexdigest()}"'  # noqa: S324 - Tornado's Etag, not security
+        headers["Content-Length"] = str(len(body))
+        connection = self.request.connection
+        assert connection is not None
+        try:
+            connection.write_headers(_OK, headers, body)
+            connection.finish()
+        except Exception as exc:  # the client went away while we answered: nothing left to do
+            log.debug("poll answer not written: %r", exc)
+        ctx.requests.discard(self)
+        log_access(ctx, self.request, 200, "PollHandler", self.router.latency)

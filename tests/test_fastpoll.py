@@ -1,0 +1,70 @@
+"""The lean long-poll path (handlers/fastpoll.py) answers exactly as the full PollHandler does.
+
+A poll with `If-None-Match` is one the lean path leaves to PollHandler, so the same poll asked both ways must
+get the same status, body and headers (but Date, which names the second).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import tornado.httpclient
+
+from chatserver import jsonutil
+from handlers.fastpoll import LeanPoll
+from tests.conftest import Client
+
+
+async def fetch_poll(client: Client, query: str, **headers: str) -> tornado.httpclient.HTTPResponse:
+    return await client.http.fetch(
+        f"{client.base_url}/api/poll?{query}",
+        headers={"Authorization": f"Bearer {client.token}", **headers},
+        raise_error=False,
+        request_timeout=10,
+    )
+
+
+def comparable(response: tornado.httpclient.HTTPResponse) -> dict[str, Any]:
+    headers = {k: v for k, v in response.headers.get_all() if k != "Date"}
+    return {"code": response.code, "body": response.body, "headers": headers}
+
+
+@pytest.mark.gen_test
+async def test_lean_poll_answer_is_the_full_handlers_answer(alice: Client, bob: Client, dialog_id: str) -> None:
+    _, hello = await bob.poll()
+    cursor = hello["data"]["cursor"]
+    sent = await alice.post_message(dialog_id, "same either way")
+
+    lean = await fetch_poll(bob, f"cursor={cursor}")
+    full = await fetch_poll(bob, f"cursor={cursor}", **{"If-None-Match": '"not-this"'})
+
+    assert comparable(lean) == comparable(full)
+    assert lean.code == 200
+    events = jsonutil.loads(lean.body)["data"]["events"]
+    assert [e["data"]["messageId"] for e in events] == [sent["messageId"]]
+    assert lean.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.gen_test
+async def test_lean_parked_poll_is_released_by_an_event_and_leaves_no_waiter(
+    alice: Client, bob: Client, dialog_id: str
+) -> None:
+    _, hello = await bob.poll()
+    parked = asyncio.ensure_future(fetch_poll(bob, f"cursor={hello['data']['cursor']}&timeout=20"))
+    ctx = bob.ctx
+    for _ in range(200):
+        if any(isinstance(c, LeanPoll) for c in ctx.connections):
+            break
+        await asyncio.sleep(0.01)
+    assert any(isinstance(c, LeanPoll) for c in ctx.connections), "the poll was not parked on the lean path"
+
+    sent = await alice.post_message(dialog_id, "wake up")
+    answer = await asyncio.wait_for(parked, 5)
+
+    assert answer.code == 200
+    assert [e["data"]["messageId"] for e in jsonutil.loads(answer.body)["data"]["events"]] == [sent["messageId"]]
+    assert not ctx.connections
+    assert not any(isinstance(r, LeanPoll) for r in ctx.requests)
+    assert ctx.broadcaster.subscriber_count() == 0
