@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
+MAX_USER_IDS = 200
 
 
 @attrs.frozen(slots=True)
@@ -101,6 +102,24 @@ class ChatService:
         check_text(password, "password", max_length=1024)
         password_hash = await self.db.offload(hash_password, password)
         return await self.db.write(SQLiteStore.create_user, User(new_id("usr"), name, phone), password_hash)
+
+    async def find_users(self, user_id: str, ids: str | None, phone: str | None) -> list[User]:
+        """`GET /api/users` (extension): users by id among those the caller shares a dialog with (or the caller),
+        or the one user with exactly this phone. Never a directory: unknown and unrelated ids are just left out."""
+        if (ids is None) == (phone is None):
+            raise BadRequest("give exactly one of 'ids' or 'phone'", field="ids")
+        if phone is not None:
+            check_text(phone, "phone", max_length=64)
+            user = await self.db.run(SQLiteStore.user_by_phone, phone)
+            return [user] if user else []
+        assert ids is not None
+        wanted = ids.split(",")
+        if len(wanted) > MAX_USER_IDS:
+            raise BadRequest(f"'ids' names more than {MAX_USER_IDS} users", field="ids")
+        for one in wanted:
+            if not is_id(one, "usr"):
+                raise BadRequest("'ids' must be a comma-separated list of user ids", field="ids")
+        return await self.db.run(SQLiteStore.visible_users, user_id, wanted)
 
     # -- membership --------------------------------------------------------------------------------------
 

@@ -212,6 +212,23 @@ class SQLiteStore:
         }
         return [i for i in ids if i not in known]
 
+    def visible_users(self, viewer_id: str, user_ids: Iterable[str]) -> list[User]:
+        """Those of the users that are the viewer or share a dialog with the viewer, in the order asked."""
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return []
+        conn = self._connect()
+        found: dict[str, User] = {}
+        for chunk in _chunks(ids, 500):
+            rows = conn.execute(
+                f"SELECT u.user_id, u.name, u.phone FROM users u WHERE u.user_id IN ({','.join('?' * len(chunk))}) "  # noqa: S608
+                "AND (u.user_id = ? OR EXISTS (SELECT 1 FROM dialog_members mine JOIN dialog_members theirs "
+                "ON theirs.dialog_id = mine.dialog_id WHERE mine.user_id = ? AND theirs.user_id = u.user_id))",
+                (*chunk, viewer_id, viewer_id),
+            )
+            found.update((row[0], User(*row)) for row in rows)
+        return [found[i] for i in ids if i in found]
+
     # -- dialogs -----------------------------------------------------------------------------------------
 
     def save_dialog(self, dialog: Dialog) -> tuple[Dialog | None, Dialog]:

@@ -44,6 +44,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
     routes: list[Any] = [
         (r"/api/auth/login", rest.LoginHandler, c),
         (r"/api/me", rest.MeHandler, c),
+        (r"/api/users", rest.UsersHandler, c),
         (r"/api/dialogs", rest.DialogsHandler, c),
         (rf"/api/dialogs/{dialog}", rest.DialogHandler, c),
         (rf"/api/dialogs/{dialog}/typing", rest.TypingHandler, c),

@@ -24,6 +24,17 @@ class MeHandler(ApiHandler):
         self.reply((await self.service.current_user(self.user_id)).to_json())
 
 
+class UsersHandler(ApiHandler):
+    """`GET /api/users?ids=` or `?phone=` (extension): names of people the caller shares a dialog with; a lookup
+    by exact phone."""
+
+    async def get(self) -> None:
+        users = await self.service.find_users(
+            self.user_id, self.get_query_argument("ids", None), self.get_query_argument("phone", None)
+        )
+        self.reply([user.to_json() for user in users])
+
+
 class DialogsHandler(ApiHandler):
     async def get(self) -> None:
         self.reply([view.to_json() for view in await self.service.list_dialogs(self.user_id)])
