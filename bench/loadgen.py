@@ -324,6 +324,8 @@ class Generator:
             counts[idx] = 2
             return
         counts[idx] = 1
+        if client.extra.get("stalled"):
+            return  # the stalled reader of the slow-consumer run: checked on its own
         self.delivered += 1
         if self.track_latency:
             sent = float(payload[at + 14 : at + 31])
@@ -380,7 +382,9 @@ class Generator:
         )
         return conn
 
-    async def open_ws(self, i: int, cursor: str | None = None, rcvbuf: int = 0) -> WebSocketClient:
+    async def open_ws(
+        self, i: int, cursor: str | None = None, rcvbuf: int = 0, ready: Callable[[bytes], bool] | None = None
+    ) -> WebSocketClient:
         spec = self.spec
         async with self._connect_gate:
             sock = None
@@ -393,7 +397,7 @@ class Generator:
                 self.target.host,
                 self.target.ws_path(i, cursor),
                 self.on_ws_message,
-                None if self.target.ready_at_upgrade else self.target.ws_ready,
+                ready or (None if self.target.ready_at_upgrade else self.target.ws_ready),
                 i,
             )
             if sock is not None:
@@ -641,6 +645,7 @@ async def run_slow(gen: Generator) -> dict[str, Any]:
     slow.transport.pause_reading()  # type: ignore[union-attr]
     gen.arm(spec["events"], fast)
     slow.counts = bytearray(spec["events"])
+    slow.extra["stalled"] = True
     base = rss_kb(gen.pids)
     peak = base
     sampling = True
@@ -665,6 +670,8 @@ async def run_slow(gen: Generator) -> dict[str, Any]:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(slow.closed), 15)
     result = fanout_result(gen, measured, fast, complete)
+    if spec["system"] == "ours":
+        result.update(await ours_metrics(gen, ("chatserver_history_bytes", "chatserver_slow_clients_closed_total")))
     result.update(
         rss_base_kb=base,
         rss_peak_kb=peak,
@@ -677,6 +684,21 @@ async def run_slow(gen: Generator) -> dict[str, Any]:
         event_bytes_total=spec["events"] * (gen.event_bytes or 0),
     )
     return result
+
+
+async def ours_metrics(gen: Generator, names: tuple[str, ...]) -> dict[str, float]:
+    """Some of our server's own figures from /metrics (how much of its memory is the resume history)."""
+    conn = await gen.open_http()
+    try:
+        answer = await asyncio.wait_for(conn.request("GET", "/metrics"), 10)
+    finally:
+        conn.close()
+    found = {}
+    for line in answer.body.decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            found[name.removeprefix("chatserver_")] = float(value)
+    return found
 
 
 async def run_storm(gen: Generator) -> dict[str, Any]:
@@ -701,8 +723,11 @@ async def run_storm(gen: Generator) -> dict[str, Any]:
     gen.ws_clients.clear()
     meter = Meter(gen.pids)
     meter.start()
+    ours = spec["system"] == "ours"
+    # Ours is ready for a resuming client once its reset has arrived (the ready frame comes just before it).
+    reset: Callable[[bytes], bool] | None = (lambda p: p.startswith(b'{"type":"reset"')) if ours else None
     fresh = await asyncio.gather(
-        *(gen.open_ws(i, cursors[i] if spec["system"] == "ours" else None) for i in range(n)),
+        *(gen.open_ws(i, cursors[i] if ours else None, ready=reset) for i in range(n)),
         return_exceptions=True,
     )
     measured = meter.stop()
