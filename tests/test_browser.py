@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, WebSocketRoute, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, WebSocketRoute, expect, sync_playwright
 
 from tests.browserkit import ALICE_PHONE, BOB_PHONE, ChatPage, ServerProcess, chromium_path, launch_chromium
 from tests.conftest import require_service
@@ -49,7 +49,9 @@ def open_page(browser: Browser, server: ServerProcess) -> Iterator[OpenPage]:
     """Opens logged-in pages; at the end checks that none of them broke the CSP, threw, or showed a dialog."""
     pages: list[ChatPage] = []
 
-    def open_(phone: str, *, block_websocket: list[str] | None = None) -> ChatPage:
+    def open_(
+        phone: str, *, block_websocket: list[str] | None = None, block_sse: list[str] | None = None
+    ) -> ChatPage:
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         if block_websocket is not None:
             # The corporate proxy: the upgrade never reaches the server; the page sees its socket close at once.
@@ -58,6 +60,13 @@ def open_page(browser: Browser, server: ServerProcess) -> Iterator[OpenPage]:
                 ws.close()
 
             context.route_web_socket(re.compile(r"/ws(\?|$)"), refuse)
+        if block_sse is not None:
+            # A stricter proxy: streamed responses do not get through either; the EventSource fails at once.
+            def drop(route: Route) -> None:
+                block_sse.append(route.request.url)
+                route.abort()
+
+            context.route(re.compile(r"/api/events(\?|$)"), drop)
         page = ChatPage(context, server.base_url).login(phone)
         pages.append(page)
         return page
@@ -109,16 +118,18 @@ def test_receiver_sees_message_without_reload_and_sender_sees_it_once(open_page:
     expect(bob.messages_with(text)).to_have_count(1)
 
 
-def test_blocked_websocket_falls_back_to_long_poll(open_page: OpenPage, server: ServerProcess) -> None:
+def test_blocked_websocket_and_sse_fall_back_to_long_poll(open_page: OpenPage, server: ServerProcess) -> None:
     bob = open_page(BOB_PHONE)
     bob.open_dialog("Demo")
     expect(bob.connection()).to_have_attribute("data-state", "websocket", timeout=5000)
     upgrades_before = server.log().count("GET /ws")
 
     attempts: list[str] = []
-    alice = open_page(ALICE_PHONE, block_websocket=attempts)
+    streams: list[str] = []
+    alice = open_page(ALICE_PHONE, block_websocket=attempts, block_sse=streams)
     alice.open_dialog("Demo")
     expect(alice.connection()).to_have_attribute("data-state", "long-poll", timeout=5000)
+    assert streams, "the page went to long-poll without trying SSE first"
     expect(alice.page.locator("#connection-label")).to_have_text("Long-poll")
     # It keeps trying WebSocket in the background (and the proxy keeps refusing it).
     wait_until(alice.page, lambda: len(attempts) >= 2, 10)
@@ -147,6 +158,109 @@ def test_blocked_websocket_falls_back_to_long_poll(open_page: OpenPage, server: 
     )
 
 
+def test_blocked_websocket_falls_back_to_sse(open_page: OpenPage, server: ServerProcess) -> None:
+    bob = open_page(BOB_PHONE)
+    bob.open_dialog("Demo")
+    expect(bob.connection()).to_have_attribute("data-state", "websocket", timeout=5000)
+    polls_before = server.log().count("GET /api/poll?cursor")
+
+    attempts: list[str] = []
+    alice = open_page(ALICE_PHONE, block_websocket=attempts)
+    alice.open_dialog("Demo")
+    expect(alice.connection()).to_have_attribute("data-state", "sse", timeout=5000)
+    expect(alice.page.locator("#connection-label")).to_have_text("SSE")
+    wait_until(alice.page, lambda: len(attempts) >= 2, 10)  # WebSocket is still tried in the background
+
+    # Typing both ways: over REST from the SSE page, and to it through its stream's `typing=`.
+    alice.page.fill("#composer-input", "…")
+    expect(bob.page.locator("#typing")).to_have_text("typing…", timeout=2000)
+    alice.page.fill("#composer-input", "")
+    expect(bob.page.locator("#typing")).to_have_text("", timeout=2000)
+    bob.page.fill("#composer-input", "…")
+    expect(alice.page.locator("#typing")).to_have_text("typing…", timeout=2000)
+    bob.page.fill("#composer-input", "")
+
+    incoming = unique("streamed through the proxy")
+    bob.send(incoming)
+    expect(alice.messages_with(incoming)).to_have_count(1, timeout=2000)
+    outgoing = unique("and posted back")
+    alice.send(outgoing)
+    expect(bob.messages_with(outgoing)).to_have_count(1, timeout=2000)
+    expect(alice.page.locator("#messages .message.pending")).to_have_count(0, timeout=2000)
+    expect(alice.messages_with(outgoing)).to_have_count(1)
+
+    expect(alice.connection()).to_have_attribute("data-state", "sse")
+    # The SSE page never polled with a cursor (its one handshake poll has none).
+    assert server.log().count("GET /api/poll?cursor") == polls_before, "the SSE page long-polled"
+
+
+def test_sse_survives_reopening_and_hands_over_to_websocket_without_loss(
+    browser: Browser, server: ServerProcess
+) -> None:
+    """The library alone: WebSocket refused, so SSE carries the stream; the stream is reopened on every quiet
+    spell (`sseSilence`) and when the open dialog changes; WebSocket takes over once it works. Every event
+    arrives once, in order, across all of it."""
+    refusing = [True]
+    streams: list[str] = []
+
+    def through_proxy(ws: WebSocketRoute) -> None:
+        if refusing[0]:
+            ws.close()
+        else:
+            ws.connect_to_server()
+
+    context = browser.new_context()
+    try:
+        context.route_web_socket(re.compile(r"/ws(\?|$)"), through_proxy)
+        page = context.new_page()
+        page.on("request", lambda request: "/api/events" in request.url and streams.append(request.url))
+        page.goto(server.base_url + "/")
+        alice, bob = server.login(ALICE_PHONE), server.login(BOB_PHONE)
+        dialog_id = demo_dialog(server, bob["token"])
+        page.evaluate(
+            """async ({ token, userId }) => {
+                const { ChatClient } = await import("/static/chatclient.js");
+                const client = new ChatClient({ token, userId, sseSilence: 400, connectTimeout: 2000,
+                                                backoffBase: 300, backoffCap: 1500 });
+                window.received = [];
+                client.on("message:new", (message) => window.received.push(message.content));
+                window.client = client;
+                await client.start();
+            }""",
+            {"token": alice["token"], "userId": alice["user"]["userId"]},
+        )
+        page.wait_for_function("() => window.client.state === 'sse'", timeout=5000)
+
+        def post(text: str) -> str:
+            server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": text}, bob["token"])
+            return text
+
+        sent = [post(unique("over SSE"))]
+        page.wait_for_function("() => window.received.length === 1", timeout=3000)
+        opened = len(streams)
+        wait_until(page, lambda: len(streams) >= opened + 2, 5)  # quiet: reopened from the cursor, twice
+        sent.append(post(unique("after the stream was reopened")))
+        page.wait_for_function("() => window.received.length === 2", timeout=3000)
+
+        page.evaluate("(dialogId) => window.client.setOpenDialog(dialogId)", dialog_id)
+        wait_until(page, lambda: any(f"typing={dialog_id}" in url for url in streams), 3)
+        page.wait_for_function("() => window.client.state === 'sse'", timeout=3000)
+        server.api("POST", f"/api/dialogs/{dialog_id}/typing", {"typing": True}, bob["token"])
+        page.wait_for_function(f"() => window.client.typingIn('{dialog_id}').length === 1", timeout=3000)
+        sent.append(post(unique("with the dialog open")))
+        page.wait_for_function("() => window.received.length === 3", timeout=3000)
+
+        refusing[0] = False
+        page.wait_for_function("() => window.client.state === 'websocket'", timeout=10000)
+        sent.append(post(unique("over WebSocket")))
+        page.wait_for_function("() => window.received.length === 4", timeout=3000)
+        page.wait_for_timeout(300)
+        assert page.evaluate("window.received") == sent
+        assert page.evaluate("window.client.transport") == "websocket"
+    finally:
+        context.close()
+
+
 def test_silent_websocket_is_dropped_for_long_poll_and_taken_back_without_loss(
     browser: Browser, server: ServerProcess
 ) -> None:
@@ -171,7 +285,8 @@ def test_silent_websocket_is_dropped_for_long_poll_and_taken_back_without_loss(
             """async ({ token, userId }) => {
                 const { ChatClient } = await import("/static/chatclient.js");
                 const client = new ChatClient({ token, userId, heartbeatInterval: 300, heartbeatTimeout: 300,
-                                                connectTimeout: 600, backoffBase: 200, backoffCap: 1000 });
+                                                connectTimeout: 600, backoffBase: 200, backoffCap: 1000,
+                                                transports: ["websocket", "longpoll"] });
                 window.received = [];
                 client.on("message:new", (message) => window.received.push(message.content));
                 window.client = client;

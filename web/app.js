@@ -12,6 +12,7 @@ const PAGE_SIZE = 50;
 const STATE_LABELS = {
   connecting: "Connecting…",
   websocket: "WebSocket",
+  sse: "SSE",
   "long-poll": "Long-poll",
   offline: "Offline",
 };
@@ -150,7 +151,7 @@ async function startChat(session) {
   view.meAvatar.textContent = initial(me.name);
   view.login.hidden = true;
   view.chat.hidden = false;
-  // `?transports=longpoll` turns WebSockets off, for networks whose proxies break them.
+  // `?transports=longpoll` (or `sse,longpoll`) turns WebSockets off, for networks whose proxies break them.
   const wanted = new URLSearchParams(location.search).get("transports");
   const options = { token: session.token, userId: me.userId };
   if (wanted) options.transports = wanted.split(",");
@@ -181,7 +182,11 @@ function showConnection(state) {
   view.connection.dataset.state = state;
   view.connectionLabel.textContent = STATE_LABELS[state] || state;
   view.connection.title =
-    state === "long-poll" ? "Live updates over HTTP long-polling (WebSocket unavailable)" : STATE_LABELS[state];
+    state === "long-poll"
+      ? "Live updates over HTTP long-polling (WebSocket unavailable)"
+      : state === "sse"
+        ? "Live updates over Server-Sent Events (WebSocket unavailable)"
+        : STATE_LABELS[state];
 }
 
 /** Dialogs and the open dialog from REST: at start, and after every reset. Serialised; coalesces repeats. */

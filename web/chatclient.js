@@ -2,8 +2,9 @@
 // step, no dependencies.
 //
 // It owns the connection to the server and hands the application one stream of events, whatever carries
-// them: a WebSocket when one can be held, long-poll when not (a proxy that breaks WebSockets, a socket that
-// goes silent), and back to the WebSocket as soon as one works again. One cursor spans every transport and
+// them: a WebSocket when one can be held; when not (a proxy that breaks WebSockets, a socket that goes
+// silent), Server-Sent Events, or long-poll where a streamed response does not get through either; and back to
+// the WebSocket as soon as one works again. One cursor spans every transport and
 // reconnect, so nothing is lost or repeated when the carrier changes; a `reset` from the server tells the
 // application to reload over REST. Messages are applied idempotently (by messageId, updates only when newer),
 // and sends are optimistic: shown at once, retried with the same clientMessageId until the server has them.
@@ -12,10 +13,11 @@
 
 const DEFAULTS = {
   baseUrl: "",
-  transports: ["websocket", "longpoll"],
+  transports: ["websocket", "sse", "longpoll"], // in order of preference
   heartbeatInterval: 15000, // a ping this often on an open WebSocket
   heartbeatTimeout: 10000, // and some frame back within this long, else the socket is dead
-  connectTimeout: 10000, // from `new WebSocket` to its `ready` frame
+  connectTimeout: 10000, // from `new WebSocket` (or `new EventSource`) to its `ready` event
+  sseSilence: 45000, // an SSE stream with no event this long is reopened from the cursor (a liveness check)
   pollTimeout: 25, // seconds the server may park a poll
   backoffBase: 1000, // first retry within this many ms
   backoffCap: 30000,
@@ -25,7 +27,7 @@ const DEFAULTS = {
   knownLimit: 20000, // message ids remembered for dedupe
 };
 
-export const STATES = Object.freeze(["connecting", "websocket", "long-poll", "offline"]);
+export const STATES = Object.freeze(["connecting", "websocket", "sse", "long-poll", "offline"]);
 
 /** A REST answer that was not a success: `status` is the HTTP status (0 when the server was not reached). */
 export class ApiError extends Error {
@@ -103,7 +105,7 @@ function sleep(ms, signal) {
  * A connection to chatserver for one logged-in user.
  *
  * Events (`client.on(type, handler)`, the handler gets the detail object):
- *   state            {state, previous}            connecting | websocket | long-poll | offline
+ *   state            {state, previous}            connecting | websocket | sse | long-poll | offline
  *   message:new      message                      the server's copy, once per messageId; a message of this
  *                                                 client's own send carries the clientMessageId it replaces
  *   message:pending  message (pending: true)      an optimistic send, before the server has it
@@ -121,7 +123,7 @@ export class ChatClient {
     this.token = this.options.token;
     this.userId = this.options.userId || null;
     this.state = "connecting";
-    this.transport = null; // "websocket" | "longpoll" | null: what carries events now
+    this.transport = null; // "websocket" | "sse" | "longpoll" | null: what carries events now
     this.cursor = null;
     this.openDialogId = null;
 
@@ -137,6 +139,9 @@ export class ChatClient {
     this._probe = null; // a background WebSocket attempt while polling
     this._probeTimer = null;
     this._poll = null; // {controller, done}: the running poll loop
+    this._sse = null; // the live (or opening) EventSource session
+    this._sseFailures = 0; // consecutive SSE streams that ended (0 while one is working)
+    this._sseTimer = null; // a pending SSE reconnect
     this._known = new Map(); // messageId -> updatedAt
     this._pending = new Map(); // clientMessageId -> pending message
     this._outbox = []; // clientMessageIds waiting to be POSTed, in order
@@ -149,6 +154,14 @@ export class ChatClient {
 
   get useWebSocket() {
     return this.options.transports.includes("websocket") && typeof WebSocket !== "undefined";
+  }
+
+  get useSSE() {
+    return this.options.transports.includes("sse") && typeof EventSource !== "undefined";
+  }
+
+  get useLongPoll() {
+    return this.options.transports.includes("longpoll") || !this.useSSE; // the last resort, always possible
   }
 
   // -- events ---------------------------------------------------------------------------------------------
@@ -175,7 +188,7 @@ export class ChatClient {
     const previous = this.state;
     this.state = state;
     this._emit("state", { state, previous });
-    if (state === "websocket" || state === "long-poll") this._kickOutbox();
+    if (state === "websocket" || state === "sse" || state === "long-poll") this._kickOutbox();
   }
 
   // -- lifecycle ------------------------------------------------------------------------------------------
@@ -211,6 +224,7 @@ export class ChatClient {
     this._closeSession(this._ws);
     this._closeSession(this._probe);
     this._ws = this._probe = null;
+    this._stopSSE();
     this._stopPolling();
     clearTimeout(this._typingIdleTimer);
     for (const users of this._typingIn.values()) for (const timer of users.values()) clearTimeout(timer);
@@ -237,7 +251,20 @@ export class ChatClient {
   _connect() {
     if (!this._running) return;
     if (this.useWebSocket) this._openWebSocket(false);
+    else this._startFallback();
+  }
+
+  /** No WebSocket: SSE where it works, else long-poll. Whichever runs is the only one applying events. */
+  _startFallback() {
+    if (!this._running || this._ws || this._sse || this._poll) return;
+    if (this.useSSE) this._openSSE();
     else this._startPolling();
+  }
+
+  /** Stop SSE and long-poll; resolves once the cursor is settled (whatever they had is applied). */
+  async _stopFallback() {
+    this._stopSSE();
+    await this._stopPolling();
   }
 
   /** Delay before retry number `attempt` (0-based): exponential, capped, with jitter (half to all of it). */
@@ -262,6 +289,7 @@ export class ChatClient {
   _networkLost() {
     if (!this._running) return;
     this._closeSession(this._ws, true);
+    if (this._sse) this._endSSE(this._sse, { failed: true });
     if (this._poll && this._poll.attempt) this._poll.attempt.abort();
     this._setState("offline");
   }
@@ -271,6 +299,11 @@ export class ChatClient {
     if (!this._running) return;
     for (const wake of [...this._wakers]) wake();
     if (this._wakeOutbox) this._wakeOutbox();
+    if (this._sseTimer && !this._sse) {
+      clearTimeout(this._sseTimer);
+      this._sseTimer = null;
+      if (!this._ws && !this._poll) this._openSSE();
+    }
     if (!this._ws && !this._probe && this.useWebSocket) {
       clearTimeout(this._probeTimer);
       this._openWebSocket(true);
@@ -378,11 +411,13 @@ export class ChatClient {
     if (this.openDialogId) this._sendFrame({ type: "dialog:join", dialogId: this.openDialogId });
   }
 
-  /** A background WebSocket reached `ready`: stop polling, then hand it the stream if the cursor still fits. */
+  /**
+   * A background WebSocket reached `ready`: stop SSE or polling, then hand it the stream if the cursor still fits.
+   */
   async _promoteProbe(session) {
-    await this._stopPolling();
+    await this._stopFallback();
     if (session.ended || !this._running) {
-      if (this._running && !this._poll && !this._ws) this._startPolling();
+      if (this._running && !this._ws) this._startFallback();
       return;
     }
     this._probe = null;
@@ -417,11 +452,14 @@ export class ChatClient {
       // is eating its frames, and another socket along the same way would likely fare no better.
       this._wsFailures = 1;
       this._setState("connecting");
-      setTimeout(() => this._running && !this._ws && !this._poll && this._openWebSocket(false), this._backoff(0));
+      setTimeout(
+        () => this._running && !this._ws && !this._sse && !this._poll && this._openWebSocket(false),
+        this._backoff(0),
+      );
       return;
     }
     this._wsFailures += 1;
-    this._startPolling();
+    this._startFallback();
     this._scheduleProbe();
   }
 
@@ -452,6 +490,120 @@ export class ChatClient {
     if (!session || !session.ready || session.socket.readyState !== WebSocket.OPEN) return false;
     session.socket.send(JSON.stringify(frame));
     return true;
+  }
+
+  // -- Server-Sent Events ---------------------------------------------------------------------------------
+
+  _eventsUrl() {
+    const url = new URL(this.options.baseUrl || "/", location.href);
+    url.pathname = "/api/events";
+    url.search = "";
+    url.searchParams.set("token", this.token); // EventSource cannot send headers
+    if (this.cursor) url.searchParams.set("cursor", this.cursor);
+    if (this.openDialogId) url.searchParams.set("typing", this.openDialogId);
+    return url.toString();
+  }
+
+  /**
+   * Open an EventSource from the current cursor. It counts as working once its `ready` event arrives within
+   * `connectTimeout` (a proxy that buffers the stream never lets it through). Its own automatic reconnect is
+   * never used: on any error it is closed and this client decides what comes next, from the cursor.
+   */
+  _openSSE() {
+    clearTimeout(this._sseTimer);
+    this._sseTimer = null;
+    const session = { source: null, ready: false, ended: false, timers: {} };
+    this._sse = session;
+    let source;
+    try {
+      source = new EventSource(this._eventsUrl());
+    } catch {
+      this._sseEnded(session);
+      return;
+    }
+    session.source = source;
+    session.timers.connect = setTimeout(() => this._endSSE(session, { failed: true }), this.options.connectTimeout);
+    source.onmessage = (event) => this._onSSEEvent(session, event.data);
+    source.onerror = () => this._endSSE(session, { failed: true });
+  }
+
+  _onSSEEvent(session, raw) {
+    if (session.ended) return;
+    let event;
+    try {
+      event = JSON.parse(raw);
+    } catch {
+      return;
+    }
+    if (!event || typeof event.type !== "string") return;
+    // The server's heartbeats are comments, which EventSource does not show: any event proves the stream is
+    // alive, and a stream quiet for `sseSilence` is reopened from the cursor to find out whether it still is.
+    clearTimeout(session.timers.silence);
+    session.timers.silence = setTimeout(() => this._endSSE(session, { recycle: true }), this.options.sseSilence);
+    if (!session.ready) {
+      if (event.type !== "ready") return;
+      session.ready = true;
+      clearTimeout(session.timers.connect);
+      this.transport = "sse";
+      this._failures = 0;
+      this._sseFailures = 0;
+      this._setState("sse");
+      return;
+    }
+    this._apply(event);
+  }
+
+  /** Close a session; `recycle` reopens the stream at once (new `typing=`, or a liveness check). */
+  _endSSE(session, { failed = false, recycle = false } = {}) {
+    if (!session || session.ended) return;
+    session.failed = failed;
+    session.recycle = recycle;
+    this._sseEnded(session);
+  }
+
+  _sseEnded(session) {
+    if (session.ended) return;
+    session.ended = true;
+    clearTimeout(session.timers.connect);
+    clearTimeout(session.timers.silence);
+    if (session.source) session.source.close();
+    if (!this._running || this._sse !== session) return;
+    this._sse = null;
+    if (this.transport === "sse") this.transport = null;
+    if (session.recycle) {
+      this._openSSE();
+      return;
+    }
+    if (session.ready && this._sseFailures === 0) {
+      // A stream that worked was cut (a restart, a proxy's time limit): one retry within the backoff.
+      this._sseFailures = 1;
+      this._setState("connecting");
+      this._retrySSE(this._backoff(0));
+      return;
+    }
+    this._sseFailures += 1;
+    // A stream that never reached `ready` (a buffering or refusing proxy), or failed again: long-poll.
+    if (this.useLongPoll) this._startPolling();
+    else this._retrySSE(this._backoff(this._sseFailures - 1));
+  }
+
+  _retrySSE(ms) {
+    clearTimeout(this._sseTimer);
+    this._sseTimer = setTimeout(() => {
+      this._sseTimer = null;
+      if (this._running && !this._ws && !this._sse && !this._poll) this._openSSE();
+    }, ms);
+  }
+
+  /** Close the SSE session (if any) and cancel its reconnect, without starting anything else. */
+  _stopSSE() {
+    clearTimeout(this._sseTimer);
+    this._sseTimer = null;
+    const session = this._sse;
+    if (!session) return;
+    this._sse = null; // first: its end must not start another transport
+    if (this.transport === "sse") this.transport = null;
+    this._sseEnded(session);
   }
 
   // -- long-poll ------------------------------------------------------------------------------------------
@@ -748,7 +900,7 @@ export class ChatClient {
 
   /**
    * The dialog the user has open: its typing events are delivered (dialog:join on the WebSocket, `typing=` on
-   * the poll), again after every reconnect.
+   * the SSE stream and the poll), again after every reconnect.
    */
   setOpenDialog(dialogId) {
     if (dialogId === this.openDialogId) return;
@@ -758,6 +910,9 @@ export class ChatClient {
     if (this._ws && this._ws.ready) {
       if (previous) this._sendFrame({ type: "dialog:leave", dialogId: previous });
       if (dialogId) this._sendFrame({ type: "dialog:join", dialogId });
+    } else if (this._sse) {
+      // The stream's `typing=` is fixed when it opens: reopen it from the cursor, nothing lost or repeated.
+      this._endSSE(this._sse, { recycle: true });
     } else if (this._poll) {
       this._restartPoll();
     }
@@ -787,7 +942,7 @@ export class ChatClient {
 
   _sendTyping(dialogId, typing) {
     if (this._sendFrame({ type: typing ? "typing:start" : "typing:stop", dialogId })) return;
-    if (this.state !== "long-poll") return; // offline: typing is ephemeral, nothing to catch up
+    if (this.state !== "long-poll" && this.state !== "sse") return; // offline: typing is ephemeral
     this.api("POST", `/api/dialogs/${encodeURIComponent(dialogId)}/typing`, { typing }).catch(() => {});
   }
 
