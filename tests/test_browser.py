@@ -20,6 +20,7 @@ from tests.browserkit import ALICE_PHONE, BOB_PHONE, ChatPage, ServerProcess, ch
 from tests.conftest import require_service
 
 XSS = "<img src=x onerror=alert(1)>"
+ALICE_NAME, BOB_NAME = "Александр Петров", "Мария Иванова"  # the demo users of run.py --demo
 OpenPage = Callable[..., ChatPage]
 
 
@@ -464,6 +465,51 @@ def test_dialog_that_is_not_open_gets_unread_count_and_preview_live(open_page: O
     expect(row.locator(".unread")).to_be_hidden(timeout=2000)
     views = server.api("GET", "/api/dialogs", token=bob["token"])
     assert next(v for v in views if v["dialogId"] == team["dialogId"])["unreadCount"] == 0
+
+
+def test_sender_names_show_and_a_dialog_started_by_phone_reaches_the_other_user_live(
+    open_page: OpenPage, server: ServerProcess
+) -> None:
+    name_calls = server.log().count("GET /api/users?ids=")
+    alice, bob = open_page(ALICE_PHONE), open_page(BOB_PHONE)
+    for page in (alice, bob):
+        page.open_dialog("Demo")
+    text = unique("from Maria")
+    bob.send(text)
+    expect(alice.message_node(text).locator(".sender")).to_have_text(BOB_NAME, timeout=2000)
+    expect(bob.message_node(text).locator(".sender")).to_have_count(0)  # one's own messages carry no name
+
+    lookups: list[str] = []
+    alice.page.on("request", lambda r: "/api/users?" in r.url and lookups.append(r.url))
+    alice.page.click("#new-dialog-button")
+    alice.page.fill("#new-dialog-title", "Nobody's")
+    alice.page.fill("#new-dialog-phones", "70000000009")
+    alice.page.click("#new-dialog-submit")
+    expect(alice.page.locator("#new-dialog-error")).to_contain_text("70000000009", timeout=2000)
+
+    title = unique("Planning")
+    alice.page.fill("#new-dialog-title", title)
+    alice.page.fill("#new-dialog-phones", BOB_PHONE)
+    alice.page.click("#new-dialog-submit")
+    expect(alice.page.locator("#dialog-title")).to_have_text(title, timeout=3000)
+    expect(alice.page.locator("#new-dialog-form")).to_be_hidden()
+    assert any(f"phone={BOB_PHONE}" in url for url in lookups), lookups
+    row = bob.dialog_row(title)
+    expect(row).to_have_count(1, timeout=2000)  # live, by dialog:update
+    expect(bob.page.locator("#dialog-title")).to_have_text("Demo")
+
+    first = unique("first words in the new dialog")
+    alice.send(first)
+    expect(row.locator(".preview")).to_have_text(first, timeout=2000)
+    expect(row.locator(".unread")).to_have_text("1")
+    bob.open_dialog(title)
+    expect(bob.messages_with(first)).to_have_count(1)
+    expect(bob.message_node(first).locator(".sender")).to_have_text(ALICE_NAME, timeout=2000)
+    bob_token = server.login(BOB_PHONE)["token"]
+    dialog = next(d for d in server.api("GET", "/api/dialogs", token=bob_token) if d["title"] == title)
+    assert len(dialog["memberIds"]) == 2
+    # Names are asked for in one batch per page (the open dialog's members and senders), then cached.
+    assert server.log().count("GET /api/users?ids=") - name_calls == 2, server.log()[-3000:]
 
 
 def test_message_text_is_shown_as_text_and_runs_nothing(open_page: OpenPage) -> None:

@@ -1,5 +1,6 @@
-// app.js: the chat page. Login, the dialog list, the open dialog, the composer, and the connection indicator,
-// drawn from the events of ChatClient (web/chatclient.js).
+// app.js: the chat page. Login, the dialog list, the open dialog (with the names of who wrote what), the
+// composer, a form to start a dialog by phone number, and the connection indicator, drawn from the events of
+// ChatClient (web/chatclient.js).
 //
 // Two rules hold everywhere below. User data reaches the DOM through textContent only, never as HTML. And a
 // change touches only the nodes it changes: a new message appends one node, a dialog update rewrites one row;
@@ -9,6 +10,7 @@ import { ApiError, ChatClient, login } from "./chatclient.js";
 
 const SESSION_KEY = "chatserver.session";
 const PAGE_SIZE = 50;
+const MAX_NAME_IDS = 200; // per GET /api/users
 const STATE_LABELS = {
   connecting: "Connecting…",
   websocket: "WebSocket",
@@ -30,6 +32,13 @@ const view = {
   connection: $("connection"),
   connectionLabel: $("connection-label"),
   dialogs: $("dialogs"),
+  newDialogButton: $("new-dialog-button"),
+  newDialogForm: $("new-dialog-form"),
+  newDialogTitle: $("new-dialog-title"),
+  newDialogPhones: $("new-dialog-phones"),
+  newDialogSubmit: $("new-dialog-submit"),
+  newDialogCancel: $("new-dialog-cancel"),
+  newDialogError: $("new-dialog-error"),
   notify: $("notify-button"),
   logout: $("logout-button"),
   empty: $("empty-state"),
@@ -58,6 +67,9 @@ let needsRead = false;
 let readTimer = null;
 let reloading = null;
 let reloadAgain = false;
+const names = new Map(); // userId -> name; "" while asked, or when the server would not say (no shared dialog)
+const wantedNames = new Set(); // ids to ask for in the next batch
+let namesTimer = null;
 
 // -- small helpers ------------------------------------------------------------------------------------------
 
@@ -140,6 +152,9 @@ function signOut(message) {
   me = null;
   closeDialog();
   dialogs.clear();
+  names.clear();
+  wantedNames.clear();
+  toggleNewDialog(false);
   view.dialogs.replaceChildren();
   history.replaceState(null, "", location.pathname + location.search);
   showLogin(message);
@@ -147,6 +162,7 @@ function signOut(message) {
 
 async function startChat(session) {
   me = session.user;
+  names.set(me.userId, me.name);
   view.meName.textContent = me.name;
   view.meAvatar.textContent = initial(me.name);
   view.login.hidden = true;
@@ -263,6 +279,8 @@ function upsertDialog(dialog, { moveToTop }) {
   }
   let entry = dialogs.get(dialog.dialogId);
   if (!entry) {
+    // A dialog shared with someone new: a name the server would not tell before, it will now.
+    for (const userId of dialog.memberIds) if (names.get(userId) === "" && !wantedNames.has(userId)) names.delete(userId);
     entry = { data: dialog, node: createDialogRow(dialog.dialogId) };
     dialogs.set(dialog.dialogId, entry);
     view.dialogs.prepend(entry.node);
@@ -332,6 +350,7 @@ async function openDialog(dialogId) {
   hasOlder = false;
   view.historyStatus.textContent = "Loading…";
   client.setOpenDialog(dialogId);
+  requestNames(entry.data.memberIds);
   needsRead = entry.data.unreadCount > 0;
   try {
     const page = await client.listMessages(dialogId, { limit: PAGE_SIZE });
@@ -386,6 +405,12 @@ function createMessageNode(message) {
   const mine = me && message.senderId === me.userId;
   const node = el("li", mine ? "message mine" : "message theirs");
   const bubble = el("div", "bubble");
+  if (!mine) {
+    const sender = el("p", "sender", names.get(message.senderId) || "");
+    sender.dataset.senderId = message.senderId;
+    bubble.appendChild(sender);
+    requestNames([message.senderId]);
+  }
   const text = el("p", "text", message.content);
   const meta = el("div", "meta");
   const edited = el("span", "edited", "edited");
@@ -509,6 +534,43 @@ view.scroll.addEventListener(
   },
   { passive: true },
 );
+
+// -- names --------------------------------------------------------------------------------------------------
+
+/** Ask for the names of these users: one batched GET /api/users for everything asked for in this turn. */
+function requestNames(userIds) {
+  for (const userId of userIds) if (userId && !names.has(userId)) wantedNames.add(userId);
+  if (wantedNames.size && !namesTimer) namesTimer = setTimeout(fetchNames, 0);
+}
+
+async function fetchNames() {
+  namesTimer = null;
+  const current = client;
+  if (!current) return;
+  const ids = [...wantedNames].slice(0, MAX_NAME_IDS);
+  for (const userId of ids) {
+    wantedNames.delete(userId);
+    names.set(userId, "");
+  }
+  try {
+    for (const user of await current.users(ids)) {
+      if (client !== current) return;
+      names.set(user.userId, user.name);
+      showName(user.userId);
+    }
+  } catch (error) {
+    for (const userId of ids) if (names.get(userId) === "") names.delete(userId); // asked again next time
+    if (!(error instanceof ApiError) || error.status !== 401) console.warn("chat: could not load names", error);
+  }
+  if (client === current && wantedNames.size && !namesTimer) namesTimer = setTimeout(fetchNames, 0);
+}
+
+function showName(userId) {
+  const name = names.get(userId) || "";
+  for (const node of view.messages.querySelectorAll(`.sender[data-sender-id="${CSS.escape(userId)}"]`)) {
+    node.textContent = name;
+  }
+}
 
 function showTyping(userIds) {
   view.typing.textContent = userIds.length === 0 ? "" : userIds.length === 1 ? "typing…" : `${userIds.length} people are typing…`;
@@ -675,6 +737,52 @@ function cancelEdit() {
   view.editBanner.hidden = true;
   view.input.value = "";
 }
+
+// -- new dialog -------------------------------------------------------------------------------------------------
+
+function toggleNewDialog(open) {
+  view.newDialogForm.hidden = !open;
+  view.newDialogButton.setAttribute("aria-expanded", String(open));
+  view.newDialogError.textContent = "";
+  if (open) view.newDialogTitle.focus();
+  else view.newDialogForm.reset();
+}
+
+view.newDialogButton.addEventListener("click", () => toggleNewDialog(view.newDialogForm.hidden));
+view.newDialogCancel.addEventListener("click", () => toggleNewDialog(false));
+
+view.newDialogForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const current = client;
+  const title = view.newDialogTitle.value.trim();
+  const phones = [...new Set(view.newDialogPhones.value.split(/[\s,;]+/).filter(Boolean))];
+  if (!current || !title || !phones.length) {
+    view.newDialogError.textContent = "A title and at least one phone number, please.";
+    return;
+  }
+  view.newDialogError.textContent = "";
+  view.newDialogSubmit.disabled = true;
+  try {
+    // Each phone is looked up exactly (there is no directory to browse); every one must be someone.
+    const found = await Promise.all(phones.map((phone) => current.userByPhone(phone)));
+    const missing = phones.filter((_, i) => !found[i]);
+    if (missing.length) {
+      view.newDialogError.textContent = `Nobody has the phone number ${missing.join(", ")}.`;
+      return;
+    }
+    for (const user of found) names.set(user.userId, user.name);
+    const memberIds = found.map((user) => user.userId).filter((userId) => userId !== me.userId);
+    const dialog = await current.createDialog(title, memberIds);
+    if (client !== current) return;
+    upsertDialog(dialog, { moveToTop: true });
+    toggleNewDialog(false);
+    openDialog(dialog.dialogId);
+  } catch (error) {
+    view.newDialogError.textContent = `Could not create the dialog: ${error.message}`;
+  } finally {
+    view.newDialogSubmit.disabled = false;
+  }
+});
 
 window.addEventListener("hashchange", () => {
   const dialogId = location.hash.slice(1);

@@ -777,6 +777,17 @@ export class ChatClient {
     return dialog;
   }
 
+  /** Users by id (extension; at most 200): only those sharing a dialog with this user, or this user. */
+  users(userIds) {
+    return this.api("GET", `/api/users?${new URLSearchParams({ ids: userIds.join(",") })}`);
+  }
+
+  /** The user with exactly this phone (extension), or null. */
+  async userByPhone(phone) {
+    const found = await this.api("GET", `/api/users?${new URLSearchParams({ phone })}`);
+    return found.length ? found[0] : null;
+  }
+
   createDialog(title, memberIds) {
     return this.api("POST", "/api/dialogs", { title, memberIds });
   }
