@@ -329,6 +329,65 @@ def test_silent_websocket_is_dropped_for_long_poll_and_taken_back_without_loss(
         context.close()
 
 
+def test_sse_comes_back_after_an_outage_that_sent_it_to_long_poll(browser: Browser, server: ServerProcess) -> None:
+    """`transports: ["sse", "longpoll"]` (no WebSocket at all): the server goes out of reach, so the stream fails
+    (found by reopening it after a quiet spell) and so do the polls; once polls get through again, SSE is given
+    another chance and carries on, nothing lost."""
+    outage = [False]
+    sockets: list[str] = []
+
+    def gate(route: Route) -> None:
+        if outage[0]:
+            route.abort()
+        else:
+            route.continue_()
+
+    context = browser.new_context()
+    try:
+        context.route(re.compile(r"/api/(events|poll)(\?|$)"), gate)
+        page = context.new_page()
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+        page.goto(server.base_url + "/")
+        alice, bob = server.login(ALICE_PHONE), server.login(BOB_PHONE)
+        dialog_id = demo_dialog(server, bob["token"])
+        page.evaluate(
+            """async ({ token, userId }) => {
+                const { ChatClient } = await import("/static/chatclient.js");
+                const client = new ChatClient({ token, userId, transports: ["sse", "longpoll"],
+                                                sseSilence: 500, backoffBase: 200, backoffCap: 1000 });
+                window.received = [];
+                window.states = [];
+                client.on("state", ({ state }) => window.states.push(state));
+                client.on("message:new", (message) => window.received.push(message.content));
+                window.client = client;
+                await client.start();
+            }""",
+            {"token": alice["token"], "userId": alice["user"]["userId"]},
+        )
+        page.wait_for_function("() => window.client.state === 'sse'", timeout=5000)
+
+        def post(text: str) -> str:
+            server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": text}, bob["token"])
+            return text
+
+        outage[0] = True
+        page.evaluate("() => { window.states = []; }")
+        page.wait_for_function("() => window.client.state === 'offline'", timeout=5000)
+        sent = [post(unique("during the outage"))]
+        outage[0] = False
+        page.wait_for_function("() => window.received.length === 1", timeout=5000)
+        page.wait_for_function("() => window.client.state === 'sse'", timeout=5000)
+        assert "long-poll" in page.evaluate("window.states"), page.evaluate("window.states")
+        sent.append(post(unique("over SSE again")))
+        page.wait_for_function("() => window.received.length === 2", timeout=3000)
+        page.wait_for_timeout(300)
+        assert page.evaluate("window.received") == sent
+        assert page.evaluate("window.client.transport") == "sse"
+        assert not sockets, sockets
+    finally:
+        context.close()
+
+
 def test_sender_edits_own_message_and_receiver_sees_the_edit(open_page: OpenPage) -> None:
     alice, bob = open_page(ALICE_PHONE), open_page(BOB_PHONE)
     for page in (alice, bob):

@@ -643,12 +643,21 @@ export class ChatClient {
       const deadline = setTimeout(() => poll.attempt && poll.attempt.abort(), (timeout + 10) * 1000);
       try {
         const data = await this.api("GET", `/api/poll?${params}`, undefined, poll.attempt.signal);
+        const recovered = this._failures > 0;
         this.transport = "longpoll";
         this._failures = 0;
         this._setState("long-poll");
         for (const event of data.events) this._apply(event);
         if (data.cursor) this.cursor = data.cursor;
         parked = true;
+        if (recovered && this._sseFailures > 0 && this.useSSE && this._poll === poll && !signal.aborted) {
+          // The server was out of reach: the SSE failure that brought us here may have been that outage, not
+          // the network. Give SSE another chance, from the cursor; if it fails again, polling resumes.
+          this._poll = null;
+          this.transport = null;
+          this._openSSE();
+          break;
+        }
       } catch (error) {
         if (signal.aborted || !this._running) break;
         if (poll.restart) continue; // re-issued with new parameters; the cursor has not moved
