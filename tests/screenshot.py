@@ -39,10 +39,9 @@ def take(output: Path) -> None:
                 expect(
                     second.messages_with("Привет, Мария! The new gateway is live: messages arrive without a reload.")
                 )
-                second.send("Works here too, even behind the office proxy (it falls back to SSE or long-poll).")
-                expect(
-                    first.messages_with("Works here too, even behind the office proxy (it falls back to SSE or long-poll).")
-                )
+                reply = "Works here too, even behind the office proxy (it falls back to SSE or long-poll)."
+                second.send(reply)
+                expect(first.messages_with(reply))
                 for text in ("Build 1.5.0 is on staging.", "Can you check the release notes?"):
                     server.api("POST", f"/api/messages/dialog/{team['dialogId']}", {"content": text}, bob["token"])
                 expect(first.dialog_row("Release 1.5").locator(".unread")).to_have_text("2", timeout=3000)

@@ -50,9 +50,7 @@ def open_page(browser: Browser, server: ServerProcess) -> Iterator[OpenPage]:
     """Opens logged-in pages; at the end checks that none of them broke the CSP, threw, or showed a dialog."""
     pages: list[ChatPage] = []
 
-    def open_(
-        phone: str, *, block_websocket: list[str] | None = None, block_sse: list[str] | None = None
-    ) -> ChatPage:
+    def open_(phone: str, *, block_websocket: list[str] | None = None, block_sse: list[str] | None = None) -> ChatPage:
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         if block_websocket is not None:
             # The corporate proxy: the upgrade never reaches the server; the page sees its socket close at once.
@@ -325,6 +323,50 @@ def test_silent_websocket_is_dropped_for_long_poll_and_taken_back_without_loss(
         page.wait_for_function("() => window.received.length === 4", timeout=3000)
         page.wait_for_timeout(300)
         assert page.evaluate("window.received") == sent
+    finally:
+        context.close()
+
+
+def test_a_buffered_sse_stream_means_long_poll(browser: Browser, server: ServerProcess) -> None:
+    """A proxy that holds a streamed response back until it ends: no `ready` arrives within `connectTimeout`, so
+    the library polls instead (and WebSocket, refused, is still tried in the background)."""
+    held: list[Route] = []
+    upgrades: list[str] = []
+
+    def refuse(ws: WebSocketRoute) -> None:
+        upgrades.append(ws.url)
+        ws.close()
+
+    context = browser.new_context()
+    try:
+        context.route_web_socket(re.compile(r"/ws(\?|$)"), refuse)
+        context.route(re.compile(r"/api/events(\?|$)"), lambda route: held.append(route))  # never answered
+        page = context.new_page()
+        page.goto(server.base_url + "/")
+        alice, bob = server.login(ALICE_PHONE), server.login(BOB_PHONE)
+        page.evaluate(
+            """async ({ token, userId }) => {
+                const { ChatClient } = await import("/static/chatclient.js");
+                const client = new ChatClient({ token, userId, connectTimeout: 800, backoffBase: 200,
+                                                backoffCap: 1000 });
+                window.received = [];
+                window.states = [];
+                client.on("state", ({ state }) => window.states.push(state));
+                client.on("message:new", (message) => window.received.push(message.content));
+                window.client = client;
+                await client.start();
+            }""",
+            {"token": alice["token"], "userId": alice["user"]["userId"]},
+        )
+        page.wait_for_function("() => window.client.state === 'long-poll'", timeout=5000)
+        assert len(held) == 1 and "sse" not in page.evaluate("window.states")
+        text = unique("past the buffering proxy")
+        dialog_id = demo_dialog(server, bob["token"])
+        server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": text}, bob["token"])
+        page.wait_for_function("() => window.received.length === 1", timeout=3000)
+        assert page.evaluate("window.received") == [text]
+        wait_until(page, lambda: len(upgrades) >= 2, 5)
+        assert page.evaluate("window.client.transport") == "longpoll"
     finally:
         context.close()
 
