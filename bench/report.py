@@ -33,7 +33,7 @@ FIGURES: list[tuple[str, str, str, str, int]] = [
     ("idle", "kb_per_poll", "memory per parked long-poll", "kB", 1),
     ("latency", "p50_ms", "POST-to-receipt p50 at 10,000 deliveries/s", "ms", 1),
     ("latency", "p99_ms", "POST-to-receipt p99 at 10,000 deliveries/s", "ms", 1),
-    ("slow", "rss_growth_kb", "server RSS growth with one stalled reader", "kB", 0),
+    ("slow", "rss_growth_kb", "server RSS growth in the stalled-reader run (ours: with its resume history)", "kB", 0),
     ("storm", "time_to_all_ready_s", "resume storm: 1,000 reconnects after a restart, all ready", "s", 2),
 ]
 

@@ -205,6 +205,8 @@ error_log {tmp}/error.log warn;
 events {{ worker_connections 19000; }}
 http {{
     access_log off;
+    # nginx closes a keep-alive connection after 1,000 requests by default: the publisher's must stay up.
+    keepalive_requests 1000000;
     client_body_temp_path {tmp}/body;
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
