@@ -65,6 +65,7 @@ class ChatService:
         tokens: TokenSigner,
         *,
         membership_cache_size: int = 10000,
+        user_cache_size: int = 100000,
     ) -> None:
         self.db = db
         self.broadcaster = broadcaster
@@ -72,6 +73,9 @@ class ChatService:
         self.tokens = tokens
         self._members: OrderedDict[str, frozenset[str]] = OrderedDict()
         self._members_size = membership_cache_size
+        # Users known to exist (never deleted, so never stale); bounded, the oldest forgotten first.
+        self._users: OrderedDict[str, None] = OrderedDict()
+        self._users_size = user_cache_size
         self.relays: list[Relay] = []
 
     # -- auth --------------------------------------------------------------------------------------------
@@ -86,9 +90,32 @@ class ChatService:
             raise Unauthorized("wrong phone or password")
         return self.tokens.issue(found[0].user_id), found[0]
 
-    def authenticate(self, token: str) -> str:
-        """The user id of a valid token; Unauthorized otherwise."""
-        return self.tokens.verify(token)
+    async def authenticate(self, token: str) -> str:
+        """The user id of a valid token whose user exists in this database; Unauthorized otherwise.
+
+        A token signed with this secret may still name a user this database lacks (a database restored from an
+        older backup, another one sharing the secret): it authenticates nobody. Users are never deleted, so a
+        user found once is remembered and later requests cost no store call.
+        """
+        user_id = self.tokens.verify(token)
+        if user_id not in self._users:
+            if await self.db.run(SQLiteStore.get_user, user_id) is None:
+                raise Unauthorized("the token's user does not exist")
+            self._remember_user(user_id)
+        return user_id
+
+    def authenticate_known(self, token: str) -> str:
+        """`authenticate` without the store, for paths that cannot wait: Unauthorized also where the user is not
+        (yet) among those remembered, and the caller then takes the path that awaits `authenticate`."""
+        user_id = self.tokens.verify(token)
+        if user_id not in self._users:
+            raise Unauthorized("the token's user is not known yet")
+        return user_id
+
+    def _remember_user(self, user_id: str) -> None:
+        self._users[user_id] = None
+        if len(self._users) > self._users_size:
+            self._users.popitem(last=False)
 
     async def current_user(self, user_id: str) -> User:
         user = await self.db.run(SQLiteStore.get_user, user_id)

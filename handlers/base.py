@@ -149,7 +149,7 @@ class ApiHandler(JsonHandler):
     requires_auth = True
     user_id: str
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         self._body = bytearray()
         limit = self.ctx.config.max_body_size
         length = self.request.headers.get("Content-Length")
@@ -158,7 +158,7 @@ class ApiHandler(JsonHandler):
             # rather than read the rest.
             raise TooLarge(f"the body is larger than {limit} bytes")
         if self.requires_auth:
-            self.user_id = self.authenticate()
+            self.user_id = await self.authenticate()
 
     def data_received(self, chunk: bytes) -> None:
         if self._finished:
@@ -173,12 +173,12 @@ class ApiHandler(JsonHandler):
             return
         self._body.extend(chunk)
 
-    def authenticate(self) -> str:
+    async def authenticate(self) -> str:
         header = self.request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-        return self.service.authenticate(token.strip())
+        return await self.service.authenticate(token.strip())
 
     def json_body(self) -> dict[str, Any]:
         return jsonutil.loads_object(bytes(self._body))

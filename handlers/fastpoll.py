@@ -150,7 +150,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
             return None
         ctx = router.ctx
         try:
-            user_id = ctx.service.authenticate(token)
+            user_id = ctx.service.authenticate_known(token)  # a user not seen yet: PollHandler looks
             replay = ctx.broadcaster.events_after(user_id, cursor, ctx.config.poll_max_events)
         except ChatError:
             return None

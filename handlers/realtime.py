@@ -89,7 +89,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
 
     async def prepare(self) -> None:
         # Refused before the upgrade: 401 for a bad token, 400 for a bad cursor (never logged: see redact()).
-        self.user_id = self.service.authenticate(_token(self))
+        self.user_id = await self.service.authenticate(_token(self))
         self._cursor = self.get_query_argument("cursor", None) or None
         if self._cursor is not None:
             self.ctx.broadcaster.parse_cursor(self._cursor)
@@ -325,8 +325,8 @@ class EventStreamHandler(ApiHandler):
         self._done: asyncio.Future[None] | None = None
         self._gone = False
 
-    def authenticate(self) -> str:
-        return self.service.authenticate(_token(self))
+    async def authenticate(self) -> str:
+        return await self.service.authenticate(_token(self))
 
     async def get(self) -> None:
         broadcaster = self.ctx.broadcaster

@@ -48,7 +48,7 @@ class DialogApiHandler(ApiHandler):
     """An endpoint under one dialog: membership is checked before the body is even read (403 wins over 400)."""
 
     async def prepare(self) -> None:  # type: ignore[override]
-        super().prepare()
+        await super().prepare()
         await self.service.authorize_dialog(self.user_id, self.path_args[0])
 
 
@@ -80,7 +80,7 @@ class DialogMessagesHandler(DialogApiHandler):
 class MessageHandler(ApiHandler):
     async def prepare(self) -> None:  # type: ignore[override]
         # As under a dialog: 404 and 403 are decided before the body is read.
-        super().prepare()
+        await super().prepare()
         await self.service.editable_message(self.user_id, self.path_args[0])
 
     async def patch(self, message_id: str) -> None:

@@ -1,0 +1,75 @@
+"""Hostile input across endpoints, over real sockets: every refusal is a clear JSON 4xx, never a 500 or an HTML page.
+
+The per-area cases live with their area (test_rest, test_realtime, test_users, test_chat3); what is here cuts
+across routes: a token for a user this database does not hold, the page's static files, refused upgrades.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import tornado.httpclient
+import tornado.websocket
+
+from chatserver import jsonutil
+from tests.conftest import Client
+
+
+async def fetch(client: Client, method: str, path: str, body: bytes | None = None, **headers: str) -> Any:
+    if body is None and method in ("POST", "PATCH", "PUT"):
+        body = b""
+    return await client.http.fetch(
+        client.base_url + path,
+        method=method,
+        body=body,
+        headers=headers,
+        raise_error=False,
+        request_timeout=10,
+        allow_nonstandard_methods=True,
+    )
+
+
+def assert_json_error(response: Any, expected: int) -> str:
+    """The answer is `expected`, as JSON, with the error envelope."""
+    assert response.code == expected, (response.code, response.body[:200])
+    assert response.headers["Content-Type"].startswith("application/json"), response.headers["Content-Type"]
+    body = jsonutil.loads(response.body)
+    assert body["success"] is False and isinstance(body["error"], str) and body["error"], body
+    return str(body["error"])
+
+
+@pytest.mark.gen_test
+async def test_a_validly_signed_token_for_a_user_this_database_lacks_is_401_everywhere(
+    alice: Client, dialog_id: str
+) -> None:
+    # Signed with the right secret, so only the store can tell: a database restored from backup, or another
+    # database sharing the secret. It must authenticate nobody, on every endpoint and transport.
+    ghost = alice.ctx.service.tokens.issue("usr_nobody")
+    sent = await alice.post_message(dialog_id, "x")
+    cursor = alice.ctx.broadcaster.cursor()
+    requests = [
+        ("GET", "/api/me", None),
+        ("GET", f"/api/users?ids={alice.user_id}", None),
+        ("GET", "/api/dialogs", None),
+        ("POST", "/api/dialogs", b'{"title": "t"}'),
+        ("GET", f"/api/dialogs/{dialog_id}", None),
+        ("GET", f"/api/messages/dialog/{dialog_id}", None),
+        ("POST", f"/api/messages/dialog/{dialog_id}", b'{"content": "x"}'),
+        ("POST", f"/api/dialogs/{dialog_id}/typing", b'{"typing": true}'),
+        ("POST", f"/api/dialogs/{dialog_id}/read", jsonutil.dumps_bytes({"messageId": sent["messageId"]})),
+        ("PATCH", f"/api/messages/{sent['messageId']}", b'{"content": "x"}'),
+        ("GET", "/api/poll", None),
+        ("GET", f"/api/poll?cursor={cursor}&timeout=0", None),
+        ("GET", "/api/events", None),
+    ]
+    for method, path, body in requests:
+        response = await fetch(alice, method, path, body, Authorization=f"Bearer {ghost}")
+        assert_json_error(response, 401)
+    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+        await tornado.websocket.websocket_connect(f"{alice.ws_url}/ws?token={ghost}")
+    assert refused.value.code == 401
+    # The real user's token still works, on the lean poll path too.
+    assert (
+        await fetch(alice, "GET", f"/api/poll?cursor={cursor}&timeout=0", Authorization=f"Bearer {alice.token}")
+    ).code == 200
