@@ -9,8 +9,11 @@ store or needs a token: the page logs in over the REST API like any other client
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import tornado.web
+
+from chatserver import jsonutil
 
 # A Host header we are willing to echo into connect-src; anything else gets 'self' alone.
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
@@ -49,6 +52,18 @@ class WebFileHandler(tornado.web.StaticFileHandler):
         self.set_header("Referrer-Policy", "no-referrer")
         self.set_header("X-Frame-Options", "DENY")
         self.set_header("Cross-Origin-Opener-Policy", "same-origin")
+
+    def parse_url_path(self, url_path: str) -> str:
+        # A NUL byte makes the file system calls behind StaticFileHandler raise ValueError (a 500): no file has one.
+        if "\x00" in url_path:
+            raise tornado.web.HTTPError(404)
+        return super().parse_url_path(url_path)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # Refusals (404, 403 outside web/, 405) are JSON like every other error of the server, not an HTML page.
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(jsonutil.dumps({"success": False, "error": self._reason}))
 
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Cache-Control", "no-cache")

@@ -73,3 +73,24 @@ async def test_a_validly_signed_token_for_a_user_this_database_lacks_is_401_ever
     assert (
         await fetch(alice, "GET", f"/api/poll?cursor={cursor}&timeout=0", Authorization=f"Bearer {alice.token}")
     ).code == 200
+
+
+@pytest.mark.gen_test
+async def test_the_pages_files_refuse_bad_paths_and_methods_with_json_and_keep_their_policy(alice: Client) -> None:
+    refusals = [
+        ("GET", "/static/app.js%00.html", 404),  # a NUL byte in the path was a 500
+        ("GET", "/static/%00", 404),
+        ("GET", "/static/nope.js", 404),
+        ("GET", "/static/%2e%2e/run.py", 403),
+        ("GET", "/static/..%2f..%2fetc%2fpasswd", 403),
+        ("GET", "/static/", 403),
+        ("PUT", "/", 405),
+        ("DELETE", "/static/app.js", 405),
+        ("OPTIONS", "/static/app.js", 405),
+    ]
+    for method, path, status in refusals:
+        response = await fetch(alice, method, path)
+        assert_json_error(response, status)
+        assert "script-src 'self'" in response.headers["Content-Security-Policy"], path
+    page = await fetch(alice, "GET", "/static/app.js")
+    assert page.code == 200 and page.headers["Content-Type"].startswith("text/javascript")
