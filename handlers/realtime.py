@@ -18,7 +18,7 @@ import tornado.websocket
 
 from chatserver import jsonutil
 from chatserver.broadcaster import EventRecord, Replay
-from chatserver.errors import BadRequest, ChatError, Unauthorized
+from chatserver.errors import BadRequest, ChatError, Forbidden, Unauthorized
 from chatserver.models import check_id
 from handlers.base import ApiHandler, AppContext, JsonErrors
 from handlers.outbox import Outbox
@@ -95,6 +95,14 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
             self.ctx.broadcaster.parse_cursor(self._cursor)
         if self.ctx.shutting_down:
             raise tornado.web.HTTPError(503, "the server is shutting down")
+        # Tornado's own refusals below (a plain GET, a foreign origin) are bare text: these are JSON, as all errors.
+        headers = self.request.headers
+        connection = {part.strip().lower() for part in headers.get("Connection", "").split(",")}
+        if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in connection:
+            raise BadRequest("this is a WebSocket endpoint: send 'Upgrade: websocket' and 'Connection: Upgrade'")
+        origin = headers.get("Origin") if "Origin" in headers else headers.get("Sec-Websocket-Origin")
+        if origin is not None and not self.check_origin(origin):
+            raise Forbidden("a WebSocket from this origin is not allowed here (see trusted_origins)")
 
     def check_origin(self, origin: str) -> bool:
         if origin.rstrip("/") in self.ctx.config.origins:

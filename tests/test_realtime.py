@@ -419,6 +419,28 @@ async def test_cross_origin_upgrade_is_refused_unless_trusted(bob: Client) -> No
     assert trusted.ready["type"] == "ready"
 
 
+@pytest.mark.gen_test
+async def test_refused_upgrades_answer_a_json_error(bob: Client) -> None:
+    # A browser's `Origin: null` (a sandboxed frame, a file: page), a foreign origin, or a plain GET: each refused
+    # with the JSON envelope like any other error, not Tornado's bare text.
+    plain = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+             "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    cases = [
+        ({"Origin": "null"}, 403),
+        ({"Origin": "https://evil.example"}, 403),
+        ({"Origin": ""}, 403),
+        ({"Upgrade": ""}, 400),
+        ({"Connection": "keep-alive"}, 400),
+    ]
+    for change, status in cases:
+        response = await bob.http.fetch(f"{bob.base_url}/ws?token={bob.token}", headers={**plain, **change},
+                                        raise_error=False, request_timeout=5)
+        assert response.code == status, (change, response.code, response.body)
+        assert response.headers["Content-Type"].startswith("application/json"), change
+        body = jsonutil.loads(response.body)
+        assert body["success"] is False and body["error"], body
+
+
 @pytest.mark.gen_test(timeout=60)
 @pytest.mark.parametrize("settings", [{"client_buffer_limit": 64 * 1024}])
 async def test_client_that_stops_reading_is_cut_off_while_others_keep_receiving(
