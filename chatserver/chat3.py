@@ -469,8 +469,7 @@ async def apply_chat3_event(service: ChatService, body: bytes, max_content_lengt
     elif kind == "message.updated":
         outcome = await service.accept_update(Message.from_chat3(data, max_content_length=max_content_length))
     elif kind == "dialog.updated":
-        await service.save_dialog(Dialog.from_chat3(data))
-        return "accepted"
+        return "accepted" if await service.save_dialog(Dialog.from_chat3(data)) else "duplicate"
     else:
         raise BadRequest(f"unknown event {kind!r}", field="event")
     return "accepted" if outcome.published else "duplicate"

@@ -199,17 +199,23 @@ class ChatService:
         assert view is not None
         return view
 
-    async def save_dialog(self, dialog: Dialog) -> None:
-        """The write path of dialogs: create or update, then `dialog:update` to every member, old and new."""
+    async def save_dialog(self, dialog: Dialog) -> bool:
+        """The write path of dialogs: create or update, then `dialog:update` to every member, old and new.
+
+        Returns False, publishing nothing, for an update older than the dialog held (the store keeps the newer).
+        """
         unknown = await self.db.run(SQLiteStore.unknown_users, dialog.member_ids)
         if unknown:
             raise BadRequest(f"unknown users in 'memberIds': {', '.join(unknown)}", field="memberIds")
         if not dialog.member_ids:
             raise BadRequest("'memberIds' must name at least one user", field="memberIds")
         before, after = await self.db.write(SQLiteStore.save_dialog, dialog)
+        if after.updated_at > dialog.updated_at:
+            return False
         self._cache_members(after)
         recipients = set(after.member_ids) | set(before.member_ids if before else ())
         await self._publish_dialog(after, recipients)
+        return True
 
     async def _publish_dialog(self, dialog: Dialog, recipients: Iterable[str]) -> None:
         # The dialog object carries each member's own unreadCount: members with the same count share one

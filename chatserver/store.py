@@ -232,9 +232,15 @@ class SQLiteStore:
     # -- dialogs -----------------------------------------------------------------------------------------
 
     def save_dialog(self, dialog: Dialog) -> tuple[Dialog | None, Dialog]:
-        """Create the dialog or replace its title and members; returns (before, after)."""
+        """Create the dialog or replace its title and members; returns (before, after).
+
+        An update older (by `updatedAt`) than the dialog held changes nothing, and `after` is then `before`: a
+        redelivered or late event must not bring back a removed member.
+        """
         with self._write() as conn:
             before = self._dialog(conn, dialog.dialog_id)
+            if before is not None and dialog.updated_at < before.updated_at:
+                return before, before
             if before is None:
                 conn.execute(
                     "INSERT INTO dialogs (dialog_id, title, created_at, updated_at, activity_at) "

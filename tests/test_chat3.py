@@ -398,6 +398,71 @@ async def test_dialog_announced_by_chat3_reaches_its_members_and_then_carries_me
 
 
 @pytest.mark.gen_test
+async def test_a_removed_member_gets_the_last_dialog_update_and_nothing_after_on_any_transport(
+    ctx: AppContext, alice: Client, bob: Client, carol: Client, broker: Broker
+) -> None:
+    # Chat3 is the source of truth for its messages: one whose sender is not (or no longer) a member is stored
+    # and reaches the members, never the sender for having sent it; dead-lettering it would lose real history.
+    async with listening(ctx):
+        carol_ws = await carol.websocket()
+        alice_ws = await alice.websocket()
+        _, hello = await carol.poll()
+        dialog = new_id("dlg")
+        trio = dialog_event(dialog, "Trio", [alice.user_id, bob.user_id, carol.user_id])
+        duo = dialog_event(dialog, "Duo", [alice.user_id, bob.user_id])
+        duo["data"]["createdAt"] = trio["data"]["createdAt"]
+        await broker.publish(trio, duo)
+        assert (await carol_ws.next_of("dialog:update"))["data"]["title"] == "Trio"
+        last = await carol_ws.next_of("dialog:update")
+        assert last["data"]["memberIds"] == [alice.user_id, bob.user_id]
+        from_bob = message_event(dialog, bob.user_id, "after carol left")
+        from_carol = message_event(dialog, carol.user_id, "sent by carol in Chat3 after she left")
+        await broker.publish(from_bob, from_carol)
+        assert (await alice_ws.next_of("message:new"))["data"] == from_bob["data"]
+        assert (await alice_ws.next_of("message:new"))["data"] == from_carol["data"]
+        await carol_ws.nothing_within(0.3)
+        status, polled = await carol.poll(hello["data"]["cursor"], timeout="0")
+        assert status == 200
+        assert [(e["type"], e["data"]["title"]) for e in polled["data"]["events"]] == [
+            ("dialog:update", "Trio"),
+            ("dialog:update", "Duo"),
+        ]
+        for path in (f"/api/messages/dialog/{dialog}", f"/api/dialogs/{dialog}"):
+            assert (await carol.call("GET", path))[0] == 403
+        assert chat3_count(ctx, "rejected") == 0
+
+
+@pytest.mark.gen_test
+async def test_a_stale_dialog_update_never_brings_a_removed_member_back(
+    ctx: AppContext, alice: Client, carol: Client, broker: Broker
+) -> None:
+    # A redelivery, or an event requeued while the store failed, can arrive after a newer one: the older
+    # membership must not come back (and give a removed member the dialog's history again).
+    async with listening(ctx):
+        carol_ws = await carol.websocket()
+        dialog = new_id("dlg")
+        trio = dialog_event(dialog, "Trio", [alice.user_id, carol.user_id])
+        trio["data"]["updatedAt"] = "2026-01-01T00:00:01.000Z"
+        trio["data"]["createdAt"] = "2026-01-01T00:00:00.000Z"
+        duo = {
+            "event": "dialog.updated",
+            "data": {
+                **trio["data"],
+                "title": "Duo",
+                "memberIds": [alice.user_id],
+                "updatedAt": "2026-01-01T00:00:02.000Z",
+            },
+        }
+        await broker.publish(trio, duo, trio)
+        await carol_ws.next_of("dialog:update")
+        assert (await carol_ws.next_of("dialog:update"))["data"]["title"] == "Duo"
+        await eventually(lambda: chat3_count(ctx, "accepted") + chat3_count(ctx, "duplicate") >= 3, "the stale update")
+        await carol_ws.nothing_within(0.3)
+        assert (await carol.call("GET", f"/api/messages/dialog/{dialog}"))[0] == 403
+        assert (await alice.call("GET", f"/api/dialogs/{dialog}"))[1]["data"]["title"] == "Duo"
+
+
+@pytest.mark.gen_test
 async def test_events_queued_while_the_server_was_stopped_arrive_after_it_starts(
     ctx: AppContext, alice: Client, bob: Client, dialog_id: str, broker: Broker
 ) -> None:
