@@ -12,6 +12,7 @@ dialog membership that fan-out and authorization read from.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
 MAX_USER_IDS = 200
+# A typing event repeating the user's last one in a dialog within this many seconds is dropped.
+TYPING_REPEAT = 1.0
 
 
 @attrs.frozen(slots=True)
@@ -76,6 +79,9 @@ class ChatService:
         # Users known to exist (never deleted, so never stale); bounded, the oldest forgotten first.
         self._users: OrderedDict[str, None] = OrderedDict()
         self._users_size = user_cache_size
+        # The last typing state each user announced in each dialog, and when (bounded like the membership cache).
+        self._typing: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
+        self._clock = time.monotonic
         self.relays: list[Relay] = []
 
     # -- auth --------------------------------------------------------------------------------------------
@@ -291,10 +297,29 @@ class ChatService:
         if not isinstance(typing, bool):
             raise BadRequest("'typing' must be true or false", field="typing")
         members = await self.authorize_dialog(user_id, dialog_id)
+        if self._repeated_typing(user_id, dialog_id, typing):
+            return
         self.broadcaster.publish_typing(dialog_id, user_id, typing, members)
         for relay in self.relays:
             relay(events.TYPING_START if typing else events.TYPING_STOP,
                   {"dialogId": dialog_id, "userId": user_id}, members)
+
+    def _repeated_typing(self, user_id: str, dialog_id: str, typing: bool) -> bool:
+        """Whether this is the state the user last announced in the dialog, less than TYPING_REPEAT seconds ago.
+
+        Such a repeat tells nobody anything new: it is dropped rather than fanned out to every member, so a client
+        spamming typing frames costs the others nothing. A change of state always goes through.
+        """
+        key = (user_id, dialog_id)
+        now = self._clock()
+        last = self._typing.get(key)
+        if last is not None and last[0] == typing and now - last[1] < TYPING_REPEAT:
+            return True
+        self._typing[key] = (typing, now)
+        self._typing.move_to_end(key)
+        if len(self._typing) > self._members_size:
+            self._typing.popitem(last=False)
+        return False
 
     # -- cluster ------------------------------------------------------------------------------------------
 

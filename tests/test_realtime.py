@@ -367,6 +367,22 @@ async def test_typing_reaches_joined_connections_of_other_members_only(
     await joined.nothing_within(0.3)
 
 
+@pytest.mark.gen_test
+async def test_a_burst_of_the_same_typing_state_reaches_others_once(alice: Client, bob: Client, dialog_id: str) -> None:
+    # A client spamming typing:start must not make the server fan out every repeat to every member.
+    joined, own = await bob.websocket(), await alice.websocket()
+    joined.send({"type": "dialog:join", "dialogId": dialog_id})
+    await joined.next_of("dialog:joined")
+    for _ in range(50):
+        own.send({"type": "typing:start", "dialogId": dialog_id})
+    own.send({"type": "typing:stop", "dialogId": dialog_id})
+    own.send({"type": "ping"})
+    await own.next_of("pong")
+    assert (await joined.next())["type"] == "typing:start"
+    assert (await joined.next())["type"] == "typing:stop"  # a change of state always goes through
+    await joined.nothing_within(0.2)
+
+
 # -- bad clients -----------------------------------------------------------------------------------------------
 
 
