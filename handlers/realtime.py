@@ -100,8 +100,9 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         connection = {part.strip().lower() for part in headers.get("Connection", "").split(",")}
         if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in connection:
             raise BadRequest("this is a WebSocket endpoint: send 'Upgrade: websocket' and 'Connection: Upgrade'")
-        origin = headers.get("Origin") if "Origin" in headers else headers.get("Sec-Websocket-Origin")
-        if origin is not None and not self.check_origin(origin):
+        # The very check WebSocketHandler.get makes next (same origin by Origin/Host or Sec-Fetch-Site, else
+        # check_origin), made here first so that its refusal is JSON too.
+        if self._check_cross_origin(self.check_origin) is not None:
             raise Forbidden("a WebSocket from this origin is not allowed here (see trusted_origins)")
 
     def check_origin(self, origin: str) -> bool:

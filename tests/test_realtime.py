@@ -455,6 +455,8 @@ async def test_refused_upgrades_answer_a_json_error(bob: Client) -> None:
         assert response.headers["Content-Type"].startswith("application/json"), change
         body = jsonutil.loads(response.body)
         assert body["success"] is False and body["error"], body
+    for same_origin in ({"Origin": bob.base_url}, {"Origin": "https://evil.example", "Sec-Fetch-Site": "same-origin"}):
+        assert (await bob.websocket(**same_origin)).ready["type"] == "ready"
 
 
 @pytest.mark.gen_test(timeout=60)
