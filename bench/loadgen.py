@@ -297,6 +297,8 @@ class Generator:
         self.progress = asyncio.Event()
         self.track_latency = False
         self.latencies: list[float] = []
+        self.ws_latencies: list[float] = []
+        self.poll_latencies: list[float] = []
         self.track_cursor = False
         self.event_bytes = 0
         self._connect_gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
@@ -329,7 +331,9 @@ class Generator:
         self.delivered += 1
         if self.track_latency:
             sent = float(payload[at + 14 : at + 31])
-            self.latencies.append(time.time() - sent)
+            late = time.time() - sent
+            self.latencies.append(late)
+            (self.poll_latencies if isinstance(client, HttpConnection) else self.ws_latencies).append(late)
         n = self.per_event_counts[idx] + 1
         self.per_event_counts[idx] = n
         if n == self.expected:
@@ -608,12 +612,13 @@ async def run_idle(gen: Generator) -> dict[str, Any]:
 
 async def run_latency(gen: Generator) -> dict[str, Any]:
     spec = gen.spec
-    n = spec["clients"]
-    rate = spec["rate"] / n  # events per second for `rate` deliveries per second
+    n, polls = spec["clients"], spec.get("polls", 0)
+    rate = spec["rate"] / (n + polls)  # events per second for `rate` deliveries per second
     events = max(1, int(rate * spec["duration"]))
     pubs = await gen.publishers(4)
-    clients = await gen.connect_ws(n)
-    await gen.warm_up(pubs[0], n)
+    clients: list[Any] = await gen.connect_ws(n)
+    clients += await gen.start_pollers(polls, first=n)
+    await gen.warm_up(pubs[0], n + polls)
     gen.arm(events, clients)
     gen.track_latency = True
     meter = Meter(gen.pids)
@@ -622,12 +627,17 @@ async def run_latency(gen: Generator) -> dict[str, Any]:
     complete = await gen.wait_complete(30)
     measured = meter.stop()
     result = fanout_result(gen, measured, clients, complete)
-    lat = sorted(gen.latencies)
-    if lat:
-        result["p50_ms"] = 1000 * lat[len(lat) // 2]
-        result["p99_ms"] = 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-        result["max_ms"] = 1000 * lat[-1]
-        result["mean_ms"] = 1000 * statistics.fmean(lat)
+    groups = {"": gen.latencies}
+    if polls:
+        # Split by transport: the same events, received over WebSocket and over long-poll.
+        groups.update(ws_=gen.ws_latencies, poll_=gen.poll_latencies)
+    for prefix, values in groups.items():
+        lat = sorted(values)
+        if lat:
+            result[f"{prefix}p50_ms"] = 1000 * lat[len(lat) // 2]
+            result[f"{prefix}p99_ms"] = 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+            result[f"{prefix}max_ms"] = 1000 * lat[-1]
+            result[f"{prefix}mean_ms"] = 1000 * statistics.fmean(lat)
     result["event_rate"] = rate
     result["gen_bound"] = measured["gen_cpu"] > 0.85 * measured["wall"]
     return result

@@ -33,6 +33,11 @@ FIGURES: list[tuple[str, str, str, str, int]] = [
     ("idle", "kb_per_poll", "memory per parked long-poll", "kB", 1),
     ("latency", "p50_ms", "POST-to-receipt p50 at 10,000 deliveries/s", "ms", 1),
     ("latency", "p99_ms", "POST-to-receipt p99 at 10,000 deliveries/s", "ms", 1),
+    ("latency2k", "ws_p50_ms", "p50 with 1,000 WebSocket + 1,000 long-poll clients, over WebSocket", "ms", 1),
+    ("latency2k", "ws_p99_ms", "p99 with 1,000 WebSocket + 1,000 long-poll clients, over WebSocket", "ms", 1),
+    ("latency2k", "poll_p50_ms", "p50 with 1,000 WebSocket + 1,000 long-poll clients, over long-poll", "ms", 1),
+    ("latency2k", "poll_p99_ms", "p99 with 1,000 WebSocket + 1,000 long-poll clients, over long-poll", "ms", 1),
+    ("ws1k", "deliveries_per_s", "deliveries per second to 1,000 WebSocket subscribers (higher is better)", "/s", 0),
     ("slow", "rss_growth_kb", "server RSS growth in the stalled-reader run (ours: with its resume history)", "kB", 0),
     ("storm", "time_to_all_ready_s", "resume storm: 1,000 reconnects after a restart, all ready", "s", 2),
 ]

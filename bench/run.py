@@ -47,6 +47,12 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         {"clients": 1000, "rate": 10000, "duration": 5},
         {"clients": 1000, "rate": 10000, "duration": 15},
     ),
+    # Issue 3's figure: the same paced POSTs received by 1,000 WebSocket and 1,000 long-poll clients at once.
+    "latency2k": (
+        "latency",
+        {"clients": 1000, "polls": 1000, "rate": 5000, "duration": 5},
+        {"clients": 1000, "polls": 1000, "rate": 5000, "duration": 15},
+    ),
     "slow": ("slow", {"clients": 50, "events": 2000}, {"clients": 100, "events": 3000}),
     "storm": ("storm", {"clients": 1000}, {"clients": 1000}),
 }
@@ -54,7 +60,7 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 
 def run_one(system: System, workload: str, sizes: dict[str, Any]) -> dict[str, Any]:
     kind = WORKLOADS[workload][0]
-    users = sizes["clients"] + 1 if kind != "slow" else sizes["clients"] + 2
+    users = sizes["clients"] + sizes.get("polls", 0) + (1 if kind != "slow" else 2)
     info = system.prepare(users)
     system.start()
     spec = {
