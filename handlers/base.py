@@ -11,6 +11,7 @@ import logging
 import re
 import weakref
 from typing import Any
+from urllib.parse import unquote_plus
 
 import attrs
 import tornado.web
@@ -35,6 +36,9 @@ STATUS = {
 }
 # A value ends at '&', or at whitespace where a whole log line is redacted (run.py's log formatter).
 _SECRET_PARAM = re.compile(r"(?i)\b(token|access_token|password)=[^&\s]*")
+# A query parameter whose name is percent-encoded (`?%74oken=`): Tornado decodes names, so it may be a secret too.
+_ENCODED_PARAM = re.compile(r"(?<=[?&])([^=&\s]*%[^=&\s]*)=[^&\s]*")
+_SECRET_NAMES = frozenset(("token", "access_token", "password"))
 
 
 @attrs.define(slots=True, eq=False)
@@ -56,7 +60,10 @@ class AppContext:
 
 def redact(uri: str) -> str:
     """The URI with token-like query values replaced: the access log must never hold a credential."""
-    return _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=[redacted]", uri)
+    uri = _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=[redacted]", uri)
+    return _ENCODED_PARAM.sub(
+        lambda m: f"{m.group(1)}=[redacted]" if unquote_plus(m.group(1)).lower() in _SECRET_NAMES else m.group(0), uri
+    )
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:

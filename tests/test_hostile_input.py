@@ -6,6 +6,7 @@ across routes: a token for a user this database does not hold, the page's static
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -94,3 +95,19 @@ async def test_the_pages_files_refuse_bad_paths_and_methods_with_json_and_keep_t
         assert "script-src 'self'" in response.headers["Content-Security-Policy"], path
     page = await fetch(alice, "GET", "/static/app.js")
     assert page.code == 200 and page.headers["Content-Type"].startswith("text/javascript")
+
+
+@pytest.mark.gen_test
+async def test_a_token_under_a_percent_encoded_parameter_name_is_never_logged(
+    alice: Client, dialog_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Tornado decodes parameter names, so `?%74oken=` is `?token=` to the server: the log must redact it too.
+    caplog.set_level(logging.INFO)
+    for name in ("%74oken", "T%4fKEN", "%74%6f%6b%65%6e", "access%5Ftoken", "%70assword"):
+        response = await fetch(alice, "GET", f"/api/events?{name}={alice.token}&typing={dialog_id}x")
+        assert response.code in (401, 404), response.code
+        response = await fetch(alice, "GET", f"/static/nope.js?{name}={alice.token}")
+        assert response.code == 404
+    assert "%74oken=[redacted]" in caplog.text
+    for part in alice.token.split("."):
+        assert part not in caplog.text
