@@ -39,6 +39,8 @@ _SECRET_PARAM = re.compile(r"(?i)\b(token|access_token|password)=[^&\s]*")
 # A query parameter whose name is percent-encoded (`?%74oken=`): Tornado decodes names, so it may be a secret too.
 _ENCODED_PARAM = re.compile(r"(?<=[?&])([^=&\s]*%[^=&\s]*)=[^&\s]*")
 _SECRET_NAMES = frozenset(("token", "access_token", "password"))
+# A credential after its scheme, as Tornado logs a header value it refuses (`'Bearer <token>\x00'`, repr-escaped).
+_SCHEME_CREDENTIAL = re.compile(r"(?i)\b(bearer|basic)(?:\s|\\t|\\x[0-9a-f]{2})+[^\s'\"&]+")
 
 
 @attrs.define(slots=True, eq=False)
@@ -59,8 +61,9 @@ class AppContext:
 
 
 def redact(uri: str) -> str:
-    """The URI with token-like query values replaced: the access log must never hold a credential."""
+    """The URI (or a whole log line) with token-like values replaced: a log must never hold a credential."""
     uri = _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=[redacted]", uri)
+    uri = _SCHEME_CREDENTIAL.sub(lambda m: f"{m.group(1)} [redacted]", uri)
     return _ENCODED_PARAM.sub(
         lambda m: f"{m.group(1)}=[redacted]" if unquote_plus(m.group(1)).lower() in _SECRET_NAMES else m.group(0), uri
     )

@@ -6,7 +6,10 @@ across routes: a token for a user this database does not hold, the page's static
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +18,7 @@ import tornado.websocket
 
 from chatserver import jsonutil
 from tests.conftest import Client
+from tests.process import ServerProcess
 
 
 async def fetch(client: Client, method: str, path: str, body: bytes | None = None, **headers: str) -> Any:
@@ -111,3 +115,20 @@ async def test_a_token_under_a_percent_encoded_parameter_name_is_never_logged(
     assert "%74oken=[redacted]" in caplog.text
     for part in alice.token.split("."):
         assert part not in caplog.text
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_token_in_a_header_tornado_refuses_is_not_logged(tmp_path: Path) -> None:
+    # Tornado logs the value of a header it cannot accept (a NUL byte in it) before any handler runs.
+    async with await ServerProcess.start(tmp_path, "--demo") as server:
+        token = await server.login()
+        for header in (f"Authorization: Bearer {token}\x00", f"Authorization:  bearer\t{token}\x01"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(f"GET /api/me HTTP/1.1\r\nHost: x\r\n{header}\r\n\r\n".encode())
+            assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 400")
+            writer.close()
+        server.signal(signal.SIGTERM)
+        assert await server.exit_code(15) == 0
+    assert "Invalid header value" in server.stderr
+    for part in token.split("."):
+        assert part not in server.stderr
