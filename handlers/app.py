@@ -21,6 +21,7 @@ from chatserver.service import ChatService
 from chatserver.store import AsyncStore, SQLiteStore
 from handlers import fastpoll, ops, realtime, rest, web
 from handlers.base import AppContext, NotFoundHandler, log_request
+from handlers.pings import PingSweep
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 
@@ -40,6 +41,8 @@ def build_context(config: Config, *, store: SQLiteStore | None = None) -> AppCon
 
 def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
     c = {"ctx": ctx}
+    # One ping timer for every WebSocket (Tornado's websocket_ping_interval would run a task per connection).
+    pings = PingSweep(ctx.config.ws_ping_interval, ctx.config.ws_ping_timeout)
     dialog = r"([^/]+)"
     routes: list[Any] = [
         (r"/api/auth/login", rest.LoginHandler, c),
@@ -53,7 +56,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
         (r"/api/messages/([^/]+)", rest.MessageHandler, c),
         (r"/api/poll", realtime.PollHandler, c),
         (r"/api/events", realtime.EventStreamHandler, c),
-        (r"/ws", realtime.EventSocket, c),
+        (r"/ws", realtime.EventSocket, {**c, "pings": pings}),
         (r"/healthz", ops.HealthHandler, c),
         (r"/readyz", ops.ReadyHandler, c),
         (r"/metrics", ops.MetricsHandler, c),
@@ -67,8 +70,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
         default_handler_args=c,
         log_function=log_request,
         websocket_max_message_size=config.max_body_size,
-        websocket_ping_interval=config.ws_ping_interval,
-        websocket_ping_timeout=config.ws_ping_timeout,
+        # No websocket_ping_interval: the PingSweep above pings, with the same interval and timeout.
         compress_response=False,
         chatserver_ctx=ctx,
         **settings,

@@ -22,6 +22,7 @@ from chatserver.errors import BadRequest, ChatError, Forbidden, Unauthorized
 from chatserver.models import check_id
 from handlers.base import ApiHandler, AppContext, JsonErrors
 from handlers.outbox import Outbox
+from handlers.pings import PingSweep
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,9 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
 
     transport = "websocket"
 
-    def initialize(self, ctx: AppContext) -> None:
+    def initialize(self, ctx: AppContext, pings: PingSweep) -> None:
         super().initialize(ctx)
+        self._pings = pings
         self.user_id = ""
         self.joined: set[str] = set()
         self._cursor: str | None = None
@@ -129,6 +131,23 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections.labels(self.transport).inc()
+        self._pings.add(self)
+
+    # -- keep-alive: one server-wide sweep (handlers/pings.py) instead of Tornado's task per connection ------
+
+    def send_ping(self) -> bool:
+        try:
+            self.ping()
+        except Exception:  # closed or closing: nothing to wait for
+            return False
+        return True
+
+    def on_pong(self, data: bytes) -> None:
+        self._pings.answered(self)
+
+    def ping_timed_out(self) -> None:
+        # What Tornado's own ping does when the pong does not come in time.
+        self.close(reason="ping timed out")
 
     # -- from the broadcaster ----------------------------------------------------------------------------
 
@@ -221,6 +240,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
             self._outbox.push(websocket_frame(jsonutil.dumps_bytes(frame)))
 
     def on_close(self) -> None:
+        self._pings.discard(self)
         self.ctx.broadcaster.unsubscribe(self)
         if self._outbox is not None:
             self._outbox.close()
