@@ -36,7 +36,8 @@ class Outbox:
         self._send = send
         self._on_overflow = on_overflow
         self._on_sent = on_sent
-        self._queue: deque[bytes] = deque()
+        # Made at the first queued write: most connections keep up and never queue one (a deque is 760 bytes).
+        self._queue: deque[bytes] | None = None
         self._queued = 0
         self._writer: asyncio.Task[None] | None = None
         self.closed = False
@@ -61,6 +62,8 @@ class Outbox:
             if written:
                 self._on_sent()
                 return
+        if self._queue is None:
+            self._queue = deque()
         self._queue.append(data)
         self._queued += len(data)
         if self._queued > self._limit:
@@ -72,7 +75,7 @@ class Outbox:
 
     async def _drain(self) -> None:
         try:
-            while self._queue and not self.closed:
+            while self._queue and not self.closed:  # never None here: push made it before starting the writer
                 data = self._queue.popleft()
                 self._queued -= len(data)
                 await self._send(data)
@@ -82,8 +85,10 @@ class Outbox:
             self.close()
         finally:
             self._writer = None
+            if not self._queue:
+                self._queue = None  # drained: the deque goes until the next queued write
 
     def close(self) -> None:
         self.closed = True
-        self._queue.clear()
+        self._queue = None
         self._queued = 0
