@@ -48,6 +48,7 @@ class LeanRouter(tornado.httputil.HTTPServerConnectionDelegate):
         self.app = app
         self.ctx = ctx
         self.latency = ctx.metrics.request_latency.labels("GET", "PollHandler")
+        self.delivered = ctx.metrics.events_delivered.labels(LeanPoll.transport)  # looked up once, not per answer
         self.deadlines = Deadlines()
 
     def start_request(
@@ -324,7 +325,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         if replay.reset is not None:
             ctx.metrics.resets.labels(replay.reset).inc()
         body = poll_body(replay.events, replay.cursor, replay.more)
-        ctx.metrics.events_delivered.labels(self.transport).inc(len(replay.events))
+        self.router.delivered.inc(len(replay.events))
         # RequestHandler's headers, in its order: its defaults, JsonHandler's, then finish()'s Etag and length.
         headers = tornado.httputil.HTTPHeaders()
         headers["Server"] = _SERVER

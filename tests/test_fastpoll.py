@@ -13,6 +13,8 @@ import pytest
 import tornado.httpclient
 
 from chatserver import jsonutil
+from chatserver.auth import TokenSigner
+from chatserver.errors import Unauthorized
 from handlers.fastpoll import LeanPoll
 from tests.conftest import Client
 
@@ -68,3 +70,23 @@ async def test_lean_parked_poll_is_released_by_an_event_and_leaves_no_waiter(
     assert not ctx.connections
     assert not any(isinstance(r, LeanPoll) for r in ctx.requests)
     assert ctx.broadcaster.subscriber_count() == 0
+
+
+def test_lean_paths_token_cache_still_checks_expiry_and_never_remembers_a_bad_token() -> None:
+    # The lean poll path verifies tokens with TokenSigner.verify_cached: the signature once per token, the
+    # expiry on every call, and a bounded number of tokens remembered.
+    now = [1_000_000.0]
+    signer = TokenSigner("secret", 60, clock=lambda: now[0], cache_size=2)
+    token = signer.issue("usr_a")
+    assert signer.verify_cached(token) == "usr_a"
+    assert signer.verify_cached(token) == "usr_a"
+    now[0] += 61
+    with pytest.raises(Unauthorized, match="expired"):
+        signer.verify_cached(token)
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    for _ in range(2):
+        with pytest.raises(Unauthorized, match="invalid"):
+            signer.verify_cached(forged)
+    others = [signer.issue(f"usr_{n}") for n in range(3)]
+    assert [signer.verify_cached(t) for t in others] == ["usr_0", "usr_1", "usr_2"]
+    assert len(signer._verified) == 2 and forged not in signer._verified
