@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import tornado.httpclient
@@ -70,6 +71,25 @@ async def test_lean_parked_poll_is_released_by_an_event_and_leaves_no_waiter(
     assert not ctx.connections
     assert not any(isinstance(r, LeanPoll) for r in ctx.requests)
     assert ctx.broadcaster.subscriber_count() == 0
+
+
+@pytest.mark.gen_test
+async def test_a_poll_with_a_host_tornado_refuses_is_refused_as_before(bob: Client) -> None:
+    # The lean path parses the query and Host itself: what HTTPServerRequest refuses must still be a 400.
+    _, hello = await bob.poll()
+    url = urlparse(bob.base_url)
+    for host in ("a b", "one,two", "x/y"):
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        writer.write(
+            f"GET /api/poll?cursor={hello['data']['cursor']}&timeout=0 HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {bob.token}\r\n\r\n".encode()
+        )
+        status = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        assert status.startswith(b"HTTP/1.1 400 "), (host, status)
+    # ... and a plain one is answered (by the lean path) as always.
+    status, body = await bob.poll(hello["data"]["cursor"], timeout="0")
+    assert status == 200 and body["data"]["cursor"] == hello["data"]["cursor"]
 
 
 def test_lean_paths_token_cache_still_checks_expiry_and_never_remembers_a_bad_token() -> None:
