@@ -54,6 +54,7 @@ class LeanRouter(tornado.httputil.HTTPServerConnectionDelegate):
         self.ctx = ctx
         self.latency = ctx.metrics.request_latency.labels("GET", "PollHandler")
         self.delivered = ctx.metrics.events_delivered.labels(LeanPoll.transport)  # looked up once, not per answer
+        self.parked = ctx.metrics.connections.labels(LeanPoll.transport)
         self.deadlines = Deadlines()
 
     def start_request(
@@ -280,6 +281,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         self.ctx.broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.polls_waiting.inc()
+        self.router.parked.inc()  # chatserver_connections{transport="longpoll"}
         self.router.deadlines.add(self, self.timeout)
 
     def on_connection_close(self) -> None:
@@ -317,6 +319,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         self.ctx.broadcaster.unsubscribe(self)
         self.ctx.connections.discard(self)
         self.ctx.metrics.polls_waiting.dec()
+        self.router.parked.dec()
 
     def _wake_now(self) -> None:
         if not self._parked:

@@ -157,9 +157,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         self._release_handshake()
         broadcaster = self.ctx.broadcaster
         self._delivered = self.ctx.metrics.events_delivered.labels(self.transport)
-        self._outbox = Outbox(
-            self.ctx.config.client_buffer_limit, self._send, self._cut_off, self._delivered.inc, self._write_now
-        )
+        self._outbox = Outbox(self.ctx.config.client_buffer_limit, self._send, self._cut_off, write_now=self._write_now)
         # Replay and subscribe in one step of the loop: no event can fall between them or come twice.
         replay = broadcaster.events_after(self.user_id, self._cursor) if self._cursor else None
         cursor = self._cursor or broadcaster.cursor()
@@ -170,6 +168,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
             _count_resets(self.ctx, replay)
             for record in replay.events:
                 self._outbox.push(event_frame(record), direct=False)
+            self._delivered.inc(len(replay.events))
         broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections.labels(self.transport).inc()
@@ -194,8 +193,10 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
     # -- from the broadcaster ----------------------------------------------------------------------------
 
     def deliver(self, record: EventRecord) -> None:
+        # Counted as handed to the connection: events only, never ready, pong or error frames.
         if self._outbox is not None:
             self._outbox.push(event_frame(record))
+            self._delivered.inc()
 
     def wants_typing(self, dialog_id: str) -> bool:
         return dialog_id in self.joined
@@ -366,6 +367,7 @@ class PollHandler(ApiHandler):
         self.ctx.broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.polls_waiting.inc()
+        self.ctx.metrics.connections.labels(self.transport).inc()  # a parked poll is a long-poll connection
         try:
             await asyncio.wait_for(asyncio.shield(self._wake), seconds)
         except TimeoutError:
@@ -374,6 +376,7 @@ class PollHandler(ApiHandler):
             self.ctx.broadcaster.unsubscribe(self)
             self.ctx.connections.discard(self)
             self.ctx.metrics.polls_waiting.dec()
+            self.ctx.metrics.connections.labels(self.transport).dec()
             self._wake = None
 
     def deliver(self, record: EventRecord) -> None:
@@ -430,7 +433,7 @@ class EventStreamHandler(ApiHandler):
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")
         self._done = asyncio.get_running_loop().create_future()
-        self._outbox = Outbox(self.ctx.config.client_buffer_limit, self._send, self._cut_off, self._count_delivery)
+        self._outbox = Outbox(self.ctx.config.client_buffer_limit, self._send, self._cut_off)
         ready = {"type": "ready", "data": {"userId": self.user_id, "cursor": cursor or broadcaster.cursor()}}
         self._outbox.push(b"retry: 1000\n" + self._frame(jsonutil.dumps_bytes(ready), cursor or broadcaster.cursor()))
         if replay is not None:
@@ -462,6 +465,7 @@ class EventStreamHandler(ApiHandler):
             return
         cursor = None if record.ephemeral else self.ctx.broadcaster.cursor(record.seq)
         self._outbox.push(self._frame(record.payload, cursor))
+        self._count_delivery()  # events only: the ready event and heartbeat comments are not counted
 
     def wants_typing(self, dialog_id: str) -> bool:
         return dialog_id in self.joined

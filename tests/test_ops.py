@@ -108,7 +108,9 @@ async def test_metrics_count_connections_polls_events_resets_and_slow_clients(
     parked = asyncio.ensure_future(bob.poll(hello["data"]["cursor"], timeout="20"))
     waiting = await scrape_until(alice, "chatserver_polls_waiting", 1)
     assert waiting("chatserver_connections", transport="websocket") == 1
+    assert waiting("chatserver_connections", transport="longpoll") == 1  # the parked poll
     ws_delivered = waiting("chatserver_events_delivered_total", transport="websocket")
+    assert ws_delivered == 0  # a ready frame is not an event
 
     sent = await alice.post_message(dialog_id, "counted")
     assert (await alice_ws.next_of("message:new"))["data"]["messageId"] == sent["messageId"]
@@ -140,6 +142,7 @@ async def test_metrics_count_connections_polls_events_resets_and_slow_clients(
     assert after("chatserver_events_delivered_total", transport="websocket") >= ws_delivered + 1
     assert after("chatserver_events_delivered_total", transport="longpoll") == 2  # the message, then the reset
     assert after("chatserver_polls_waiting") == 0
+    assert after("chatserver_connections", transport="longpoll") == 0
     assert after("chatserver_resets_total", reason="restarted") == 2
     assert after("chatserver_resets_total", reason="expired") == 0
     assert after("chatserver_slow_clients_closed_total") == 1
