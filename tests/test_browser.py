@@ -117,6 +117,26 @@ def test_receiver_sees_message_without_reload_and_sender_sees_it_once(open_page:
     expect(bob.messages_with(text)).to_have_count(1)
 
 
+def exchange_typing_and_messages(alice: ChatPage, bob: ChatPage) -> None:
+    """Typing both ways, then a message each way: each shows once on the other page, none left pending."""
+    alice.page.fill("#composer-input", "…")
+    expect(bob.page.locator("#typing")).to_have_text("typing…", timeout=2000)
+    alice.page.fill("#composer-input", "")
+    expect(bob.page.locator("#typing")).to_have_text("", timeout=2000)
+    bob.page.fill("#composer-input", "…")
+    expect(alice.page.locator("#typing")).to_have_text("typing…", timeout=2000)
+    bob.page.fill("#composer-input", "")
+
+    incoming = unique("to the page behind the proxy")
+    bob.send(incoming)
+    expect(alice.messages_with(incoming)).to_have_count(1, timeout=2000)
+    outgoing = unique("and back")
+    alice.send(outgoing)
+    expect(bob.messages_with(outgoing)).to_have_count(1, timeout=2000)
+    expect(alice.page.locator("#messages .message.pending")).to_have_count(0, timeout=2000)
+    expect(alice.messages_with(outgoing)).to_have_count(1)
+
+
 def test_blocked_websocket_and_sse_fall_back_to_long_poll(open_page: OpenPage, server: ServerProcess) -> None:
     bob = open_page(BOB_PHONE)
     bob.open_dialog("Demo")
@@ -133,23 +153,8 @@ def test_blocked_websocket_and_sse_fall_back_to_long_poll(open_page: OpenPage, s
     # It keeps trying WebSocket in the background (and the proxy keeps refusing it).
     wait_until(alice.page, lambda: len(attempts) >= 2, 10)
 
-    # Typing both ways: over REST from the long-poll page, and to it through its poll's `typing=`.
-    alice.page.fill("#composer-input", "…")
-    expect(bob.page.locator("#typing")).to_have_text("typing…", timeout=2000)
-    alice.page.fill("#composer-input", "")
-    expect(bob.page.locator("#typing")).to_have_text("", timeout=2000)
-    bob.page.fill("#composer-input", "…")
-    expect(alice.page.locator("#typing")).to_have_text("typing…", timeout=2000)
-    bob.page.fill("#composer-input", "")
-
-    incoming = unique("through the proxy")
-    bob.send(incoming)
-    expect(alice.messages_with(incoming)).to_have_count(1, timeout=2000)
-    outgoing = unique("and back")
-    alice.send(outgoing)
-    expect(bob.messages_with(outgoing)).to_have_count(1, timeout=2000)
-    expect(alice.page.locator("#messages .message.pending")).to_have_count(0, timeout=2000)
-    expect(alice.messages_with(outgoing)).to_have_count(1)
+    # Typing both ways (over REST from the long-poll page, to it through its poll's `typing=`), then messages.
+    exchange_typing_and_messages(alice, bob)
 
     expect(alice.connection()).to_have_attribute("data-state", "long-poll")
     assert server.log().count("GET /ws") == upgrades_before, (
@@ -170,23 +175,8 @@ def test_blocked_websocket_falls_back_to_sse(open_page: OpenPage, server: Server
     expect(alice.page.locator("#connection-label")).to_have_text("SSE")
     wait_until(alice.page, lambda: len(attempts) >= 2, 10)  # WebSocket is still tried in the background
 
-    # Typing both ways: over REST from the SSE page, and to it through its stream's `typing=`.
-    alice.page.fill("#composer-input", "…")
-    expect(bob.page.locator("#typing")).to_have_text("typing…", timeout=2000)
-    alice.page.fill("#composer-input", "")
-    expect(bob.page.locator("#typing")).to_have_text("", timeout=2000)
-    bob.page.fill("#composer-input", "…")
-    expect(alice.page.locator("#typing")).to_have_text("typing…", timeout=2000)
-    bob.page.fill("#composer-input", "")
-
-    incoming = unique("streamed through the proxy")
-    bob.send(incoming)
-    expect(alice.messages_with(incoming)).to_have_count(1, timeout=2000)
-    outgoing = unique("and posted back")
-    alice.send(outgoing)
-    expect(bob.messages_with(outgoing)).to_have_count(1, timeout=2000)
-    expect(alice.page.locator("#messages .message.pending")).to_have_count(0, timeout=2000)
-    expect(alice.messages_with(outgoing)).to_have_count(1)
+    # Typing both ways (over REST from the SSE page, to it through its stream's `typing=`), then messages.
+    exchange_typing_and_messages(alice, bob)
 
     expect(alice.connection()).to_have_attribute("data-state", "sse")
     # The SSE page never polled with a cursor (its one handshake poll has none).
