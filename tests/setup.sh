@@ -10,6 +10,8 @@ python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v rabbitmq-server >/dev/null 2>&1 || need+=(rabbitmq-server)
+# systemd-analyze checks the units in .ci/run.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
