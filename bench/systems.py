@@ -249,17 +249,6 @@ class Nchan(System):
             conf.write_text(user + conf.read_text())
         return [NGINX, "-p", str(self.tmp), "-c", str(conf), "-e", str(self.tmp / "error.log")]
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            # QUIT is nginx's graceful stop; TERM (fast stop) is as good here and does not wait for clients.
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
 
 SYSTEMS: dict[str, type[System]] = {
     "ours": Ours,
