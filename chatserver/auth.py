@@ -12,11 +12,11 @@ import hmac
 import os
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 from chatserver.errors import Unauthorized
+from chatserver.lru import LRU
 
 # scrypt with N=2**14, r=8 needs 16 MiB per hash: memory-hard, about 50 ms here.
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
@@ -33,9 +33,7 @@ def verify_password(password: str, stored: str) -> bool:
         scheme, n, r, p, salt, digest = stored.split("$")
         if scheme != "scrypt":
             return False
-        actual = hashlib.scrypt(
-            password.encode("utf-8"), salt=_unb64(salt), n=int(n), r=int(r), p=int(p), dklen=32
-        )
+        actual = hashlib.scrypt(password.encode("utf-8"), salt=_unb64(salt), n=int(n), r=int(r), p=int(p), dklen=32)
     except (ValueError, UnicodeEncodeError):
         return False
     return hmac.compare_digest(actual, _unb64(digest))
@@ -55,8 +53,7 @@ class TokenSigner:
         self._ttl = ttl
         self._clock = clock
         # Tokens verify_cached has accepted (their signature checked once), with their user and expiry.
-        self._verified: OrderedDict[str, tuple[str, int]] = OrderedDict()
-        self._cache_size = cache_size
+        self._verified: LRU[str, tuple[str, int]] = LRU(cache_size)
 
     def issue(self, user_id: str) -> str:
         body = _b64(f"{user_id}.{int(self._clock()) + self._ttl}".encode())
@@ -76,11 +73,7 @@ class TokenSigner:
         known = self._verified.get(token)
         if known is None:
             known = self._check(token)
-            self._verified[token] = known
-            if len(self._verified) > self._cache_size:
-                self._verified.popitem(last=False)
-        else:
-            self._verified.move_to_end(token)
+            self._verified.put(token, known)
         user_id, expires_at = known
         if expires_at <= self._clock():
             raise Unauthorized("token expired")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -21,6 +21,7 @@ import attrs
 
 from chatserver import jsonutil
 from chatserver.errors import BadRequest
+from chatserver.lru import LRU
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,7 @@ class Broadcaster:
         self._history_max_bytes = history_max_bytes
         self._history_bytes = 0
         self._last_seq = 0
-        self._latest: OrderedDict[str, str] = OrderedDict()
-        self._dedupe_size = dedupe_size or max(history_size, 10000)
+        self._latest: LRU[str, str] = LRU(dedupe_size or max(history_size, 10000))
         self._subscribers: dict[str, set[Subscriber]] = {}
         self.published = 0
         self.duplicates_dropped = 0
@@ -152,10 +152,7 @@ class Broadcaster:
         seen = self._latest.get(message_id)
         if seen is not None and (event_type == MESSAGE_NEW or updated_at <= seen):
             return True
-        self._latest[message_id] = updated_at
-        self._latest.move_to_end(message_id)
-        if len(self._latest) > self._dedupe_size:
-            self._latest.popitem(last=False)
+        self._latest.put(message_id, updated_at)
         return False
 
     def _remember(self, record: EventRecord) -> None:

@@ -26,7 +26,6 @@ import hashlib
 import logging
 import random
 import sqlite3
-from collections import OrderedDict
 from collections.abc import Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -41,6 +40,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from chatserver import jsonutil
 from chatserver.config import Config, ConfigError
 from chatserver.errors import BadRequest, ChatError
+from chatserver.lru import LRU
 from chatserver.metrics import Metrics
 from chatserver.models import Dialog, Message
 from chatserver.service import ChatService
@@ -282,7 +282,7 @@ class Chat3Listener(_Link):
         self.metrics = metrics
         self._deliveries: _Deliveries | None = None
         self._consumer_tag: str | None = None
-        self._failures: OrderedDict[bytes, int] = OrderedDict()
+        self._failures: LRU[bytes, int] = LRU(1000)
 
     def _set_state(self, state: str) -> None:
         super()._set_state(state)
@@ -403,7 +403,7 @@ class Chat3Listener(_Link):
                 log.exception("%s: delivery %s failed unexpectedly", self.name, tag)
                 self._reject(channel, method, body, f"internal error: {_describe(exc)}")
                 return
-        self._failures.pop(_digest(body), None)
+        self._failures.pop(_digest(body))
         self.metrics.chat3_events.labels(outcome).inc()
         if self._usable(channel):
             channel.basic_ack(tag)
@@ -426,7 +426,7 @@ class Chat3Listener(_Link):
             deliveries.channel.basic_nack(last, multiple=True, requeue=True)
 
     def _reject(self, channel: pika.channel.Channel, method: pika.spec.Basic.Deliver, body: bytes, why: str) -> None:
-        self._failures.pop(_digest(body), None)
+        self._failures.pop(_digest(body))
         self.metrics.chat3_events.labels("rejected").inc()
         log.warning(
             "%s: rejected delivery %s (routing key %r): %s; body starts %r",
@@ -445,10 +445,8 @@ class Chat3Listener(_Link):
 
     def _count_failure(self, body: bytes) -> int:
         key = _digest(body)
-        failures = self._failures.pop(key, 0) + 1
-        self._failures[key] = failures
-        while len(self._failures) > 1000:
-            self._failures.popitem(last=False)
+        failures = (self._failures.get(key) or 0) + 1
+        self._failures.put(key, failures)
         return failures
 
 

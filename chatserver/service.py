@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,6 +23,7 @@ from chatserver.auth import DUMMY_HASH, TokenSigner, hash_password, verify_passw
 from chatserver.broadcaster import Broadcaster, EventRecord
 from chatserver.config import Config
 from chatserver.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from chatserver.lru import LRU
 from chatserver.models import (
     MAX_ID_LENGTH,
     Dialog,
@@ -74,13 +74,11 @@ class ChatService:
         self.broadcaster = broadcaster
         self.config = config
         self.tokens = tokens
-        self._members: OrderedDict[str, frozenset[str]] = OrderedDict()
-        self._members_size = membership_cache_size
-        # Users known to exist (never deleted, so never stale); bounded, the oldest forgotten first.
-        self._users: OrderedDict[str, None] = OrderedDict()
-        self._users_size = user_cache_size
-        # The last typing state each user announced in each dialog, and when (bounded like the membership cache).
-        self._typing: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
+        self._members: LRU[str, frozenset[str]] = LRU(membership_cache_size)
+        # Users known to exist (never deleted, so never stale).
+        self._users: LRU[str, bool] = LRU(user_cache_size)
+        # The last typing state each user announced in each dialog, and when.
+        self._typing: LRU[tuple[str, str], tuple[bool, float]] = LRU(membership_cache_size)
         self._clock = time.monotonic
         self.relays: list[Relay] = []
 
@@ -107,7 +105,7 @@ class ChatService:
         if user_id not in self._users:
             if await self.db.run(SQLiteStore.get_user, user_id) is None:
                 raise Unauthorized("the token's user does not exist")
-            self._remember_user(user_id)
+            self._users.put(user_id, True)
         return user_id
 
     def authenticate_known(self, token: str) -> str:
@@ -118,11 +116,6 @@ class ChatService:
         if user_id not in self._users:
             raise Unauthorized("the token's user is not known yet")
         return user_id
-
-    def _remember_user(self, user_id: str) -> None:
-        self._users[user_id] = None
-        if len(self._users) > self._users_size:
-            self._users.popitem(last=False)
 
     async def current_user(self, user_id: str) -> User:
         user = await self.db.run(SQLiteStore.get_user, user_id)
@@ -161,7 +154,6 @@ class ChatService:
         """The dialog's members, from the cache or the store; NotFound for an unknown dialog."""
         cached = self._members.get(dialog_id)
         if cached is not None:
-            self._members.move_to_end(dialog_id)
             return cached
         dialog = await self.db.run(SQLiteStore.get_dialog, dialog_id)
         if dialog is None:
@@ -172,10 +164,7 @@ class ChatService:
         return self._remember_members(dialog.dialog_id, frozenset(dialog.member_ids))
 
     def _remember_members(self, dialog_id: str, members: frozenset[str]) -> frozenset[str]:
-        self._members[dialog_id] = members
-        self._members.move_to_end(dialog_id)
-        if len(self._members) > self._members_size:
-            self._members.popitem(last=False)
+        self._members.put(dialog_id, members)
         return members
 
     async def authorize_dialog(self, user_id: str, dialog_id: str) -> frozenset[str]:
@@ -302,8 +291,11 @@ class ChatService:
             return
         self.broadcaster.publish_typing(dialog_id, user_id, typing, members)
         for relay in self.relays:
-            relay(events.TYPING_START if typing else events.TYPING_STOP,
-                  {"dialogId": dialog_id, "userId": user_id}, members)
+            relay(
+                events.TYPING_START if typing else events.TYPING_STOP,
+                {"dialogId": dialog_id, "userId": user_id},
+                members,
+            )
 
     def _repeated_typing(self, user_id: str, dialog_id: str, typing: bool) -> bool:
         """Whether this is the state the user last announced in the dialog, less than TYPING_REPEAT seconds ago.
@@ -316,10 +308,7 @@ class ChatService:
         last = self._typing.get(key)
         if last is not None and last[0] == typing and now - last[1] < TYPING_REPEAT:
             return True
-        self._typing[key] = (typing, now)
-        self._typing.move_to_end(key)
-        if len(self._typing) > self._members_size:
-            self._typing.popitem(last=False)
+        self._typing.put(key, (typing, now))
         return False
 
     # -- cluster ------------------------------------------------------------------------------------------
