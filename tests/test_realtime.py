@@ -569,3 +569,20 @@ async def test_sse_refuses_bad_token_and_foreign_typing_dialog(carol: Client, di
     assert status == 401 and body["success"] is False
     status, body = await carol.call("GET", f"/api/events?typing={dialog_id}")
     assert status == 403
+
+
+@pytest.mark.gen_test
+async def test_a_new_dialog_reaches_every_member_live_and_then_carries_messages(
+    alice: Client, bob: Client, carol: Client
+) -> None:
+    alice_ws, carol_ws, bob_ws = await alice.websocket(), await carol.websocket(), await bob.websocket()
+    status, created = await alice.call("POST", "/api/dialogs", {"title": "Fresh", "memberIds": [carol.user_id]})
+    assert status == 201
+    for sock in (alice_ws, carol_ws):
+        update = await sock.next_of("dialog:update")
+        assert update["data"] == created["data"] and update["cursor"]
+    dialog_id = created["data"]["dialogId"]
+    sent = await alice.post_message(dialog_id, "first words")
+    # Carol joined nothing: delivery is per user, and the dialog born after she connected is hers too.
+    assert (await carol_ws.next_of("message:new"))["data"] == sent
+    await bob_ws.nothing_within(0.3)
