@@ -19,7 +19,7 @@ from chatserver.config import Config
 from chatserver.metrics import Metrics
 from chatserver.service import ChatService
 from chatserver.store import AsyncStore, SQLiteStore
-from handlers import fastpoll, ops, realtime, rest, web
+from handlers import fastpoll, http1, ops, realtime, rest, web
 from handlers.base import AppContext, NotFoundHandler, log_request
 from handlers.pings import PingSweep
 
@@ -80,11 +80,13 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
 def make_http_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:
     """The listener with bounds on everything a client controls: header size, body size, idle time.
 
-    Common long-polls are answered by handlers/fastpoll.py's lean path; every other request by `app`.
+    Connections are handlers/http1.py's; WebSocket upgrades and the SSE stream are handed to Tornado's HTTP/1.1
+    server. Common long-polls are answered by handlers/fastpoll.py's lean path; every other request by `app`.
     """
     ctx = app.settings.get("chatserver_ctx")
-    return tornado.httpserver.HTTPServer(
+    return http1.Server(
         fastpoll.LeanRouter(app, ctx) if isinstance(ctx, AppContext) else app,
+        handover_paths=("/api/events",),
         max_header_size=16 * 1024,
         # Bodies over max_body_size get a JSON 413 from the handler; this is the hard stop behind it.
         max_body_size=max(config.max_body_size * 2, 1024 * 1024),

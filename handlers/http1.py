@@ -1,0 +1,653 @@
+"""The server's own HTTP/1.1 connections: the listener, and every plain request-response exchange on it.
+
+A connection here is an asyncio Protocol: bytes arrive in `data_received`, a request's head is parsed with
+Tornado's own parsers, the request goes to the application (or to handlers/fastpoll.py's lean poll) through
+Tornado's `HTTPMessageDelegate` interface, and its answer leaves in one `transport.write`. Tornado's
+`HTTP1Connection` does the same with a coroutine, a `Future` per read and per write and IOStream's buffers
+per request; for a long-poll, answered once per event and asked again at once, that was most of its cost.
+
+What this layer owns, as Tornado's did: keep-alive (HTTP/1.1 by default, HTTP/1.0 on request), pipelining
+(one request at a time, the next read once the answer is written), `Expect: 100-continue`, Content-Length
+bodies handed to the handler as they arrive with its flow control, chunked and fixed-length answers, the
+bounds (header block size, body size, the idle wait for a request, the wait for a body), write flow control
+(a handler's `flush()` waits while the socket is full), and telling a handler that its client went away.
+Refusals come as JSON like every other error (400 for a malformed request, 413 for a body over the hard
+limit, 431 for a header block over its limit, 408 for a request that stalls past its timeout), and the
+connection then closes without losing the answer to
+a reset: the rest of the request is read and dropped for a moment first.
+
+What is not a plain exchange is handed, with the bytes already read, to Tornado's own HTTP/1.1 server for the
+rest of the connection's life: a WebSocket upgrade (any `Upgrade` header), the SSE stream (its path), and a
+chunked request body. A listener with TLS, `xheaders` or request decompression is Tornado's entirely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import socket
+import sys
+from typing import Any
+
+import tornado.httpserver
+import tornado.httputil
+import tornado.iostream
+from tornado.http1connection import is_transfer_encoding_chunked, parse_int
+
+from chatserver import jsonutil
+from handlers.base import redact
+
+log = logging.getLogger("chatserver.http")
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_CR_OR_LF = re.compile(rb"\r|\n")
+_LIST_SEP = re.compile(r",[ \t]*")
+# After a refusal, how long the rest of the request is read and dropped before the connection closes: closing
+# with unread bytes makes the kernel send a reset, which can destroy the answer before the client reads it.
+LINGER = 2.0
+# The timeouts (idle wait for a request, wait for a body) are checked by one sweep per second for all
+# connections, not a timer per request.
+SWEEP_INTERVAL = 1.0
+# Bytes of pipelined requests read ahead while an answer is pending; reading pauses above this.
+READ_AHEAD = 64 * 1024
+HANDOVER_WAIT = 10.0  # at most this long for an answer still being sent before a connection goes to Tornado
+
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Payload Too Large",
+            431: "Request Header Fields Too Large"}
+
+
+class Server(tornado.httpserver.HTTPServer):
+    """Tornado's HTTPServer with the same parameters and methods, whose connections start here.
+
+    `add_sockets`, `stop` and `close_all_connections` work as Tornado's (run.py and the tests use them); a
+    connection handed to Tornado is served by the base class as if it had accepted it.
+    """
+
+    def initialize(self, *args: Any, handover_paths: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().initialize(*args, **kwargs)
+        self.handover_paths = handover_paths
+        self.front: set[Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def _handle_connection(self, connection: socket.socket, address: Any) -> None:
+        if self.ssl_options is not None or self.xheaders or self.conn_params.decompress:
+            super()._handle_connection(connection, address)
+            return
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(lambda: Connection(self, address), connection))
+        task.add_done_callback(_accepted)
+
+    async def close_all_connections(self) -> None:
+        while self.front:
+            await next(iter(self.front)).close()
+        await super().close_all_connections()
+
+    def _connection_started(self, conn: Connection) -> None:
+        self.front.add(conn)
+        if self._sweeper is None:
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        if not self.front:
+            return
+        now = asyncio.get_running_loop().time()
+        for conn in [c for c in self.front if 0 < c.deadline <= now]:
+            conn.timed_out()
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
+
+
+def _accepted(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.info("could not take an accepted connection: %r", task.exception())
+
+
+class _Context:
+    """What Tornado's `_HTTPRequestContext` tells a request about its connection."""
+
+    __slots__ = ("address", "protocol", "remote_ip")
+
+    def __init__(self, address: Any) -> None:
+        self.address = address
+        self.protocol = "http"
+        # An IP connection's peer address; a Unix socket's is a path (or empty), reported as Tornado does.
+        self.remote_ip = address[0] if isinstance(address, tuple) and address else "0.0.0.0"  # noqa: S104
+
+    def __str__(self) -> str:
+        return self.remote_ip
+
+
+# A connection's states.
+HEAD, HEADERS_WAIT, BODY, BODY_WAIT, ANSWERING, LINGERING, HANDING, HANDED, CLOSED = range(9)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: its requests one after another, each as an `Exchange` with the application."""
+
+    def __init__(self, server: Server, address: Any) -> None:
+        self.server = server
+        self.params = server.conn_params
+        self.address = address
+        self.context = _Context(address)
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.state = HEAD
+        self.exchange: Exchange | None = None
+        self.remaining = 0  # body bytes of the current request still to read
+        self.deadline = 0.0  # when the current wait (for a request or a body) times out; 0: no wait is bounded
+        self.body_timeout = self.params.body_timeout
+        self._running = False
+        self._read_paused = False
+        self._write_waiters: list[asyncio.Future[None]] | None = None  # set while the socket is full
+        self._closed: asyncio.Future[None] | None = None
+        self._handover_started = 0.0
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._closed = asyncio.get_running_loop().create_future()
+        self._wait_for_request()
+        self.server._connection_started(self)
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state == LINGERING or state >= HANDING:
+            return  # dropped: the request was refused, or the bytes are no longer ours
+        self.buffer += data
+        self._run()
+
+    def eof_received(self) -> None:
+        # The client sends nothing more: as with Tornado's IOStream, the connection is over (a parked poll or a
+        # handler at work hears of it through connection_lost). asyncio closes it, after what is written.
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state = self.state
+        self.state = CLOSED
+        self.server.front.discard(self)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        self._release_writers(tornado.iostream.StreamClosedError(real_error=exc))
+        if state in (HANDING, HANDED):
+            return
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None and not exchange.write_finished:
+            exchange.connection_closed(delegate_finished=state == ANSWERING)
+        callback = self.server.request_callback
+        if isinstance(callback, tornado.httputil.HTTPServerConnectionDelegate):
+            callback.on_close(self)
+
+    def pause_writing(self) -> None:
+        if self._write_waiters is None:
+            self._write_waiters = []
+
+    def resume_writing(self) -> None:
+        self._release_writers(None)
+
+    # -- reading requests ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """Process what the buffer holds as far as it goes; re-entered calls (an answer written inside a
+        handler call) only mark that there is more to do."""
+        if self._running:
+            return
+        self._running = True
+        try:
+            while self._step():
+                pass
+        finally:
+            self._running = False
+        transport = self.transport
+        if transport is None or self.state >= HANDING:
+            return
+        if len(self.buffer) > READ_AHEAD and self.state in (HEADERS_WAIT, BODY_WAIT, ANSWERING):
+            if not self._read_paused:
+                self._read_paused = True
+                transport.pause_reading()
+        elif self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+
+    def _step(self) -> bool:
+        state = self.state
+        if state == HEAD:
+            return self._read_head()
+        if state == BODY:
+            return self._read_body()
+        return False  # waiting: for a handler, for the answer, or closing
+
+    def _read_head(self) -> bool:
+        buffer = self.buffer
+        # RFC 9112 2.2: at least one empty line before a request is ignored.
+        start = 0
+        while start < len(buffer) and buffer[start] in b"\r\n":
+            start += 1
+        if start:
+            del buffer[:start]
+        limit = self.params.max_header_size or 65536
+        match = _HEAD_END.search(buffer)
+        if match is None or match.end() > limit:
+            if match is not None or len(buffer) > limit:
+                self._refuse(431, f"the request's header block is larger than {limit} bytes")
+            return False
+        head = bytes(buffer[: match.end()])
+        try:
+            text = head.decode("latin1")
+            eol = text.find("\n")
+            start_line = tornado.httputil.parse_request_start_line(text[:eol].rstrip("\r"))
+            headers = tornado.httputil.HTTPHeaders.parse(text[eol:])
+        except tornado.httputil.HTTPInputError as exc:
+            log.info("malformed HTTP request from %s: %s", self.context.remote_ip, redact(str(exc)))
+            self._refuse(400, "malformed HTTP request")
+            return False
+        if self._for_tornado(start_line, headers):
+            self._hand_over()
+            return False
+        del buffer[: match.end()]
+        try:
+            length = self._content_length(headers)
+        except tornado.httputil.HTTPInputError as exc:
+            self._refuse(400, str(exc))
+            return False
+        self.deadline = 0.0
+        exchange = self.exchange = Exchange(self, start_line, headers, self._can_keep_alive(start_line, headers))
+        self.remaining = length
+        self.body_timeout = self.params.body_timeout
+        self.state = HEADERS_WAIT
+        try:
+            exchange.delegate = self.server.start_request(self, exchange)
+            result = exchange.delegate.headers_received(start_line, headers)
+        except Exception:
+            self._failed("headers_received")
+            return False
+        if result is not None:
+            asyncio.ensure_future(result).add_done_callback(self._headers_done)
+            return False
+        return self._start_body()
+
+    def _headers_done(self, future: asyncio.Future[Any]) -> None:
+        if self.state != HEADERS_WAIT:
+            return
+        if not future.cancelled() and future.exception() is not None:
+            self._failed("headers_received", future.exception())
+            return
+        if self._start_body():
+            self._run()
+
+    def _start_body(self) -> bool:
+        exchange = self.exchange
+        assert exchange is not None
+        if self.remaining > exchange.max_body_size and not exchange.write_finished:
+            self._refuse(413, f"the body is larger than {exchange.max_body_size} bytes")
+            return False
+        if self.remaining and not exchange.write_finished and exchange.headers.get("Expect") == "100-continue":
+            self._write(b"HTTP/1.1 100 (Continue)\r\n\r\n")
+        self.state = BODY
+        if self.remaining and self.body_timeout:
+            self.deadline = asyncio.get_running_loop().time() + self.body_timeout
+        return True
+
+    def _read_body(self) -> bool:
+        exchange = self.exchange
+        assert exchange is not None
+        if self.remaining:
+            buffer = self.buffer
+            if not buffer:
+                return False
+            chunk = bytes(buffer[: self.remaining])
+            del buffer[: len(chunk)]
+            self.remaining -= len(chunk)
+            if exchange.write_finished:
+                return True  # answered early: the rest of the body is read and dropped
+            try:
+                result = exchange.delegate.data_received(chunk)
+            except Exception:
+                self._failed("data_received")
+                return False
+            if result is not None:
+                self.state = BODY_WAIT
+                asyncio.ensure_future(result).add_done_callback(self._body_chunk_done)
+                return False
+            return True
+        self.deadline = 0.0
+        exchange.read_finished = True
+        self.state = ANSWERING
+        if exchange.write_finished:
+            self._answered(exchange)
+            return self.state == HEAD
+        try:
+            exchange.delegate.finish()
+        except Exception:
+            self._failed("finish")
+            return False
+        return self.state == HEAD
+
+    def _body_chunk_done(self, future: asyncio.Future[Any]) -> None:
+        if self.state != BODY_WAIT:
+            return
+        if not future.cancelled() and future.exception() is not None:
+            self._failed("data_received", future.exception())
+            return
+        self.state = BODY
+        self._run()
+
+    def _content_length(self, headers: tornado.httputil.HTTPHeaders) -> int:
+        """Tornado's reading of Content-Length (duplicates that agree are one; anything else is a 400)."""
+        value = headers.get("Content-Length")
+        if value is None:
+            return 0
+        if "," in value:
+            pieces = _LIST_SEP.split(value)
+            if any(piece != pieces[0] for piece in pieces):
+                raise tornado.httputil.HTTPInputError(f"multiple unequal Content-Lengths: {value!r}")
+            headers["Content-Length"] = value = pieces[0]
+        try:
+            return parse_int(value)
+        except ValueError:
+            raise tornado.httputil.HTTPInputError(f"only an integer Content-Length is allowed: {value!r}") from None
+
+    def _can_keep_alive(self, start_line: tornado.httputil.RequestStartLine,
+                        headers: tornado.httputil.HTTPHeaders) -> bool:
+        """Tornado's rule: HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`."""
+        if self.params.no_keep_alive:
+            return False
+        connection = headers.get("Connection")
+        connection = connection.lower() if connection is not None else None
+        if start_line.version == "HTTP/1.1":
+            return connection != "close"
+        if "Content-Length" in headers or start_line.method in ("HEAD", "GET"):
+            return connection == "keep-alive"
+        return False
+
+    def _for_tornado(self, start_line: tornado.httputil.RequestStartLine,
+                     headers: tornado.httputil.HTTPHeaders) -> bool:
+        """Whether this request (and the rest of its connection) is Tornado's: upgrades, streams, chunked bodies."""
+        if "Upgrade" in headers or "Transfer-Encoding" in headers or is_transfer_encoding_chunked(headers):
+            return True
+        path = start_line.path
+        return any(path == p or path.startswith((p + "?", p + "/")) for p in self.server.handover_paths)
+
+    # -- answers ---------------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> asyncio.Future[None]:
+        """Send bytes; the future resolves when the socket can take more (at once, unless it is full)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.state >= LINGERING:
+            future.set_exception(tornado.iostream.StreamClosedError())
+            future.exception()  # retrieved: nobody has to await a write to a closed connection
+            return future
+        transport.write(data)
+        if self._write_waiters is None:
+            future.set_result(None)
+        else:
+            self._write_waiters.append(future)
+        return future
+
+    def _release_writers(self, error: BaseException | None) -> None:
+        waiters, self._write_waiters = self._write_waiters, None
+        for future in waiters or ():
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+                future.exception()
+
+    def _answered(self, exchange: Exchange) -> None:
+        """The answer is written (maybe still leaving the socket buffer): the next request, or the end."""
+        if exchange is not self.exchange or self.state >= LINGERING:
+            return
+        if not exchange.read_finished:
+            # Answered before the body was read (a 413 at the headers, say): read and drop the rest, then close.
+            self._linger()
+            return
+        self.exchange = None
+        if exchange.disconnect_on_finish:
+            self._close_soon()
+            return
+        self._wait_for_request()
+        if self.buffer and not self._running:
+            self._run()
+
+    def _wait_for_request(self) -> None:
+        self.state = HEAD
+        timeout = self.params.header_timeout
+        self.deadline = asyncio.get_running_loop().time() + timeout if timeout else 0.0
+
+    # -- refusals, failures, timeouts, the end ---------------------------------------------------------
+
+    def _refuse(self, status: int, message: str) -> None:
+        """An error of the request itself, answered as JSON; the connection then closes."""
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None and not exchange.write_finished:
+            exchange.connection_closed(delegate_finished=False)
+        body = jsonutil.dumps_bytes({"success": False, "error": message})
+        self._write(
+            f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Cache-Control: no-store\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        self._linger()
+
+    def _linger(self) -> None:
+        self.exchange = None
+        self.state = LINGERING
+        self.buffer.clear()
+        self.deadline = asyncio.get_running_loop().time() + LINGER
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if self._read_paused:
+                self._read_paused = False
+                transport.resume_reading()
+            if transport.can_write_eof():
+                transport.write_eof()  # the client sees the end of the answer while we drop what it still sends
+
+    def _failed(self, step: str, error: BaseException | None = None) -> None:
+        # As Tornado: a request Tornado's own parsing refuses (HTTPServerRequest's Host check, say) is a 400; a
+        # delegate that raised anything else is logged and its connection closed (the delegate is told).
+        if error is None:
+            error = sys.exc_info()[1]
+        if isinstance(error, tornado.httputil.HTTPInputError):
+            log.info("malformed HTTP request from %s: %s", self.context.remote_ip, redact(str(error)))
+            self._refuse(400, "malformed HTTP request")
+            return
+        log.error("HTTP %s failed for a request from %s", step, self.context.remote_ip,
+                  exc_info=error if error is not None else True)
+        self._abort()
+
+    def timed_out(self) -> None:
+        if self.state == HEAD and not self.buffer and self.exchange is None:
+            self._close_soon()  # an idle kept-alive connection: nothing to answer
+        elif self.state == LINGERING:
+            self._abort()
+        elif self.state in (HEAD, BODY):
+            log.info("timed out reading a request from %s", self.context.remote_ip)
+            self._refuse(408, "the request did not arrive in time")
+        elif self.state == BODY_WAIT:
+            self._abort()  # the handler took no more of the body in time
+
+    def _close_soon(self) -> None:
+        """Close once what is written has left (asyncio's close flushes)."""
+        self.deadline = 0.0
+        if self.transport is not None:
+            self.transport.close()
+
+    def _abort(self) -> None:
+        self.deadline = 0.0
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def close(self) -> None:
+        """For the server's shutdown: close now, and wait until the connection is gone."""
+        if self.state >= HANDING:
+            self.server.front.discard(self)
+            return
+        self._close_soon()
+        if self._closed is not None:
+            await self._closed
+
+    # -- hand-over to Tornado --------------------------------------------------------------------------
+
+    def _hand_over(self) -> None:
+        """This connection, with the request in the buffer, goes to Tornado's HTTP/1.1 server for good."""
+        transport = self.transport
+        assert transport is not None
+        if self.state != HANDING:
+            self.state = HANDING
+            self.deadline = 0.0
+            transport.pause_reading()
+            self._handover_started = asyncio.get_running_loop().time()
+        if transport.get_write_buffer_size():
+            # The previous answer is still leaving: its bytes must not be lost or overtaken.
+            if asyncio.get_running_loop().time() - self._handover_started > HANDOVER_WAIT:
+                self._abort()
+                return
+            asyncio.get_running_loop().call_later(0.005, self._hand_over)
+            return
+        sock = transport.get_extra_info("socket")
+        try:
+            raw = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError as exc:
+            log.info("could not hand a connection over: %r", exc)
+            self._abort()
+            return
+        raw.setblocking(False)
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        self.state = HANDED
+        self.server.front.discard(self)
+        transport.abort()  # closes our descriptor; the duplicate keeps the connection
+        server = self.server
+        stream = tornado.iostream.IOStream(raw, max_buffer_size=server.max_buffer_size,
+                                           read_chunk_size=server.read_chunk_size)
+        # What was read already is the start of what Tornado reads (IOStream has no public way to put it back).
+        stream._read_buffer += data
+        stream._read_buffer_size += len(data)
+        server.handle_stream(stream, self.address)
+
+
+class Exchange(tornado.httputil.HTTPConnection):
+    """One request and its answer: the `HTTPConnection` a Tornado delegate (a RequestHandler's) writes to."""
+
+    def __init__(self, conn: Connection, start_line: tornado.httputil.RequestStartLine,
+                 headers: tornado.httputil.HTTPHeaders, keep_alive: bool) -> None:
+        self.conn = conn
+        self.context = conn.context
+        self.start_line = start_line
+        self.headers = headers
+        self.delegate: tornado.httputil.HTTPMessageDelegate = _NO_DELEGATE
+        self.disconnect_on_finish = not keep_alive
+        self.max_body_size = conn.params.max_body_size or conn.server.max_buffer_size or 100 * 1024 * 1024
+        self.read_finished = False
+        self.write_finished = False
+        self.chunking = False
+        self.expected_remaining: int | None = None
+        self.close_callback: Any = None
+
+    # -- tornado.httputil.HTTPConnection -----------------------------------------------------------------
+
+    def write_headers(self, start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
+                      headers: tornado.httputil.HTTPHeaders, chunk: bytes | None = None) -> asyncio.Future[None]:
+        assert isinstance(start_line, tornado.httputil.ResponseStartLine)
+        request = self.start_line
+        code = start_line.code
+        # Tornado's framing: chunked when HTTP/1.1 has a body of unknown length.
+        self.chunking = (request.version == "HTTP/1.1" and request.method != "HEAD" and code not in (204, 304)
+                         and not 100 <= code < 200 and "Content-Length" not in headers)
+        if request.version == "HTTP/1.1" and self.disconnect_on_finish:
+            headers["Connection"] = "close"
+        if request.version == "HTTP/1.0" and self.headers.get("Connection", "").lower() == "keep-alive":
+            headers["Connection"] = "Keep-Alive"
+        if self.chunking:
+            headers["Transfer-Encoding"] = "chunked"
+        if request.method == "HEAD" or code == 304:
+            self.expected_remaining = 0
+        elif "Content-Length" in headers:
+            self.expected_remaining = parse_int(headers["Content-Length"])
+        else:
+            self.expected_remaining = None
+        lines = [f"HTTP/1.1 {code} {start_line.reason}".encode("latin1")]
+        lines.extend(f"{name}: {value}".encode("latin1") for name, value in headers.get_all())
+        for line in lines:
+            if _CR_OR_LF.search(line):
+                raise ValueError(f"Illegal characters (CR or LF) in header: {line!r}")
+        data = b"\r\n".join(lines) + b"\r\n\r\n"
+        if chunk:
+            data += self._frame(chunk)
+        return self.conn._write(data)
+
+    def write(self, chunk: bytes) -> asyncio.Future[None]:
+        return self.conn._write(self._frame(chunk))
+
+    def finish(self) -> None:
+        if self.expected_remaining:
+            self.conn._abort()
+            raise tornado.httputil.HTTPOutputError(
+                f"Tried to write {self.expected_remaining} bytes less than Content-Length")
+        if self.chunking:
+            self.conn._write(b"0\r\n\r\n")
+        self.write_finished = True
+        self.close_callback = None
+        self.conn._answered(self)
+
+    def set_close_callback(self, callback: Any) -> None:
+        self.close_callback = callback
+
+    def set_body_timeout(self, timeout: float) -> None:
+        self.conn.body_timeout = timeout
+
+    def set_max_body_size(self, max_body_size: int) -> None:
+        self.max_body_size = max_body_size
+
+    def detach(self) -> tornado.iostream.IOStream:
+        raise NotImplementedError("upgrades are handed to Tornado's HTTP/1.1 server before they reach a handler")
+
+    # -- ours ------------------------------------------------------------------------------------------
+
+    def write_answer(self, data: bytes) -> None:
+        """A complete answer (head and a Content-Length body) written at once, for handlers/fastpoll.py."""
+        if self.disconnect_on_finish or self.start_line.version != "HTTP/1.1":
+            raise ValueError("write_answer is for kept-alive HTTP/1.1 requests only")  # callers check first
+        self.conn._write(data)
+        self.write_finished = True
+        self.close_callback = None
+        self.conn._answered(self)
+
+    def _frame(self, chunk: bytes) -> bytes:
+        if self.expected_remaining is not None:
+            self.expected_remaining -= len(chunk)
+            if self.expected_remaining < 0:
+                self.conn._abort()
+                raise tornado.httputil.HTTPOutputError("Tried to write more data than Content-Length")
+        if self.chunking and chunk:
+            return b"%x\r\n" % len(chunk) + chunk + b"\r\n"  # an empty chunk would end the body
+        return chunk
+
+    def connection_closed(self, *, delegate_finished: bool) -> None:
+        """The client went away (or the request was refused) before the answer was written."""
+        try:
+            if delegate_finished:
+                callback, self.close_callback = self.close_callback, None
+                if callback is not None:
+                    callback()
+            else:
+                self.delegate.on_connection_close()
+        except Exception:
+            log.exception("a handler failed on its connection's close")
+
+
+_NO_DELEGATE = tornado.httputil.HTTPMessageDelegate()
+
+
+def keeps_bytes_for(exchange: tornado.httputil.HTTPConnection) -> bool:
+    """Whether `Exchange.write_answer` may answer on this connection."""
+    return isinstance(exchange, Exchange) and not exchange.disconnect_on_finish and (
+        exchange.start_line.version == "HTTP/1.1")
+
