@@ -24,6 +24,10 @@ class Metrics:
             "chatserver_connections", "Open real-time connections", ["transport"], registry=r
         )
         self.polls_waiting = Gauge("chatserver_polls_waiting", "Long-poll requests parked now", registry=r)
+        # Parked polls, counted by the poll paths as a plain number (a poll parks and unparks once per event it
+        # waits for: two locked gauge updates each time were a few percent of a poll), read at each scrape.
+        self.parked_polls = 0
+        self.polls_waiting.set_function(lambda: self.parked_polls)
         # Set to a function of the open requests where the server is assembled (handlers.app.build_context).
         self.requests_in_flight = Gauge(
             "chatserver_requests_in_flight", "HTTP requests being handled now (parked polls included)", registry=r
@@ -54,6 +58,7 @@ class Metrics:
         for transport in ("websocket", "longpoll", "sse"):
             self.connections.labels(transport)
             self.events_delivered.labels(transport)
+        self.connections.labels("longpoll").set_function(lambda: self.parked_polls)  # a parked poll is one
         for reason in ("restarted", "expired"):
             self.resets.labels(reason)
         for outcome in ("accepted", "duplicate", "rejected"):

@@ -64,7 +64,7 @@ class LeanRouter(tornado.httputil.HTTPServerConnectionDelegate):
         self.ctx = ctx
         self.latency = ctx.metrics.request_latency.labels("GET", "PollHandler")
         self.delivered = ctx.metrics.events_delivered.labels(LeanPoll.transport)  # looked up once, not per answer
-        self.parked = ctx.metrics.connections.labels(LeanPoll.transport)
+        self._waking: list[LeanPoll] = []
         self.deadlines = Deadlines()
 
     def start_request(
@@ -74,6 +74,23 @@ class LeanRouter(tornado.httputil.HTTPServerConnectionDelegate):
 
     def on_close(self, server_conn: object) -> None:
         self.app.on_close(server_conn)
+
+    def wake(self, poll: LeanPoll) -> None:
+        """Answer this parked poll on the next turn of the loop, with every other poll woken meanwhile (one
+        callback for all the polls an event wakes, not one each)."""
+        if not self._waking:
+            loop = self.deadlines.loop
+            assert loop is not None  # set when the first poll parked
+            loop.call_soon(self._wake_all)
+        self._waking.append(poll)
+
+    def _wake_all(self) -> None:
+        polls, self._waking = self._waking, []
+        for poll in polls:
+            try:
+                poll._wake_now()
+            except Exception:  # one failing answer must not keep the others waiting
+                log.exception("answering a woken poll failed")
 
 
 class _Dispatch(tornado.httputil.HTTPMessageDelegate):
@@ -306,8 +323,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         self._parked = True
         self.ctx.broadcaster.subscribe(self)
         self.ctx.connections.add(self)
-        self.ctx.metrics.polls_waiting.inc()
-        self.router.parked.inc()  # chatserver_connections{transport="longpoll"}
+        self.ctx.metrics.parked_polls += 1  # chatserver_polls_waiting and chatserver_connections{longpoll}
         self.router.deadlines.add(self, self.timeout)
 
     def on_connection_close(self) -> None:
@@ -319,9 +335,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         # Woken on the next turn of the loop, as PollHandler is: events published together leave together.
         if self._parked and not self._waking:
             self._waking = True
-            loop = self.router.deadlines.loop
-            assert loop is not None  # set when this poll parked
-            loop.call_soon(self._wake_now)
+            self.router.wake(self)
 
     def wants_typing(self, dialog_id: str) -> bool:
         return False
@@ -346,8 +360,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         self.router.deadlines.discard(self, self.timeout)
         self.ctx.broadcaster.unsubscribe(self)
         self.ctx.connections.discard(self)
-        self.ctx.metrics.polls_waiting.dec()
-        self.router.parked.dec()
+        self.ctx.metrics.parked_polls -= 1
 
     def _wake_now(self) -> None:
         if not self._parked:

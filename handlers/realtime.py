@@ -366,8 +366,7 @@ class PollHandler(ApiHandler):
         self._wake = asyncio.get_running_loop().create_future()
         self.ctx.broadcaster.subscribe(self)
         self.ctx.connections.add(self)
-        self.ctx.metrics.polls_waiting.inc()
-        self.ctx.metrics.connections.labels(self.transport).inc()  # a parked poll is a long-poll connection
+        self.ctx.metrics.parked_polls += 1  # chatserver_polls_waiting and chatserver_connections{longpoll}
         try:
             await asyncio.wait_for(asyncio.shield(self._wake), seconds)
         except TimeoutError:
@@ -375,8 +374,7 @@ class PollHandler(ApiHandler):
         finally:
             self.ctx.broadcaster.unsubscribe(self)
             self.ctx.connections.discard(self)
-            self.ctx.metrics.polls_waiting.dec()
-            self.ctx.metrics.connections.labels(self.transport).dec()
+            self.ctx.metrics.parked_polls -= 1
             self._wake = None
 
     def deliver(self, record: EventRecord) -> None:

@@ -135,7 +135,7 @@ async def test_long_poller_is_released_by_message_posted_over_rest(alice: Client
     status, hello = await bob.poll()
     assert status == 200 and hello["data"]["events"] == []
     parked = asyncio.ensure_future(bob.poll(hello["data"]["cursor"], timeout="20"))
-    await eventually(lambda: alice.ctx.metrics.polls_waiting._value.get() == 1)
+    await eventually(lambda: alice.ctx.metrics.parked_polls == 1)
     assert not parked.done()
     sent = await alice.post_message(dialog_id, "over long-poll")
     status, body = await asyncio.wait_for(parked, 5)
@@ -349,7 +349,7 @@ async def test_typing_reaches_joined_connections_of_other_members_only(
     await own.next()
     _, hello = await bob.poll()
     parked = asyncio.ensure_future(bob.poll(hello["data"]["cursor"], typing=dialog_id, timeout="10"))
-    await eventually(lambda: alice.ctx.metrics.polls_waiting._value.get() == 1)
+    await eventually(lambda: alice.ctx.metrics.parked_polls == 1)
     own.send({"type": "typing:start", "dialogId": dialog_id})
     expected = {"type": "typing:start", "data": {"dialogId": dialog_id, "userId": alice.user_id}}
     assert await joined.next() == expected
@@ -504,10 +504,10 @@ async def test_disconnected_long_poller_leaves_no_waiter_behind(bob: Client, ctx
         f"Authorization: Bearer {bob.token}\r\n\r\n".encode()
     )
     await writer.drain()
-    await eventually(lambda: ctx.metrics.polls_waiting._value.get() == 1)
+    await eventually(lambda: ctx.metrics.parked_polls == 1)
     assert ctx.broadcaster.subscriber_count() == 1
     writer.close()
-    await eventually(lambda: ctx.metrics.polls_waiting._value.get() == 0, seconds=3)
+    await eventually(lambda: ctx.metrics.parked_polls == 0, seconds=3)
     assert ctx.broadcaster.subscriber_count() == 0
     assert not ctx.connections
 
