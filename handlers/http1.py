@@ -164,6 +164,26 @@ class Connection(asyncio.BufferedProtocol):
     buffer, and keeps only the bytes it got.
     """
 
+    __slots__ = (  # one of these is held per open connection, a parked poll's included
+        "_closed",
+        "_handover_started",
+        "_read_paused",
+        "_running",
+        "_write_waiters",
+        "address",
+        "body_timeout",
+        "buffer",
+        "context",
+        "deadline",
+        "exchange",
+        "loop",
+        "params",
+        "remaining",
+        "server",
+        "state",
+        "transport",
+    )
+
     def __init__(self, server: Server, address: Any) -> None:
         self.server = server
         # The loop, looked up once: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
