@@ -7,10 +7,11 @@ Tornado's `HTTPMessageDelegate` interface, and its answer leaves in one `transpo
 per request; for a long-poll, answered once per event and asked again at once, that was most of its cost.
 
 What this layer owns, as Tornado's did: keep-alive (HTTP/1.1 by default, HTTP/1.0 on request), pipelining
-(one request at a time, the next read once the answer is written), `Expect: 100-continue`, Content-Length
-bodies handed to the handler as they arrive with its flow control, chunked and fixed-length answers, the
-bounds (header block size, body size, the idle wait for a request, the wait for a body), write flow control
-(a handler's `flush()` waits while the socket is full), and telling a handler that its client went away.
+(one request at a time, the next read once the answer is written and the socket has room for more),
+`Expect: 100-continue`, Content-Length bodies handed to the handler as they arrive with its flow control,
+chunked and fixed-length answers, the bounds (header block size, body size, the idle wait for a request, the
+wait for a body), write flow control (a handler's `flush()` waits while the socket is full), and telling a
+handler that its client went away.
 Refusals come as JSON like every other error (400 for a malformed request, 413 for a body over the hard
 limit, 431 for a header block over its limit, 408 for a request that stalls past its timeout), and the
 connection then closes without losing the answer to
@@ -88,7 +89,7 @@ class Server(tornado.httpserver.HTTPServer):
 
     async def close_all_connections(self) -> None:
         while self.front:
-            await next(iter(self.front)).close()
+            await asyncio.gather(*[conn.close() for conn in self.front])  # together: each may wait up to LINGER
         await super().close_all_connections()
 
     def _connection_started(self, conn: Connection) -> None:
@@ -250,6 +251,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._release_writers(None)
+        exchange = self.exchange
+        if exchange is not None and exchange.write_finished and self.state == ANSWERING:
+            # Its answer waited for the socket (see _answered): the next request, after the transport's own
+            # write callback (which calls this one) is done with the socket.
+            self.loop.call_soon(self._answered, exchange)
 
     # -- reading requests ------------------------------------------------------------------------------
 
@@ -470,10 +476,15 @@ class Connection(asyncio.BufferedProtocol):
             # Answered before the body was read (a 413 at the headers, say): read and drop the rest, then close.
             self._linger()
             return
-        self.exchange = None
         if exchange.disconnect_on_finish:
+            self.exchange = None
             self._close_soon()
             return
+        if self._write_waiters is not None:
+            # The socket is full: the next request is read once the client takes this answer (resume_writing),
+            # as Tornado does; else a client that pipelines and never reads has answers buffered without bound.
+            return
+        self.exchange = None
         self._wait_for_request()
         if self.buffer and not self._running:
             self._run()
@@ -547,13 +558,18 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.abort()
 
     async def close(self) -> None:
-        """For the server's shutdown: close now, and wait until the connection is gone."""
+        """For the server's shutdown: close now, and wait until the connection is gone. What is written still
+        leaves, for at most LINGER: a client that reads nothing would otherwise hold the shutdown forever."""
         if self.state >= HANDING:
             self.server.front.discard(self)
             return
         self._close_soon()
         if self._closed is not None:
-            await self._closed
+            try:
+                await asyncio.wait_for(asyncio.shield(self._closed), LINGER)
+            except TimeoutError:
+                self._abort()
+                await self._closed
 
     # -- hand-over to Tornado --------------------------------------------------------------------------
 
