@@ -248,9 +248,16 @@ class Connection(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         if self._write_waiters is None:
             self._write_waiters = []
+        if self.state == ANSWERING:
+            # A client that takes none of its answer for the idle timeout is cut off (the sweep): every wait
+            # has a bound, this one too.
+            timeout = self.params.header_timeout
+            self.deadline = self.loop.time() + timeout if timeout else 0.0
 
     def resume_writing(self) -> None:
         self._release_writers(None)
+        if self.state == ANSWERING:
+            self.deadline = 0.0
         exchange = self.exchange
         if exchange is not None and exchange.write_finished and self.state == ANSWERING:
             # Its answer waited for the socket (see _answered): the next request, after the transport's own
@@ -545,6 +552,9 @@ class Connection(asyncio.BufferedProtocol):
             self._refuse(408, "the request did not arrive in time")
         elif self.state == BODY_WAIT:
             self._abort()  # the handler took no more of the body in time
+        elif self.state == ANSWERING and self._write_waiters is not None:
+            log.info("%s took none of its answer in time; closing", self.context.remote_ip)
+            self._abort()
 
     def _close_soon(self) -> None:
         """Close once what is written has left (asyncio's close flushes)."""

@@ -483,6 +483,23 @@ async def test_an_idle_connection_is_closed_without_an_answer_at_the_idle_timeou
 
 
 @pytest.mark.gen_test
+async def test_a_client_that_takes_none_of_its_answers_is_cut_off_at_the_idle_timeout(
+    small_server: SmallServer,
+) -> None:
+    # Answers wait for the client (the next pipelined request is not read meanwhile), but not for ever.
+    server, port = small_server
+    async with connect(port, receive_buffer=4096) as (stuck, stuck_writer):
+        stuck_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_answer(stuck)).status == 200
+        (conn,) = server.front
+        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stuck_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3000)
+        await eventually(lambda: conn._write_waiters is not None, seconds=3)
+        await eventually(lambda: not server.front, seconds=1 + http1.SWEEP_INTERVAL + 1.5)
+        assert conn.state == http1.CLOSED
+
+
+@pytest.mark.gen_test
 async def test_close_all_connections_closes_silent_served_and_parked_connections(
     small_server: SmallServer, ctx: AppContext, seed: dict[str, Any]
 ) -> None:
