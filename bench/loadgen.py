@@ -15,6 +15,7 @@ worker, Python's threads) and the generator's own from getrusage, over the same 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import json
@@ -294,6 +295,7 @@ class Generator:
         self.duplicates = 0
         self.warmed = 0
         self.answers = 0
+        self.answer_sizes: collections.Counter[int] = collections.Counter()  # events per poll answer -> answers
         self.progress = asyncio.Event()
         self.track_latency = False
         self.latencies: list[float] = []
@@ -369,10 +371,14 @@ class Generator:
     def poll_answer(self, conn: HttpConnection, body: bytes) -> None:
         self.answers += 1
         conn.extra["answers"] = conn.extra.get("answers", 0) + 1
+        events = 0
         at = body.find(MARKER)
         while at >= 0:
             self.record(conn, body, at)
+            events += 1
             at = body.find(MARKER, at + 12)
+        if events:
+            self.answer_sizes[events] += 1
         if WARM in body and not conn.extra.get("warm"):
             conn.extra["warm"] = True
             self.warmed += 1
@@ -569,6 +575,7 @@ async def run_fanout(gen: Generator, ws: int, polls: int) -> dict[str, Any]:
     await gen.warm_up(pubs[0], len(clients))
     gen.arm(spec["events"], clients)
     answers0 = gen.answers
+    sizes0 = collections.Counter(gen.answer_sizes)
     gc.collect()
     meter = Meter(gen.pids)
     meter.start()
@@ -582,6 +589,11 @@ async def run_fanout(gen: Generator, ws: int, polls: int) -> dict[str, Any]:
         poll_deliveries = sum(c.counts.count(1) for c in clients[ws:] if c.counts is not None)
         result["poll_answers"] = answers
         result["events_per_answer"] = poll_deliveries / answers if answers else 0.0
+        # Batching: how many answers carried several events, and the most one carried (counted events only).
+        sizes = gen.answer_sizes - sizes0
+        carrying = sum(sizes.values())
+        result["answers_with_several"] = sum(n for k, n in sizes.items() if k > 1) / carrying if carrying else 0.0
+        result["max_events_per_answer"] = max(sizes, default=0)
     return result
 
 
