@@ -30,7 +30,7 @@ import os
 import re
 import socket
 import sys
-from typing import Any
+from typing import Any, cast
 
 import tornado.httpserver
 import tornado.httputil
@@ -208,8 +208,7 @@ class Connection(asyncio.BufferedProtocol):
     # -- asyncio.Protocol ------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
         self._closed = self.loop.create_future()
         self._wait_for_request()
         self.server._connection_started(self)
