@@ -86,7 +86,7 @@ def make_http_server(app: tornado.web.Application, config: Config) -> tornado.ht
     ctx = app.settings.get("chatserver_ctx")
     return http1.Server(
         fastpoll.LeanRouter(app, ctx) if isinstance(ctx, AppContext) else app,
-        handover_paths=("/api/events",),
+        handover_paths=("/ws", "/api/events"),
         max_header_size=16 * 1024,
         # Bodies over max_body_size get a JSON 413 from the handler; this is the hard stop behind it.
         max_body_size=max(config.max_body_size * 2, 1024 * 1024),

@@ -18,8 +18,10 @@ connection then closes without losing the answer to
 a reset: the rest of the request is read and dropped for a moment first.
 
 What is not a plain exchange is handed, with the bytes already read, to Tornado's own HTTP/1.1 server for the
-rest of the connection's life: a WebSocket upgrade (any `Upgrade` header), the SSE stream (its path), and a
-chunked request body. A listener with TLS, `xheaders` or request decompression is Tornado's entirely.
+rest of the connection's life: a WebSocket upgrade (any `Upgrade` header), the hand-over paths (the SSE stream,
+the WebSocket endpoint), and a chunked request body. A connection whose first request is for a hand-over path
+is Tornado's from the start: a peek at its first bytes tells, before any of them is read. A listener with TLS,
+`xheaders` or request decompression is Tornado's entirely.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ class Server(tornado.httpserver.HTTPServer):
         super().initialize(*args, **kwargs)
         self.handover_paths = frozenset(handover_paths)
         self._handover_prefixes = tuple(p + c for p in handover_paths for c in "?/")
+        # A connection whose first request is for one of these paths goes to Tornado before a byte of it is
+        # read (a peek tells): no asyncio transport to build and drop, no descriptor to duplicate.
+        self._tornado_starts = tuple(f"GET {p}{c}".encode() for p in handover_paths for c in "? /")
+        self._peek = max((len(start) for start in self._tornado_starts), default=0)
+        self._unread: dict[socket.socket, tuple[Any, float]] = {}  # accepted, first bytes awaited: (address, due)
         self.front: set[Connection] = set()
         # Every connection's reads land here first: asyncio calls get_buffer and buffer_updated back to back.
         self.receive_buffer = memoryview(bytearray(READ_AHEAD))
@@ -84,28 +91,71 @@ class Server(tornado.httpserver.HTTPServer):
             super()._handle_connection(connection, address)
             return
         loop = asyncio.get_running_loop()
+        if not self._peek:
+            self._take(connection, address)
+            return
+        timeout = self.conn_params.header_timeout
+        self._unread[connection] = (address, loop.time() + timeout if timeout else 0.0)
+        connection.setblocking(False)
+        loop.add_reader(connection.fileno(), self._first_bytes, connection)
+        self._keep_sweeping()
+
+    def _first_bytes(self, connection: socket.socket) -> None:
+        """The connection's first bytes have come: Tornado's if they start a request for a hand-over path."""
+        entry = self._unread.pop(connection, None)
+        if entry is None:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(connection.fileno())
+        try:
+            start = connection.recv(self._peek, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self._unread[connection] = entry
+            loop.add_reader(connection.fileno(), self._first_bytes, connection)
+            return
+        except OSError:
+            connection.close()
+            return
+        if start.startswith(self._tornado_starts):
+            super()._handle_connection(connection, entry[0])
+        else:
+            self._take(connection, entry[0])  # also a closed one: the protocol sees its end
+
+    def _take(self, connection: socket.socket, address: Any) -> None:
+        loop = asyncio.get_running_loop()
         task = loop.create_task(loop.connect_accepted_socket(lambda: Connection(self, address), connection))
         task.add_done_callback(_accepted)
 
+    def _drop_unread(self, connection: socket.socket) -> None:
+        self._unread.pop(connection, None)
+        asyncio.get_running_loop().remove_reader(connection.fileno())
+        connection.close()
+
     async def close_all_connections(self) -> None:
+        for connection in list(self._unread):
+            self._drop_unread(connection)  # said nothing yet: nothing to answer
         while self.front:
             await asyncio.gather(*[conn.close() for conn in self.front])  # together: each may wait up to LINGER
         await super().close_all_connections()
 
     def _connection_started(self, conn: Connection) -> None:
         self.front.add(conn)
+        self._keep_sweeping()
+
+    def _keep_sweeping(self) -> None:
         if self._sweeper is None:
-            loop = asyncio.get_running_loop()
-            self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
 
     def _sweep(self) -> None:
         self._sweeper = None
-        if not self.front:
+        if not self.front and not self._unread:
             return
         now = asyncio.get_running_loop().time()
         for conn in [c for c in self.front if 0 < c.deadline <= now]:
             conn.timed_out()
-        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
+        for connection in [c for c, (_, due) in self._unread.items() if 0 < due <= now]:
+            self._drop_unread(connection)  # connected and never said a word within the idle timeout
+        self._keep_sweeping()
 
 
 def _accepted(task: asyncio.Task[Any]) -> None:

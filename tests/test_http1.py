@@ -604,6 +604,27 @@ async def test_websocket_upgrade_after_a_rest_request_on_the_same_connection(
 
 
 @pytest.mark.gen_test
+async def test_a_connection_opening_with_a_websocket_upgrade_is_tornados_before_a_byte_is_read(
+    http_server: Any, alice: Client, base_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A peek at the first bytes sends it straight to Tornado: no asyncio transport built and dropped for it.
+    taken: list[Any] = []
+    take = http_server._take
+    monkeypatch.setattr(http_server, "_take", lambda conn, address: (taken.append(address), take(conn, address)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    async with connect(port_of(base_url)) as (reader, writer):
+        await eventually(lambda: len(http_server._unread) == 1)  # accepted; nothing said yet
+        writer.write(websocket_upgrade(alice.token, key))
+        await assert_websocket_opens(reader, key, alice)
+        assert taken == [] and not http_server.front and not http_server._unread
+    async with connect(port_of(base_url)) as (reader, writer):
+        writer.write(request("GET", "/api/me", token=alice.token))
+        assert_me(await read_answer(reader), alice)
+        assert len(taken) == 1 and len(http_server.front) == 1  # any other first request is this layer's
+    await eventually(lambda: not alice.ctx.connections)
+
+
+@pytest.mark.gen_test
 async def test_websocket_upgrade_pipelined_behind_a_rest_request_keeps_both_answers(
     alice: Client, base_url: str
 ) -> None:
