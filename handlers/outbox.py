@@ -10,6 +10,11 @@ The fast path: with nothing queued and no writer running, `write_now` (where the
 the bytes to the socket at once, with no task and no future; it declines when the socket layer still holds
 unwritten bytes, and the bytes take the queued, awaited path above. A fan-out to a thousand readers that keep
 up is then a thousand `send` calls, and the bound and the cut-off work exactly as before for the rest.
+
+With a `TurnBatcher`, the fast path waits for the end of the loop's turn: the events a connection gets within
+one turn (under load, a third of them in the 1,000-subscriber benchmark) leave joined, in one `send`, instead
+of one each. Anything pushed past the fast path (a replay, a reply frame) first sends what waits, so nothing
+overtakes anything.
 """
 
 from __future__ import annotations
@@ -22,6 +27,26 @@ from collections.abc import Awaitable, Callable
 log = logging.getLogger(__name__)
 
 
+class TurnBatcher:
+    """Outboxes with frames waiting for the end of this turn of the loop; one callback sends them all."""
+
+    def __init__(self) -> None:
+        self._waiting: list[Outbox] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: a getpid() call each on 3.11
+
+    def add(self, outbox: Outbox) -> None:
+        if not self._waiting:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush)
+        self._waiting.append(outbox)
+
+    def _flush(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for outbox in waiting:
+            outbox.flush()
+
+
 class Outbox:
     def __init__(
         self,
@@ -30,9 +55,12 @@ class Outbox:
         on_overflow: Callable[[], None],
         on_sent: Callable[[], None] = lambda: None,
         write_now: Callable[[bytes], bool] | None = None,
+        batcher: TurnBatcher | None = None,
     ) -> None:
         self._limit = limit
         self._write_now = write_now
+        self._batcher = batcher if write_now is not None else None
+        self._waiting: list[bytes] | None = None  # fast-path frames held until the end of the turn
         self._send = send
         self._on_overflow = on_overflow
         self._on_sent = on_sent
@@ -51,6 +79,26 @@ class Outbox:
         queued whole, so that one bigger than the bound is cut off as it always was."""
         if self.closed:
             return
+        if self._waiting is not None:
+            if direct:
+                self._waiting.append(data)
+                return
+            self.flush()  # what waits for the end of the turn goes first
+            if self.closed:
+                return
+        elif direct and self._batcher is not None and self._writer is None:
+            self._waiting = [data]
+            self._batcher.add(self)
+            return
+        self._push(data, direct)
+
+    def flush(self) -> None:
+        """Send the frames held for the end of the turn, joined (TurnBatcher calls this)."""
+        waiting, self._waiting = self._waiting, None
+        if waiting and not self.closed:
+            self._push(waiting[0] if len(waiting) == 1 else b"".join(waiting), True)
+
+    def _push(self, data: bytes, direct: bool) -> None:
         if direct and self._writer is None and self._write_now is not None and len(data) <= self._limit:
             # Nothing queued (the writer drains the queue to empty before it stops): try the socket directly.
             try:
@@ -90,5 +138,6 @@ class Outbox:
 
     def close(self) -> None:
         self.closed = True
+        self._waiting = None
         self._queue = None
         self._queued = 0
