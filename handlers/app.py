@@ -21,7 +21,6 @@ from chatserver.service import ChatService
 from chatserver.store import AsyncStore, SQLiteStore
 from handlers import fastpoll, http1, ops, realtime, rest, web
 from handlers.base import AppContext, NotFoundHandler, log_request
-from handlers.outbox import TurnBatcher
 from handlers.pings import PingSweep
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
@@ -57,7 +56,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
         (r"/api/messages/([^/]+)", rest.MessageHandler, c),
         (r"/api/poll", realtime.PollHandler, c),
         (r"/api/events", realtime.EventStreamHandler, c),
-        (r"/ws", realtime.EventSocket, {**c, "pings": pings, "batcher": TurnBatcher()}),
+        (r"/ws", realtime.EventSocket, {**c, "pings": pings}),
         (r"/healthz", ops.HealthHandler, c),
         (r"/readyz", ops.ReadyHandler, c),
         (r"/metrics", ops.MetricsHandler, c),

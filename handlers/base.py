@@ -22,6 +22,7 @@ from chatserver.config import Config
 from chatserver.errors import ChatError, TooLarge, Unauthorized
 from chatserver.metrics import Metrics
 from chatserver.service import ChatService
+from handlers.outbox import TurnBatcher
 
 log = logging.getLogger("chatserver.http")
 access_log = logging.getLogger("chatserver.access")
@@ -57,6 +58,8 @@ class AppContext:
     connections: set[Any] = attrs.Factory(set)
     # HTTP requests being handled (from the handler's start to its finish), so that shutdown can wait for them.
     requests: weakref.WeakSet[Any] = attrs.Factory(weakref.WeakSet)
+    # The WebSocket frames waiting for the end of this turn of the loop (outbox.py), flushed before poll answers.
+    batcher: TurnBatcher = attrs.Factory(TurnBatcher)
     shutting_down: bool = False
 
 

@@ -85,6 +85,9 @@ class LeanRouter(tornado.httputil.HTTPServerConnectionDelegate):
         self._waking.append(poll)
 
     def _wake_all(self) -> None:
+        # The WebSocket frames of the same events first (outbox.TurnBatcher): a frame costs a few microseconds,
+        # a poll's answer and its next request tens, so a thousand polls do not hold up a thousand frames.
+        self.ctx.batcher.flush()
         polls, self._waking = self._waking, []
         for poll in polls:
             try:

@@ -38,10 +38,11 @@ class TurnBatcher:
         if not self._waiting:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         self._waiting.append(outbox)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Send every waiting frame now (at the end of the turn, or earlier for whoever must come after them)."""
         waiting, self._waiting = self._waiting, []
         for outbox in waiting:
             outbox.flush()

@@ -24,7 +24,7 @@ from chatserver.broadcaster import EventRecord, Replay
 from chatserver.errors import BadRequest, ChatError, Forbidden, Unauthorized
 from chatserver.models import check_id
 from handlers.base import ApiHandler, AppContext, JsonErrors
-from handlers.outbox import Outbox, TurnBatcher
+from handlers.outbox import Outbox
 from handlers.pings import PingSweep
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,9 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
     transport = "websocket"
     _upgraded = False
 
-    def initialize(self, ctx: AppContext, pings: PingSweep, batcher: TurnBatcher | None = None) -> None:
+    def initialize(self, ctx: AppContext, pings: PingSweep) -> None:
         super().initialize(ctx)
         self._pings = pings
-        self._batcher = batcher
         self.user_id = ""
         # The dialogs joined for typing: most connections never join one, so the set is made at the first join.
         self.joined: set[str] | frozenset[str] = _NONE_JOINED
@@ -159,7 +158,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         broadcaster = self.ctx.broadcaster
         self._delivered = self.ctx.metrics.events_delivered.labels(self.transport)
         self._outbox = Outbox(self.ctx.config.client_buffer_limit, self._send, self._cut_off, write_now=self._write_now,
-                              batcher=self._batcher)
+                              batcher=self.ctx.batcher)
         # Replay and subscribe in one step of the loop: no event can fall between them or come twice.
         replay = broadcaster.events_after(self.user_id, self._cursor) if self._cursor else None
         cursor = self._cursor or broadcaster.cursor()
