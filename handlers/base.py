@@ -63,6 +63,11 @@ class AppContext:
     shutting_down: bool = False
 
 
+def error_body(message: str) -> bytes:
+    """PROTOCOL section 2's error envelope, as every refusal carries it (handlers, and handlers/http1.py's own)."""
+    return jsonutil.dumps_bytes({"success": False, "error": message})
+
+
 def redact(uri: str) -> str:
     """The URI (or a whole log line) with token-like values replaced: a log must never hold a credential."""
     uri = _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=[redacted]", uri)
@@ -132,7 +137,7 @@ class JsonErrors(tornado.web.RequestHandler):
             self.set_header("WWW-Authenticate", 'Bearer realm="chatserver"')
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
-        self.finish(jsonutil.dumps({"success": False, "error": message}))
+        self.finish(error_body(message))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, ChatError) or (isinstance(value, tornado.web.HTTPError) and value.status_code < 500):

@@ -39,8 +39,7 @@ import tornado.httputil
 import tornado.iostream
 from tornado.http1connection import is_transfer_encoding_chunked, parse_int
 
-from chatserver import jsonutil
-from handlers.base import redact
+from handlers.base import error_body, redact
 
 log = logging.getLogger("chatserver.http")
 
@@ -557,7 +556,7 @@ class Connection(asyncio.BufferedProtocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None and not exchange.write_finished:
             exchange.connection_closed(delegate_finished=False)
-        body = jsonutil.dumps_bytes({"success": False, "error": message})
+        body = error_body(message)
         self._write(
             f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Cache-Control: no-store\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()

@@ -13,7 +13,7 @@ from typing import Any
 
 import tornado.web
 
-from chatserver import jsonutil
+from handlers.base import error_body
 
 # A Host header we are willing to echo into connect-src; anything else gets 'self' alone.
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
@@ -63,7 +63,7 @@ class WebFileHandler(tornado.web.StaticFileHandler):
         # Refusals (404, 403 outside web/, 405) are JSON like every other error of the server, not an HTML page.
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
-        self.finish(jsonutil.dumps({"success": False, "error": self._reason}))
+        self.finish(error_body(self._reason))
 
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Cache-Control", "no-cache")
