@@ -390,7 +390,6 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         assert connection is not None
         etag = hashlib.sha1(body).hexdigest()  # noqa: S324 - Tornado's Etag, not security
         if http1.keeps_bytes_for(connection):
-            assert isinstance(connection, http1.Exchange)
             date = _http_date(int(self._started))
             connection.write_answer(_ANSWER_HEAD % (date.encode(), etag.encode(), len(body)) + body)
         else:

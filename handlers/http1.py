@@ -32,7 +32,7 @@ import os
 import re
 import socket
 import sys
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import tornado.httpserver
 import tornado.httputil
@@ -304,10 +304,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._release_writers(None)
-        if self.state == ANSWERING:
-            self.deadline = 0.0
+        if self.state != ANSWERING:
+            return
+        self.deadline = 0.0
         exchange = self.exchange
-        if exchange is not None and exchange.write_finished and self.state == ANSWERING:
+        if exchange is not None and exchange.write_finished:
             # Its answer waited for the socket (see _answered): the next request, after the transport's own
             # write callback (which calls this one) is done with the socket.
             self.loop.call_soon(self._answered, exchange)
@@ -393,13 +394,17 @@ class Connection(asyncio.BufferedProtocol):
             return False
         return self._start_body()
 
-    def _headers_done(self, future: asyncio.Future[Any]) -> None:
-        if self.state != HEADERS_WAIT:
-            return
+    def _handler_done(self, future: asyncio.Future[Any], waiting: int, step: str) -> bool:
+        """Whether to go on after a handler's awaitable resolved: still in the state that awaited it, no error."""
+        if self.state != waiting:
+            return False  # the connection moved on meanwhile (refused, closed, answered early)
         if not future.cancelled() and future.exception() is not None:
-            self._failed("headers_received", future.exception())
-            return
-        if self._start_body():
+            self._failed(step, future.exception())
+            return False
+        return True
+
+    def _headers_done(self, future: asyncio.Future[Any]) -> None:
+        if self._handler_done(future, HEADERS_WAIT, "headers_received") and self._start_body():
             self._run()
 
     def _start_body(self) -> bool:
@@ -451,13 +456,9 @@ class Connection(asyncio.BufferedProtocol):
         return self.state == HEAD
 
     def _body_chunk_done(self, future: asyncio.Future[Any]) -> None:
-        if self.state != BODY_WAIT:
-            return
-        if not future.cancelled() and future.exception() is not None:
-            self._failed("data_received", future.exception())
-            return
-        self.state = BODY
-        self._run()
+        if self._handler_done(future, BODY_WAIT, "data_received"):
+            self.state = BODY
+            self._run()
 
     def _content_length(self, headers: tornado.httputil.HTTPHeaders) -> int:
         """Tornado's reading of Content-Length (duplicates that agree are one; anything else is a 400)."""
@@ -586,8 +587,7 @@ class Connection(asyncio.BufferedProtocol):
             log.info("malformed HTTP request from %s: %s", self.context.remote_ip, redact(str(error)))
             self._refuse(400, "malformed HTTP request")
             return
-        log.error("HTTP %s failed for a request from %s", step, self.context.remote_ip,
-                  exc_info=error if error is not None else True)
+        log.error("HTTP %s failed for a request from %s", step, self.context.remote_ip, exc_info=error)
         self._abort()
 
     def timed_out(self) -> None:
@@ -785,7 +785,7 @@ class Exchange(tornado.httputil.HTTPConnection):
 _NO_DELEGATE = tornado.httputil.HTTPMessageDelegate()
 
 
-def keeps_bytes_for(exchange: tornado.httputil.HTTPConnection) -> bool:
+def keeps_bytes_for(exchange: tornado.httputil.HTTPConnection) -> TypeGuard[Exchange]:
     """Whether `Exchange.write_answer` may answer on this connection."""
     return isinstance(exchange, Exchange) and not exchange.disconnect_on_finish and (
         exchange.start_line.version == "HTTP/1.1")
