@@ -70,15 +70,17 @@ def process_tree(root: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU-seconds of `pids`: the system part is mostly the sockets' kernel work."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / CLK_TCK
+        user += int(fields[11])  # utime, stime: fields 14 and 15 of stat
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def rss_kb(pids: list[int]) -> int:
@@ -109,9 +111,10 @@ class Meter:
 
     def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self.t0
-        server = cpu_seconds(self.pids) - self.s0
+        user, system = cpu_seconds(self.pids)
+        user, system = user - self.s0[0], system - self.s0[1]
         gen = own_cpu() - self.g0
-        return {"wall": wall, "server_cpu": server, "gen_cpu": gen}
+        return {"wall": wall, "server_cpu": user + system, "server_user": user, "server_sys": system, "gen_cpu": gen}
 
 
 # -- the systems --------------------------------------------------------------------------------------

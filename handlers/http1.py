@@ -287,8 +287,10 @@ class Connection(asyncio.BufferedProtocol):
         if state in (HANDING, HANDED):
             return
         exchange, self.exchange = self.exchange, None
-        if exchange is not None and not exchange.write_finished:
-            exchange.connection_closed(delegate_finished=state == ANSWERING)
+        if exchange is not None:
+            if not exchange.write_finished:
+                exchange.connection_closed(delegate_finished=state == ANSWERING)
+            exchange.delegate = _NO_DELEGATE
         callback = self.server.request_callback
         if isinstance(callback, tornado.httputil.HTTPServerConnectionDelegate):
             callback.on_close(self)
@@ -532,15 +534,17 @@ class Connection(asyncio.BufferedProtocol):
             # Answered before the body was read (a 413 at the headers, say): read and drop the rest, then close.
             self._linger()
             return
-        if exchange.disconnect_on_finish:
-            self.exchange = None
-            self._close_soon()
-            return
-        if self._write_waiters is not None:
+        if self._write_waiters is not None and not exchange.disconnect_on_finish:
             # The socket is full: the next request is read once the client takes this answer (resume_writing),
             # as Tornado does; else a client that pipelines and never reads has answers buffered without bound.
             return
         self.exchange = None
+        # The delegate and the exchange point at each other (a poll holds its exchange): unlinked here, the
+        # pair is freed at once rather than by the cyclic collector, which a poll per cycle kept busy.
+        exchange.delegate = _NO_DELEGATE
+        if exchange.disconnect_on_finish:
+            self._close_soon()
+            return
         self._wait_for_request()
         if self.buffer and not self._running:
             self._run()
