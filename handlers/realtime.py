@@ -68,11 +68,12 @@ def event_frame(record: EventRecord) -> bytes:
 
 
 def poll_body(events: list[EventRecord], cursor: str, more: bool) -> bytes:
-    """A poll's answer. The events are spliced in as the bytes they were encoded to once: no re-encoding."""
+    """A poll's answer. The events are spliced in as the bytes they were encoded to once: no re-encoding. The
+    cursor is one this server issued (letters, digits, a dot): nothing in it to escape."""
     tail = b',"more":true' if more else b""
     events_json = b",".join(record.payload for record in events)
-    return b"".join((b'{"success":true,"data":{"events":[', events_json, b'],"cursor":', jsonutil.dumps_bytes(cursor),
-                     tail, b"}}"))
+    return b"".join((b'{"success":true,"data":{"events":[', events_json, b'],"cursor":"', cursor.encode(),
+                     b'"', tail, b"}}"))
 
 
 def _count_resets(ctx: AppContext, replay: Replay) -> None:
@@ -195,9 +196,10 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
 
     def deliver(self, record: EventRecord) -> None:
         # Counted as handed to the connection: events only, never ready, pong or error frames.
-        if self._outbox is not None:
-            self._outbox.push(event_frame(record))
-            self._delivered.inc()
+        outbox = self._outbox
+        if outbox is not None:
+            outbox.push(record.frame or event_frame(record))
+            self._delivered.value += 1
 
     def wants_typing(self, dialog_id: str) -> bool:
         return dialog_id in self.joined

@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 import tornado.httpclient
 import tornado.websocket
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatserver import systemd
+from chatserver.metrics import LoopCounter, LoopHistogram
 from run import log_formatter
 from tests.conftest import Client
 from tests.process import ServerProcess
@@ -235,3 +237,26 @@ def test_journald_is_recognised_only_on_the_stream_it_names() -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_loop_counters_and_histograms_expose_what_prometheus_client_would() -> None:
+    # The hot-path metrics are plain numbers of our own: their exposition must still be Prometheus' own shape
+    # (a `_total` counter; cumulative `le` buckets, inclusive bounds, +Inf equal to the count, and the sum).
+    registry = CollectorRegistry()
+    counter = LoopCounter("t_events", "events", ["transport"], registry=registry)
+    histogram = LoopHistogram("t_seconds", "latency", ["handler"], registry=registry, buckets=(0.1, 1.0))
+    counter.labels("ws").inc()
+    counter.labels("ws").inc(4)
+    for value in (0.05, 0.1, 0.5, 3.0):
+        histogram.labels("H").observe(value)
+    with pytest.raises(ValueError):
+        counter.labels("ws", "extra")
+
+    samples = Samples(generate_latest(registry).decode())
+
+    assert samples("t_events_total", transport="ws") == 5
+    assert samples("t_seconds_bucket", handler="H", le="0.1") == 2
+    assert samples("t_seconds_bucket", handler="H", le="1.0") == 3
+    assert samples("t_seconds_bucket", handler="H", le="+Inf") == 4
+    assert samples("t_seconds_count", handler="H") == 4
+    assert samples("t_seconds_sum", handler="H") == pytest.approx(3.65)
