@@ -88,7 +88,10 @@ class Broadcaster:
         self._history_bytes = 0
         self._last_seq = 0
         self._latest: LRU[str, str] = LRU(dedupe_size or max(history_size, 10000))
-        self._subscribers: dict[str, set[Subscriber]] = {}
+        # A user's live connections, as a tuple replaced at each (un)subscribe: a delivery that unsubscribes
+        # (a cut-off) never changes the tuple a fan-out iterates, so the fan-out needs no copy per recipient.
+        # (Un)subscribing copies the user's few connections: linear in them, where a set was constant.
+        self._subscribers: dict[str, tuple[Subscriber, ...]] = {}
         self.published = 0
         self.duplicates_dropped = 0
 
@@ -136,7 +139,7 @@ class Broadcaster:
         for user_id in record.recipients:
             group = subscribers.get(user_id)
             if group:
-                for subscriber in tuple(group):  # a copy: delivering may cut a connection off (unsubscribe)
+                for subscriber in group:
                     try:
                         subscriber.deliver(record)
                     except Exception:  # one failing connection must never stop delivery to the others
@@ -149,7 +152,7 @@ class Broadcaster:
         payload = jsonutil.dumps_bytes({"type": event_type, "data": {"dialogId": dialog_id, "userId": user_id}})
         record = EventRecord(-1, event_type, frozenset(members) - {user_id}, payload, dialog_id)
         for member in record.recipients:
-            for subscriber in tuple(self._subscribers.get(member, ())):
+            for subscriber in self._subscribers.get(member, ()):
                 if subscriber.wants_typing(dialog_id):
                     self._deliver(subscriber, record)
 
@@ -230,14 +233,20 @@ class Broadcaster:
     # -- subscribers -------------------------------------------------------------------------------------
 
     def subscribe(self, subscriber: Subscriber) -> None:
-        self._subscribers.setdefault(subscriber.user_id, set()).add(subscriber)
+        group = self._subscribers.get(subscriber.user_id, ())
+        if subscriber not in group:
+            self._subscribers[subscriber.user_id] = (*group, subscriber)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        subscribers = self._subscribers.get(subscriber.user_id)
-        if subscribers is not None:
-            subscribers.discard(subscriber)
-            if not subscribers:
-                del self._subscribers[subscriber.user_id]
+        group = self._subscribers.get(subscriber.user_id)
+        if group is None or subscriber not in group:
+            return
+        if len(group) == 1:
+            del self._subscribers[subscriber.user_id]
+        else:
+            rest = list(group)
+            rest.remove(subscriber)
+            self._subscribers[subscriber.user_id] = tuple(rest)
 
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subscribers.values())

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 class TurnBatcher:
     """Outboxes with frames waiting for the end of this turn of the loop; one callback sends them all."""
 
+    __slots__ = ("_loop", "_waiting")
+
     def __init__(self) -> None:
         self._waiting: list[Outbox] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: a getpid() call each on 3.11
@@ -49,12 +51,15 @@ class TurnBatcher:
 
 
 class Outbox:
+    # Slots: one per connection, and the fan-out reads its fields once per event and connection.
+    __slots__ = ("_batcher", "_limit", "_on_overflow", "_queue", "_queued", "_send", "_waiting", "_write_now",
+                 "_writer", "closed")
+
     def __init__(
         self,
         limit: int,
         send: Callable[[bytes], Awaitable[None]],
         on_overflow: Callable[[], None],
-        on_sent: Callable[[], None] = lambda: None,
         write_now: Callable[[bytes], bool] | None = None,
         batcher: TurnBatcher | None = None,
     ) -> None:
@@ -64,7 +69,6 @@ class Outbox:
         self._waiting: list[bytes] | None = None  # fast-path frames held until the end of the turn
         self._send = send
         self._on_overflow = on_overflow
-        self._on_sent = on_sent
         # Made at the first queued write: most connections keep up and never queue one (a deque is 760 bytes).
         self._queue: deque[bytes] | None = None
         self._queued = 0
@@ -80,14 +84,15 @@ class Outbox:
         queued whole, so that one bigger than the bound is cut off as it always was."""
         if self.closed:
             return
-        if self._waiting is not None:
+        waiting = self._waiting
+        if waiting is not None:
             if direct:
-                self._waiting.append(data)
+                waiting.append(data)
                 return
             self.flush()  # what waits for the end of the turn goes first
             if self.closed:
                 return
-        elif direct and self._batcher is not None and self._writer is None:
+        elif direct and self._writer is None and self._batcher is not None:
             self._waiting = [data]
             self._batcher.add(self)
             return
@@ -100,16 +105,15 @@ class Outbox:
             self._push(waiting[0] if len(waiting) == 1 else b"".join(waiting), True)
 
     def _push(self, data: bytes, direct: bool) -> None:
-        if direct and self._writer is None and self._write_now is not None and len(data) <= self._limit:
+        write_now = self._write_now
+        if direct and write_now is not None and self._writer is None and len(data) <= self._limit:
             # Nothing queued (the writer drains the queue to empty before it stops): try the socket directly.
             try:
-                written = self._write_now(data)
+                if write_now(data):
+                    return
             except Exception as exc:  # the peer went away: the close callback cleans up
                 log.debug("direct write failed: %r", exc)
                 self.close()
-                return
-            if written:
-                self._on_sent()
                 return
         if self._queue is None:
             self._queue = deque()
@@ -128,7 +132,6 @@ class Outbox:
                 data = self._queue.popleft()
                 self._queued -= len(data)
                 await self._send(data)
-                self._on_sent()
         except Exception as exc:  # the peer went away mid-write: the close callback cleans up
             log.debug("writer stopped: %r", exc)
             self.close()

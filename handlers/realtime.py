@@ -95,6 +95,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         self.joined: set[str] | frozenset[str] = _NONE_JOINED
         self._cursor: str | None = None
         self._outbox: Outbox | None = None
+        self._tls = False
 
     async def prepare(self) -> None:
         # Refused before the upgrade: 401 for a bad token, 400 for a bad cursor (never logged: see redact()).
@@ -158,6 +159,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         self._release_handshake()
         broadcaster = self.ctx.broadcaster
         self._delivered = self.ctx.metrics.events_delivered.labels(self.transport)
+        self._tls = isinstance(self._stream(), tornado.iostream.SSLIOStream)  # TLS: Tornado's stream writes
         self._outbox = Outbox(self.ctx.config.client_buffer_limit, self._send, self._cut_off, write_now=self._write_now,
                               batcher=self.ctx.batcher)
         # Replay and subscribe in one step of the loop: no event can fall between them or come twice.
@@ -216,15 +218,23 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         Declines (False) while the stream is still writing, so bytes never overtake each other. What the
         socket does not take at once is left to the stream, which sends it when the socket drains; until then
         the stream is writing and the next frames wait in the Outbox, counted against its bound.
+
+        It runs once per event and connection, so it reads Tornado's state rather than calling for it: the
+        protocol's `client_terminated`/`server_terminated` (what `is_closing()` reads, but for the stream's
+        closed flag: the send of a closed socket fails instead) and the stream's write indexes (equal when
+        `writing()` would say False). Tornado is pinned; tests/test_realtime.py's backpressure tests cover both.
         """
-        stream = self._stream()
-        if stream.writing() or isinstance(stream, tornado.iostream.SSLIOStream):
+        connection = self.ws_connection
+        if connection is None or connection.client_terminated or connection.server_terminated:
+            raise tornado.websocket.WebSocketClosedError()
+        stream = connection.stream  # type: ignore[attr-defined]
+        if stream._total_write_index != stream._total_write_done_index or self._tls:
             return False
         try:
             sent = stream.socket.send(frame)
         except BlockingIOError:
             sent = 0
-        except OSError as exc:
+        except (OSError, AttributeError) as exc:  # closed: its socket is gone (None) or shut
             raise tornado.websocket.WebSocketClosedError() from exc
         if sent < len(frame):
             try:
