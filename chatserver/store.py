@@ -2,14 +2,19 @@
 
 `SQLiteStore` is synchronous and thread-aware (one connection per worker thread, WAL mode, a versioned
 schema migrated at open). `AsyncStore` is how the rest of the server reaches it: every call runs on a small
-thread pool, never on the IOLoop. The store knows nothing of events or transports; it answers "was this new?"
+thread pool, never on the IOLoop. Writes share commits (`GroupWriter`): the writes that arrive while one commit
+is on disk go together in the next, each still all-or-nothing, so a burst costs one fsync, not one each.
+The store knows nothing of events or transports; it answers "was this new?"
 so that the service can decide what to publish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import logging
+import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -20,6 +25,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from chatserver import jsonutil
 from chatserver.errors import BadRequest, Conflict, NotFound
 from chatserver.models import Dialog, DialogView, Message, User, now_iso
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -110,6 +117,7 @@ class SQLiteStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self.commits = 0  # transactions committed or tried, of single writes and of groups (tests read it)
         self._migrate()
 
     # -- connections -------------------------------------------------------------------------------------
@@ -133,8 +141,13 @@ class SQLiteStore:
             self._connections.append(conn)
         return conn
 
-    def _write(self) -> _Transaction:
-        return _Transaction(self._connect())
+    def _write(self) -> _Transaction | _Savepoint:
+        """One write, all or nothing: its own transaction, or a savepoint in the group commit it runs in."""
+        conn = self._connect()
+        if getattr(self._local, "grouped", False):
+            return _Savepoint(conn)
+        self.commits += 1
+        return _Transaction(conn)
 
     def close(self) -> None:
         with self._lock:
@@ -517,11 +530,152 @@ class _Transaction:
             self.conn.execute("ROLLBACK")
 
 
+class _Savepoint:
+    """One write of a group commit: `SAVEPOINT` ... `RELEASE`, or `ROLLBACK TO` it on error (the rest stays)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("SAVEPOINT one_write")
+        return self.conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self.conn.in_transaction:
+            return  # SQLite rolled the whole group back (a full disk): GroupWriter fails every write of it
+        if exc_type is not None:
+            self.conn.execute("ROLLBACK TO one_write")
+        self.conn.execute("RELEASE one_write")
+
+
+class _Write:
+    __slots__ = ("call", "future", "loop")
+
+    def __init__(self, call: Callable[[SQLiteStore], Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.call = call
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+
+
+class GroupWriter:
+    """The one writer thread. It takes every write waiting (up to `max_group`) and runs them in submission order
+    in one transaction, each in a savepoint: a write that fails is undone alone, the others commit together, with
+    one fsync. Then it resolves their futures in that order, in one callback on the loop: the awaiters resume, and
+    publish, in the order the writes were stored. A commit that fails fails every write of its group.
+
+    A write that arrives while nothing else waits commits alone, at once: grouping never delays a write.
+    """
+
+    def __init__(self, store: SQLiteStore, max_group: int = 64) -> None:
+        self._store = store
+        self._max_group = max_group
+        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="store-write", daemon=True)
+        self._thread.start()
+        self.groups = 0  # commits of more than one write (tests read it)
+
+    def submit(self, call: Callable[[SQLiteStore], T]) -> asyncio.Future[T]:
+        write = _Write(call, asyncio.get_running_loop())
+        self._queue.put(write)
+        return write.future
+
+    def close(self) -> None:
+        """Finish what was submitted, then stop the thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group, stop = [first], False
+            while len(group) < self._max_group:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                group.append(more)
+            try:
+                outcomes = self._commit(group) if len(group) > 1 else [self._alone(first)]
+            except BaseException as exc:  # never lose the thread, never leave an awaiter hanging
+                log.exception("a group of %d writes failed", len(group))
+                outcomes = [(None, exc)] * len(group)
+            self._resolve(group, outcomes)
+            if stop:
+                return
+
+    def _alone(self, write: _Write) -> tuple[Any, BaseException | None]:
+        try:
+            return write.call(self._store), None
+        except BaseException as exc:
+            return None, exc
+
+    def _commit(self, group: list[_Write]) -> list[tuple[Any, BaseException | None]]:
+        store = self._store
+        conn = store._connect()
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        store._local.grouped = True
+        try:
+            store.commits += 1
+            conn.execute("BEGIN IMMEDIATE")
+            for write in group:
+                try:
+                    outcomes.append((write.call(store), None))
+                except BaseException as exc:
+                    outcomes.append((None, exc))
+                if not conn.in_transaction:
+                    # SQLite rolled the group back (a full disk): what this group wrote so far is gone. Those
+                    # writes fail with the error; the rest of the group goes on in a transaction of its own.
+                    error = outcomes[-1][1] or sqlite3.OperationalError("the group commit was rolled back")
+                    outcomes = [(None, error)] * len(outcomes)
+                    store.commits += 1
+                    conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                return [(None, exc)] * len(group)
+        except sqlite3.Error as exc:  # BEGIN failed (the database is locked for longer than busy_timeout)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return [(None, exc)] * len(group)
+        finally:
+            store._local.grouped = False
+        self.groups += 1
+        return outcomes
+
+    @staticmethod
+    def _resolve(group: list[_Write], outcomes: list[tuple[Any, BaseException | None]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Write, tuple[Any, BaseException | None]]]] = {}
+        for write, outcome in zip(group, outcomes, strict=True):
+            by_loop.setdefault(write.loop, []).append((write, outcome))
+        for loop, settled in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is left to tell
+                loop.call_soon_threadsafe(_settle, settled)
+
+
+def _settle(settled: list[tuple[_Write, tuple[Any, BaseException | None]]]) -> None:
+    """On the loop: each write's future gets its outcome, in the order the writes were stored."""
+    for write, (value, error) in settled:
+        if write.future.done():
+            continue  # its awaiter was cancelled; the write is stored all the same
+        if error is None:
+            write.future.set_result(value)
+        else:
+            write.future.set_exception(error)
+
+
 class AsyncStore:
     """The store as the IOLoop sees it: each call runs on the store's threads and is awaited.
 
-    Writes go to one writer thread, in the order they are submitted, and their awaiters resume in that same
-    order: so the order in which messages are stored (history pages) is the order in which they are
+    Writes go to one writer thread (`GroupWriter`), in the order they are submitted, and their awaiters resume
+    in that same order: so the order in which messages are stored (history pages) is the order in which they are
     published (live events). Reads run on their own threads and never wait behind a write, nor behind password
     hashing, which has threads of its own: a burst of logins must not stall every history page and membership
     check behind ~50 ms of scrypt each.
@@ -530,7 +684,7 @@ class AsyncStore:
     def __init__(self, store: SQLiteStore, readers: int = 2, hashers: int = 2) -> None:
         self.sync = store
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="store-read")
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-write")
+        self._writer = GroupWriter(store)
         self._hashers = ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="hash")
 
     async def run(self, method: Callable[Concatenate[SQLiteStore, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -539,9 +693,8 @@ class AsyncStore:
         return await loop.run_in_executor(self._readers, functools.partial(method, self.sync, *args, **kwargs))
 
     async def write(self, method: Callable[Concatenate[SQLiteStore, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """A write, serialized behind every write submitted before it."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, functools.partial(method, self.sync, *args, **kwargs))
+        """A write, serialized behind every write submitted before it (and maybe committed with them)."""
+        return await self._writer.submit(lambda store: method(store, *args, **kwargs))
 
     async def offload(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run CPU-heavy work (password hashing) off the loop too."""
@@ -550,7 +703,7 @@ class AsyncStore:
 
     def close(self) -> None:
         self._hashers.shutdown(wait=True)
-        self._writer.shutdown(wait=True)
+        self._writer.close()
         self._readers.shutdown(wait=True)
         self.sync.close()
 

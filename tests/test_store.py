@@ -5,17 +5,20 @@ No loop here: the store is synchronous (the server reaches it through AsyncStore
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 
 from chatserver.errors import BadRequest, Conflict, NotFound
 from chatserver.models import Dialog, Message, User, new_id, now_iso
-from chatserver.store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, StoreError
+from chatserver.store import MIGRATIONS, SCHEMA_VERSION, AsyncStore, SQLiteStore, StoreError
 from tests.test_cli import Server, http, login
 
 
@@ -351,3 +354,96 @@ def _restart_round_trip(tmp_path: Path, servers: list[Server]) -> None:
     status, body = http("GET", f"{url}/api/dialogs", token=bob)
     assert body["data"][0]["lastMessage"] == sent["data"] and body["data"][0]["unreadCount"] == 1
     assert second.stop() == 0
+
+
+# -- group commit ----------------------------------------------------------------------------------------------
+
+
+async def _while_the_writer_is_busy(db: AsyncStore, *writes: Callable[[], Awaitable[Any]]) -> list[Any]:
+    """Submit `writes` while the writer thread is held by another write: they wait, and go as one group."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold(_: SQLiteStore) -> None:
+        held.set()
+        release.wait(10)
+
+    blocker = asyncio.ensure_future(db.write(hold))
+    await asyncio.get_running_loop().run_in_executor(None, held.wait, 10)
+    tasks = [asyncio.ensure_future(write()) for write in writes]
+    await asyncio.sleep(0.05)  # every task has submitted its write to the writer's queue
+    release.set()
+    await blocker
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_writes_waiting_behind_a_commit_share_the_next_one_and_keep_their_order(
+    store: SQLiteStore, pair: tuple[User, User, Dialog]
+) -> None:
+    ann, _, talk = pair
+    db = AsyncStore(store)
+    sent = [message(talk.dialog_id, ann, f"m{n}") for n in range(20)]
+    resumed: list[str] = []
+
+    async def post(msg: Message) -> tuple[Message, bool]:
+        stored = await db.write(SQLiteStore.insert_message, msg)
+        resumed.append(msg.message_id)
+        return stored
+
+    async def scenario() -> list[Any]:
+        return await _while_the_writer_is_busy(db, *(functools.partial(post, m) for m in sent))
+
+    commits = store.commits
+    results = asyncio.run(scenario())
+    db.close()
+
+    assert all(created for _, created in results)
+    assert store.commits == commits + 1  # the held write committed nothing; the twenty, one commit
+    assert resumed == [m.message_id for m in sent]  # awaiters resume in the order the writes were stored
+    reopened = SQLiteStore(store.path)
+    stored = reopened.list_messages(talk.dialog_id, limit=50)
+    assert [m.message_id for m in stored][-20:] == [m.message_id for m in sent]
+    reopened.close()
+
+
+def test_a_failing_write_in_a_group_is_undone_alone(store: SQLiteStore) -> None:
+    db = AsyncStore(store)
+    taken = user(store, "700")
+
+    def create(phone: str) -> Callable[[], Awaitable[Any]]:
+        return functools.partial(db.write, SQLiteStore.create_user, User(new_id("usr"), "n", phone), "hash")
+
+    results = asyncio.run(_while_the_writer_is_busy(db, create("801"), create(taken.phone), create("802")))
+    db.close()
+
+    assert isinstance(results[1], Conflict)
+    assert [r.phone for r in (results[0], results[2])] == ["801", "802"]
+    reopened = SQLiteStore(store.path)
+    assert reopened.user_by_phone("801") is not None and reopened.user_by_phone("802") is not None
+    reopened.close()
+
+
+def test_a_group_whose_commit_fails_fails_every_write_of_it(
+    store: SQLiteStore, pair: tuple[User, User, Dialog]
+) -> None:
+    # A foreign key checked at COMMIT (deferred) makes SQLite refuse the commit itself, as a full disk would:
+    # nothing of the group is stored, and every awaiter hears of it.
+    ann, _, talk = pair
+    db = AsyncStore(store)
+    good = message(talk.dialog_id, ann, "would have been fine")
+    orphan = message("dlg_missing", ann, "no such dialog")
+
+    def deferred_orphan(s: SQLiteStore) -> Any:
+        s._connect().execute("PRAGMA defer_foreign_keys=ON")
+        return s.insert_message(orphan)
+
+    results = asyncio.run(_while_the_writer_is_busy(
+        db, functools.partial(db.write, SQLiteStore.insert_message, good), functools.partial(db.write, deferred_orphan)
+    ))
+    after = asyncio.run(db.write(SQLiteStore.insert_message, good))  # the writer goes on after a failed group
+    db.close()
+
+    assert after[1] is True
+    assert all(isinstance(r, sqlite3.IntegrityError) for r in results), results
+    reopened = SQLiteStore(store.path)
+    assert reopened.get_message(orphan.message_id) is None
+    reopened.close()
