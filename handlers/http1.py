@@ -37,7 +37,8 @@ from typing import Any, TypeGuard, cast
 import tornado.httpserver
 import tornado.httputil
 import tornado.iostream
-from tornado.http1connection import is_transfer_encoding_chunked, parse_int
+from tornado.http1connection import parse_int
+from tornado.httputil import _normalize_header
 
 from handlers.base import error_body, redact
 
@@ -175,16 +176,39 @@ def parse_headers(block: str) -> tornado.httputil.HTTPHeaders:
     if _PLAIN_HEADERS.fullmatch(block) is None:
         return tornado.httputil.HTTPHeaders.parse(block)
     headers = _Headers()
+    fields = headers._as_list  # filled as HTTPHeaders.add fills it: normalized name -> its values in order
     for line in block.split("\n"):
         name, colon, value = line.partition(":")
         if not colon:
             continue  # the final empty line
         value = value.rstrip("\r").strip(" \t")
-        if name in headers:
-            headers.add(name, value)  # a repeated field: a list, as HTTPHeaders.parse makes it
+        normalized = _NORMALIZED.get(name)
+        if normalized is None:
+            normalized = _normalize_header(name)
+            if len(_NORMALIZED) < 1000:  # the names clients send are few; a bound for those who invent more
+                _NORMALIZED[name] = normalized
+        values = fields.get(normalized)
+        if values is None:
+            fields[normalized] = [value]
         else:
-            headers[name] = value
+            values.append(value)  # a repeated field: a list, as HTTPHeaders.parse makes it
     return headers
+
+
+_NORMALIZED: dict[str, str] = {}
+_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"))
+
+
+def parse_request_line(line: str) -> tornado.httputil.RequestStartLine:
+    """`tornado.httputil.parse_request_start_line`, split by hand for the plain lines nearly every client sends
+    (a common method, an ASCII target, HTTP/1.0 or 1.1); anything else goes through Tornado's own parser."""
+    parts = line.split(" ")
+    if len(parts) == 3:
+        method, target, version = parts
+        if (method in _METHODS and version in ("HTTP/1.1", "HTTP/1.0") and target
+                and target.isascii() and target.isprintable()):
+            return tornado.httputil.RequestStartLine(method, target, version)
+    return tornado.httputil.parse_request_start_line(line)
 
 
 class _Context:
@@ -365,7 +389,7 @@ class Connection(asyncio.BufferedProtocol):
         try:
             text = head.decode("latin1")
             eol = text.find("\n")
-            start_line = tornado.httputil.parse_request_start_line(text[:eol].rstrip("\r"))
+            start_line = parse_request_line(text[:eol].rstrip("\r"))
             headers = parse_headers(text[eol + 1 :])
         except tornado.httputil.HTTPInputError as exc:
             log.info("malformed HTTP request from %s: %s", self.context.remote_ip, redact(str(exc)))
@@ -464,9 +488,10 @@ class Connection(asyncio.BufferedProtocol):
 
     def _content_length(self, headers: tornado.httputil.HTTPHeaders) -> int:
         """Tornado's reading of Content-Length (duplicates that agree are one; anything else is a 400)."""
-        if "Content-Length" not in headers:  # HTTPHeaders.get of a missing name raises and catches a KeyError
+        values = headers._as_list.get("Content-Length")
+        if values is None:
             return 0
-        value = headers["Content-Length"]
+        value = values[0] if len(values) == 1 else headers["Content-Length"]
         if "," in value:
             pieces = _LIST_SEP.split(value)
             if any(piece != pieces[0] for piece in pieces):
@@ -482,17 +507,19 @@ class Connection(asyncio.BufferedProtocol):
         """Tornado's rule: HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`."""
         if self.params.no_keep_alive:
             return False
-        connection = headers["Connection"].lower() if "Connection" in headers else None
+        fields = headers._as_list
+        connection = headers["Connection"].lower() if "Connection" in fields else None
         if start_line.version == "HTTP/1.1":
             return connection != "close"
-        if "Content-Length" in headers or start_line.method in ("HEAD", "GET"):
+        if "Content-Length" in fields or start_line.method in ("HEAD", "GET"):
             return connection == "keep-alive"
         return False
 
     def _for_tornado(self, start_line: tornado.httputil.RequestStartLine,
                      headers: tornado.httputil.HTTPHeaders) -> bool:
         """Whether this request (and the rest of its connection) is Tornado's: upgrades, streams, chunked bodies."""
-        if "Upgrade" in headers or "Transfer-Encoding" in headers or is_transfer_encoding_chunked(headers):
+        fields = headers._as_list  # HTTPHeaders' own map of normalized names: `in` without normalizing again
+        if "Upgrade" in fields or "Transfer-Encoding" in fields:
             return True
         path = start_line.path
         server = self.server

@@ -755,3 +755,39 @@ def test_fast_header_parser_result_is_a_usable_httpheaders() -> None:
     assert "b" in headers and "C" not in headers and headers.get("C") is None
     headers.add("C", "4")
     assert list(headers.get_all()) == [("A", "1"), ("A", "3"), ("B", "2"), ("C", "4")]
+
+
+REQUEST_LINES = [
+    "GET /api/poll?cursor=a.1&timeout=30 HTTP/1.1",
+    "POST /api/messages/dialog/dlg_1 HTTP/1.0",
+    "OPTIONS * HTTP/1.1",
+    "BREW /pot HTTP/1.1",  # a method we do not split: Tornado's parser takes it
+    "GET /caf\xe9 HTTP/1.1",  # a byte beyond ASCII in the target
+    "GET /x HTTP/1.9",
+    "GET /a%20b?q=%00 HTTP/1.1",
+]
+BAD_REQUEST_LINES = [
+    "GET /x HTTP/2.0",
+    "GET  /x HTTP/1.1",
+    "GET /x HTTP/1.1 extra",
+    "GET /x\x01y HTTP/1.1",
+    "GET /x\x7f HTTP/1.1",
+    "G(T /x HTTP/1.1",
+    "GET",
+    "",
+    "GET /x http/1.1",
+]
+
+
+@pytest.mark.parametrize("line", REQUEST_LINES)
+def test_fast_request_line_parser_gives_tornados_result(line: str) -> None:
+    assert http1.parse_request_line(line) == tornado.httputil.parse_request_start_line(line)
+
+
+@pytest.mark.parametrize("line", BAD_REQUEST_LINES)
+def test_fast_request_line_parser_refuses_what_tornado_refuses_with_its_error(line: str) -> None:
+    with pytest.raises(tornado.httputil.HTTPInputError) as theirs:
+        tornado.httputil.parse_request_start_line(line)
+    with pytest.raises(tornado.httputil.HTTPInputError) as ours:
+        http1.parse_request_line(line)
+    assert str(ours.value) == str(theirs.value)
