@@ -94,11 +94,21 @@ class Broadcaster:
         self._subscribers: dict[str, tuple[Subscriber, ...]] = {}
         self.published = 0
         self.duplicates_dropped = 0
+        self._current = (self.epoch, self._last_seq, self.cursor())  # the cursor of now, made once per event
 
     # -- cursors -----------------------------------------------------------------------------------------
 
     def cursor(self, seq: int | None = None) -> str:
         return f"{self.epoch}.{self._last_seq if seq is None else seq}"
+
+    def is_current(self, cursor: str) -> bool:
+        """Whether `cursor` is the cursor of now: nothing after it for anyone. A string comparison, for the
+        resuming poll that has seen everything (most of them); `events_after` answers the same, at more cost."""
+        epoch, seq, text = self._current
+        if epoch is not self.epoch or seq != self._last_seq:
+            text = self.cursor()
+            self._current = (self.epoch, self._last_seq, text)
+        return cursor == text
 
     def parse_cursor(self, cursor: str) -> int | None:
         """The sequence number of a cursor of this epoch, or None for a cursor of another epoch.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import re
 import time
@@ -48,11 +47,10 @@ def _http_date(second: int) -> str:
 
 
 # The answer's head as RequestHandler writes it, for handlers/http1.py's connections: its defaults, JsonHandler's,
-# then finish()'s Etag and length, in that order (only the date, the Etag and the length vary).
+# then finish()'s length, in that order (only the date and the length vary; a poll's answer has no Etag).
 _ANSWER_HEAD = (
     b"HTTP/1.1 200 OK\r\nServer: " + _SERVER.encode() + b"\r\nContent-Type: application/json; charset=utf-8\r\n"
-    b"Date: %s\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nEtag: \"%s\"\r\n"
-    b"Content-Length: %d\r\n\r\n"
+    b"Date: %s\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nContent-Length: %d\r\n\r\n"
 )
 
 
@@ -157,6 +155,21 @@ def _query_arguments(query: str) -> dict[str, list[bytes]]:
     return arguments
 
 
+def _poll_arguments(query: str) -> tuple[str | None, str | None, str | None]:
+    """The last `cursor`, `typing` and `timeout` of a query, stripped, as RequestHandler.get_query_argument reads
+    them; a plain ASCII query (nothing escaped) is split here, anything else by Tornado's parser."""
+    if "%" in query or "+" in query or not query.isascii():
+        arguments = _query_arguments(query)
+        return _last(arguments, "cursor"), _last(arguments, "typing"), _last(arguments, "timeout")
+    found: dict[str, str] = {}
+    for field in query.split("&"):
+        name, _, value = field.partition("=")
+        found[name] = value  # the last one wins
+    cursor, typing, timeout = found.get("cursor"), found.get("typing"), found.get("timeout")
+    return (None if cursor is None else cursor.strip(), None if typing is None else typing.strip(),
+            None if timeout is None else timeout.strip())
+
+
 def _last(arguments: dict[str, list[bytes]], name: str) -> str | None:
     values = arguments.get(name)
     if not values:
@@ -247,31 +260,36 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         headers: tornado.httputil.HTTPHeaders,
     ) -> LeanPoll | None:
         """The poll, if it is one this path answers exactly as PollHandler would; else None (no side effect)."""
-        if "Content-Length" in headers and headers["Content-Length"] != "0":
+        # HTTPHeaders' own map (normalized name -> values): a repeated Authorization or Host is left to
+        # PollHandler, which refuses it as it always did (joined, neither is a valid token or host).
+        fields: dict[str, list[str]] = headers._as_list  # type: ignore[attr-defined]
+        length = fields.get("Content-Length")
+        if (length is not None and length != ["0"]) or "Transfer-Encoding" in fields or "If-None-Match" in fields:
             return None
-        if "Transfer-Encoding" in headers or "If-None-Match" in headers:
+        authorization, host = fields.get("Authorization"), fields.get("Host")
+        if authorization is None or host is None or len(authorization) != 1 or len(host) != 1:
             return None
-        scheme, _, token = headers.get("Authorization", "").partition(" ")
+        scheme, _, token = authorization[0].partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             return None
         # What HTTPServerRequest would parse, without building one (its construction was ~7% of a poll). It refuses
         # (400) a missing, malformed or repeated Host and a query of over 1,000 fields: anything but a plain host
         # and a short query is left to the application, which answers it as it always did.
-        host = headers.get("Host")
         query = start_line.path.partition("?")[2]
-        if host is None or not _PLAIN_HOST.fullmatch(host) or query.count("&") >= _MAX_FIELDS:
+        if not _PLAIN_HOST.fullmatch(host[0]) or query.count("&") >= _MAX_FIELDS:
             return None
-        arguments = _query_arguments(query)
-        cursor = _last(arguments, "cursor")
-        typing = _last(arguments, "typing")
-        timeout = _timeout(_last(arguments, "timeout"))
+        cursor, typing, raw_timeout = _poll_arguments(query)
+        timeout = _timeout(raw_timeout)
         if not cursor or timeout is None or (typing is not None and typing.replace(",", "").strip()):
             return None
         ctx = router.ctx
+        broadcaster = ctx.broadcaster
         try:
             user_id = ctx.service.authenticate_known(token)  # a user not seen yet: PollHandler looks
-            replay = ctx.broadcaster.events_after(user_id, cursor, ctx.config.poll_max_events)
+            # A poll that has seen everything (the usual one) parks without a replay to build.
+            replay = None if broadcaster.is_current(cursor) else broadcaster.events_after(
+                user_id, cursor, ctx.config.poll_max_events)
         except ChatError:
             return None
         # HTTPServerRequest's remote_ip: the connection's (X-Real-Ip/X-Forwarded-For applied there when xheaders).
@@ -287,7 +305,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         user_id: str,
         cursor: str,
         timeout: float,
-        replay: Replay,
+        replay: Replay | None,
     ) -> None:
         self.router = router
         self.ctx = router.ctx
@@ -316,15 +334,16 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
 
     def finish(self) -> None:
         # The request is read: answer now, or park until an event for the caller or the timeout.
-        replay = self.replay
-        self.replay = None
-        assert replay is not None
-        if replay.events or self.timeout <= 0 or self.ctx.shutting_down:
-            self._answer(replay)
+        replay, self.replay = self.replay, None
+        broadcaster = self.ctx.broadcaster
+        if replay is None and not broadcaster.is_current(self.cursor):  # events came since the headers
+            replay = broadcaster.events_after(self.user_id, self.cursor, self.ctx.config.poll_max_events)
+        if (replay is not None and replay.events) or self.timeout <= 0 or self.ctx.shutting_down:
+            self._answer(replay or broadcaster.events_after(self.user_id, self.cursor, self.ctx.config.poll_max_events))
             return
         self.connection.set_close_callback(self._gone)  # type: ignore[union-attr]
         self._parked = True
-        self.ctx.broadcaster.subscribe(self)
+        broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.parked_polls += 1  # chatserver_polls_waiting and chatserver_connections{longpoll}
         self.router.deadlines.add(self, self.timeout)
@@ -388,24 +407,22 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         self.router.delivered.inc(len(replay.events))
         connection = self.connection
         assert connection is not None
-        etag = hashlib.sha1(body).hexdigest()  # noqa: S324 - Tornado's Etag, not security
         if http1.keeps_bytes_for(connection):
             date = _http_date(int(self._started))
-            connection.write_answer(_ANSWER_HEAD % (date.encode(), etag.encode(), len(body)) + body)
+            connection.write_answer(_ANSWER_HEAD % (date.encode(), len(body)) + body)
         else:
-            self._write_with_tornado(connection, body, etag)
+            self._write_with_tornado(connection, body)
         ctx.requests.discard(self)
         log_access(ctx, self, 200, "PollHandler", self.router.latency)  # it reads method, uri, remote_ip, time
 
-    def _write_with_tornado(self, connection: tornado.httputil.HTTPConnection, body: bytes, etag: str) -> None:
-        # RequestHandler's headers, in its order: its defaults, JsonHandler's, then finish()'s Etag and length.
+    def _write_with_tornado(self, connection: tornado.httputil.HTTPConnection, body: bytes) -> None:
+        # RequestHandler's headers, in its order: its defaults, JsonHandler's, then finish()'s length.
         headers = tornado.httputil.HTTPHeaders()
         headers["Server"] = _SERVER
         headers["Content-Type"] = "application/json; charset=utf-8"
         headers["Date"] = _http_date(int(self._started))
         headers["Cache-Control"] = "no-store"
         headers["X-Content-Type-Options"] = "nosniff"
-        headers["Etag"] = f'"{etag}"'
         headers["Content-Length"] = str(len(body))
         try:
             connection.write_headers(_OK, headers, body)

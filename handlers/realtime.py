@@ -355,6 +355,10 @@ class PollHandler(ApiHandler):
         _count_resets(self.ctx, replay)
         self._answer(self._typing + replay.events, replay.cursor, replay.more)
 
+    def compute_etag(self) -> None:
+        """None: a poll's answer is never the same resource twice, and never a 304 (it is not cached either)."""
+        return None
+
     def _timeout(self) -> float:
         raw = self.get_query_argument("timeout", None)
         if raw is None or raw == "":

@@ -206,3 +206,46 @@ def test_a_new_epoch_resets_every_live_connection_and_every_old_cursor() -> None
     assert hub.history_length == 0
     # Messages already published are still not published twice.
     assert hub.publish("message:new", message("msg_1"), {"usr_a"}) is None
+
+
+def test_is_current_names_only_the_cursor_of_now() -> None:
+    hub = Broadcaster(100)
+    first = hub.cursor()
+    assert hub.is_current(first)
+    hub.publish("message:new", message("msg_1"), {"usr_a"})
+    assert not hub.is_current(first)
+    assert hub.is_current(hub.cursor())
+    assert hub.events_after("usr_a", hub.cursor()).events == []  # what is_current stands in for
+    now = hub.cursor()
+    hub.start_new_epoch()
+    assert not hub.is_current(now) and hub.is_current(hub.cursor())
+    assert not hub.is_current("") and not hub.is_current("nonsense")
+
+
+class CutsItselfOff(Recorder):
+    """A connection that the delivery cuts off (its buffer overflowed): it unsubscribes while being delivered to."""
+
+    def __init__(self, user_id: str, hub: Broadcaster) -> None:
+        super().__init__(user_id)
+        self.hub = hub
+
+    def deliver(self, record: EventRecord) -> None:
+        super().deliver(record)
+        self.hub.unsubscribe(self)
+
+
+def test_a_connection_cut_off_during_a_fan_out_does_not_cost_the_users_others_their_event() -> None:
+    hub = Broadcaster(100)
+    first, second = Recorder("usr_a"), Recorder("usr_a")
+    cut = CutsItselfOff("usr_a", hub)
+    for sub in (first, cut, second):
+        hub.subscribe(sub)
+    hub.subscribe(first)  # twice is once
+    hub.publish("message:new", message("msg_1"), {"usr_a"})
+    hub.publish("message:new", message("msg_2"), {"usr_a"})
+    assert [len(s.records) for s in (first, cut, second)] == [2, 1, 2]
+    assert hub.subscriber_count() == 2
+    hub.unsubscribe(first)
+    hub.unsubscribe(first)  # twice is once
+    hub.unsubscribe(second)
+    assert hub.subscriber_count() == 0

@@ -133,3 +133,16 @@ def test_lean_paths_token_cache_still_checks_expiry_and_never_remembers_a_bad_to
     others = [signer.issue(f"usr_{n}") for n in range(3)]
     assert [signer.verify_cached(t) for t in others] == ["usr_0", "usr_1", "usr_2"]
     assert len(signer._verified) == 2 and forged not in signer._verified
+
+
+@pytest.mark.gen_test
+async def test_a_poll_answer_has_no_etag_and_is_never_a_304(alice: Client, bob: Client, dialog_id: str) -> None:
+    # A poll is not a cacheable resource: `If-None-Match: *` (which matches any Etag) must not turn it into a 304.
+    _, hello = await bob.poll()
+    cursor = hello["data"]["cursor"]
+    await alice.post_message(dialog_id, "fresh")
+    for headers in ({}, {"If-None-Match": "*"}):
+        answer = await fetch_poll(bob, f"cursor={cursor}&timeout=0", **headers)
+        assert answer.code == 200
+        assert "Etag" not in answer.headers
+        assert len(jsonutil.loads(answer.body)["data"]["events"]) == 1
