@@ -64,11 +64,26 @@ class LeanRouter(tornado.httputil.HTTPServerConnectionDelegate):
         self.delivered = ctx.metrics.events_delivered.labels(LeanPoll.transport)  # looked up once, not per answer
         self._waking: list[LeanPoll] = []
         self.deadlines = Deadlines()
+        self._answer_memo: tuple[int, str, bool, list[EventRecord], bytes] | None = None
 
     def start_request(
         self, server_conn: object, request_conn: tornado.httputil.HTTPConnection
     ) -> tornado.httputil.HTTPMessageDelegate:
         return _Dispatch(self, server_conn, request_conn)
+
+    def answer_bytes(self, replay: Replay) -> bytes:
+        """A poll's whole answer, head and body. The polls an event wakes get the same events after the same
+        cursor, so the answer made for the first is kept and given to the others while it still applies (same
+        events, cursor and second of the Date): one answer built per event, not one per poll."""
+        second = int(time.time())
+        memo = self._answer_memo
+        if memo is not None and memo[0] == second and memo[1] == replay.cursor and memo[2] == replay.more and (
+                memo[3] == replay.events):
+            return memo[4]
+        body = poll_body(replay.events, replay.cursor, replay.more)
+        answer = _ANSWER_HEAD % (_http_date(second).encode(), len(body)) + body
+        self._answer_memo = (second, replay.cursor, replay.more, replay.events, answer)
+        return answer
 
     def on_close(self, server_conn: object) -> None:
         self.app.on_close(server_conn)
@@ -403,15 +418,14 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         ctx = self.ctx
         if replay.reset is not None:
             ctx.metrics.resets.labels(replay.reset).inc()
-        body = poll_body(replay.events, replay.cursor, replay.more)
-        self.router.delivered.inc(len(replay.events))
+        router = self.router
+        router.delivered.inc(len(replay.events))
         connection = self.connection
         assert connection is not None
         if http1.keeps_bytes_for(connection):
-            date = _http_date(int(self._started))
-            connection.write_answer(_ANSWER_HEAD % (date.encode(), len(body)) + body)
+            connection.write_answer(router.answer_bytes(replay))
         else:
-            self._write_with_tornado(connection, body)
+            self._write_with_tornado(connection, poll_body(replay.events, replay.cursor, replay.more))
         ctx.requests.discard(self)
         log_access(ctx, self, 200, "PollHandler", self.router.latency)  # it reads method, uri, remote_ip, time
 
@@ -420,7 +434,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         headers = tornado.httputil.HTTPHeaders()
         headers["Server"] = _SERVER
         headers["Content-Type"] = "application/json; charset=utf-8"
-        headers["Date"] = _http_date(int(self._started))
+        headers["Date"] = _http_date(int(time.time()))
         headers["Cache-Control"] = "no-store"
         headers["X-Content-Type-Options"] = "nosniff"
         headers["Content-Length"] = str(len(body))

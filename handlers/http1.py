@@ -171,6 +171,19 @@ class _Headers(tornado.httputil.HTTPHeaders):
         self._combined_cache: dict[str, str] = {}
 
 
+_CR_LF = b"\r\n"
+
+
+def head_end(buffer: bytearray) -> int:
+    """Where the header block in `buffer` ends (after its empty line), or -1: the first `\r?\n\r?\n`. A CRLF
+    block is found with `find` (a tenth of the regex's cost); one with a bare LF before it, by the regex."""
+    end = buffer.find(b"\r\n\r\n")
+    if end >= 0 and buffer.find(b"\n\n", 0, end + 1) < 0 and buffer.find(b"\n\r\n", 0, end + 2) < 0:
+        return end + 4
+    match = _HEAD_END.search(buffer)
+    return -1 if match is None else match.end()
+
+
 def parse_headers(block: str) -> tornado.httputil.HTTPHeaders:
     """HTTPHeaders.parse's result for a header block (latin-1 text, the empty line included), or its error."""
     if _PLAIN_HEADERS.fullmatch(block) is None:
@@ -373,19 +386,19 @@ class Connection(asyncio.BufferedProtocol):
 
     def _read_head(self) -> bool:
         buffer = self.buffer
-        # RFC 9112 2.2: at least one empty line before a request is ignored.
-        start = 0
-        while start < len(buffer) and buffer[start] in b"\r\n":
-            start += 1
-        if start:
+        if buffer and buffer[0] in _CR_LF:
+            # RFC 9112 2.2: at least one empty line before a request is ignored.
+            start = 0
+            while start < len(buffer) and buffer[start] in _CR_LF:
+                start += 1
             del buffer[:start]
         limit = self.params.max_header_size or 65536
-        match = _HEAD_END.search(buffer)
-        if match is None or match.end() > limit:
-            if match is not None or len(buffer) > limit:
+        end = head_end(buffer)
+        if end < 0 or end > limit:
+            if end >= 0 or len(buffer) > limit:
                 self._refuse(431, f"the request's header block is larger than {limit} bytes")
             return False
-        head = bytes(buffer[: match.end()])
+        head = bytes(buffer[:end])
         try:
             text = head.decode("latin1")
             eol = text.find("\n")
@@ -398,7 +411,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._for_tornado(start_line, headers):
             self._hand_over()
             return False
-        del buffer[: match.end()]
+        del buffer[:end]
         try:
             length = self._content_length(headers)
         except tornado.httputil.HTTPInputError as exc:

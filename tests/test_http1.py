@@ -791,3 +791,20 @@ def test_fast_request_line_parser_refuses_what_tornado_refuses_with_its_error(li
     with pytest.raises(tornado.httputil.HTTPInputError) as ours:
         http1.parse_request_line(line)
     assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("data", [
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\nHost: a\n\nrest\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\n\r\nrest\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n\nrest\r\n\r\n",
+    b"GET / HTTP/1.1\nX: 1\r\n\r\n",
+    b"\r\n\r\n",
+    b"\n\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n",
+    b"",
+])
+def test_head_end_is_the_first_empty_line_as_the_regex_finds_it(data: bytes) -> None:
+    match = http1._HEAD_END.search(data)
+    assert http1.head_end(bytearray(data)) == (-1 if match is None else match.end())
