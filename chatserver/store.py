@@ -570,17 +570,21 @@ class GroupWriter:
         self._store = store
         self._max_group = max_group
         self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="store-write", daemon=True)
         self._thread.start()
         self.groups = 0  # commits of more than one write (tests read it)
 
     def submit(self, call: Callable[[SQLiteStore], T]) -> asyncio.Future[T]:
+        if self._closed:
+            raise RuntimeError("the store's writer is closed")  # as an executor after shutdown: never a hang
         write = _Write(call, asyncio.get_running_loop())
         self._queue.put(write)
         return write.future
 
     def close(self) -> None:
         """Finish what was submitted, then stop the thread."""
+        self._closed = True
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()

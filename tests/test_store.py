@@ -447,3 +447,10 @@ def test_a_group_whose_commit_fails_fails_every_write_of_it(
     reopened = SQLiteStore(store.path)
     assert reopened.get_message(orphan.message_id) is None
     reopened.close()
+
+
+def test_a_write_after_close_is_refused_not_left_hanging(store: SQLiteStore) -> None:
+    db = AsyncStore(store)
+    db.close()
+    with pytest.raises(RuntimeError):
+        asyncio.run(db.write(SQLiteStore.create_user, User(new_id("usr"), "n", "900"), "hash"))
