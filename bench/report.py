@@ -91,6 +91,26 @@ def table_rows(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+CPU_WORKLOADS = [(w, label) for w, key, label, unit, _ in FIGURES if key == "cpu_per_10k"]
+
+
+def split_rows(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The CPU figures split into user and system time (the system part is mostly the sockets' kernel work)."""
+    results = index(run)
+    systems = systems_in(run)
+    header = ["CPU-s / 10k deliveries: user + system", *[LABELS[s] for s in systems]]
+    rows = []
+    for workload, label in CPU_WORKLOADS:
+        cells = []
+        for system in systems:
+            user, sys_, n = (value(results, workload, system, k) for k in ("server_user", "server_sys", "deliveries"))
+            cells.append("—" if user is None or sys_ is None or not n else
+                         f"{user / n * 10_000:.3f} + {sys_ / n * 10_000:.3f}")
+        if any(c != "—" for c in cells):
+            rows.append([label, *cells])
+    return header, rows
+
+
 def checks(run: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     """The targets of issue 7: (target, measured, met)."""
     results = index(run)
@@ -218,6 +238,12 @@ def print_table(run: dict[str, Any]) -> None:
     print()
     for row in [header, *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)))
+    split_header, split = split_rows(run)
+    if split:
+        print()
+        widths = [max(len(str(x)) for x in col) for col in zip(split_header, *split, strict=False)]
+        for row in [split_header, *split]:
+            print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)))
     print("\ntargets of issue 7:")
     for label, measured, met in checks(run):
         mark = "n/a " if met is None else "MET " if met else "MISS"
@@ -305,6 +331,12 @@ def write_docs(run: dict[str, Any]) -> None:
         "",
         markdown_table(header, rows),
         "",
+    ]
+    split_header, split = split_rows(run)
+    if split:
+        parts += ["The CPU figures split into user and system time (system: mostly the sockets' kernel work):", "",
+                  markdown_table(split_header, split), ""]
+    parts += [
         "Targets of issue 7 in this run:",
         "",
         markdown_table(
@@ -327,3 +359,14 @@ def write_docs(run: dict[str, Any]) -> None:
         text = text.rstrip() + "\n\n" + generated + "\n"
     DOC.write_text(text)
     print(f"wrote {DOC.relative_to(ROOT)} and {', '.join(plots) or 'no plots'}")
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python bench/report.py bench/results/<stamp>.json  (prints it and rewrites the docs part)")
+    saved = json.loads(Path(sys.argv[1]).read_text())
+    print_table(saved)
+    write_docs(saved)
