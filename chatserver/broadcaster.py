@@ -95,20 +95,26 @@ class Broadcaster:
         self.published = 0
         self.duplicates_dropped = 0
         self._current = (self.epoch, self._last_seq, self.cursor())  # the cursor of now, made once per event
+        # The last scan of `events_after`: (cursor, last seq, epoch, every record after that cursor).
+        self._after: tuple[str, int, str, list[EventRecord]] | None = None
 
     # -- cursors -----------------------------------------------------------------------------------------
 
     def cursor(self, seq: int | None = None) -> str:
         return f"{self.epoch}.{self._last_seq if seq is None else seq}"
 
-    def is_current(self, cursor: str) -> bool:
-        """Whether `cursor` is the cursor of now: nothing after it for anyone. A string comparison, for the
-        resuming poll that has seen everything (most of them); `events_after` answers the same, at more cost."""
+    def current_cursor(self) -> str:
+        """`cursor()`, formatted once per event rather than once per call."""
         epoch, seq, text = self._current
         if epoch is not self.epoch or seq != self._last_seq:
             text = self.cursor()
             self._current = (self.epoch, self._last_seq, text)
-        return cursor == text
+        return text
+
+    def is_current(self, cursor: str) -> bool:
+        """Whether `cursor` is the cursor of now: nothing after it for anyone. A string comparison, for the
+        resuming poll that has seen everything (most of them); `events_after` answers the same, at more cost."""
+        return cursor == self.current_cursor()
 
     def parse_cursor(self, cursor: str) -> int | None:
         """The sequence number of a cursor of this epoch, or None for a cursor of another epoch.
@@ -200,24 +206,29 @@ class Broadcaster:
 
         Raises BadRequest for a cursor this server cannot parse or never issued.
         """
-        seq = self.parse_cursor(cursor)
-        if seq is None:
-            return self._reset("restarted")
-        first = self._history[0].seq if self._history else self._last_seq + 1
-        if seq < first - 1:
-            return self._reset("expired")
-        if seq == self._last_seq:
-            return Replay([], cursor)
-        pending: list[EventRecord] = []
-        for record in reversed(self._history):
-            if record.seq <= seq:
-                break
-            if user_id in record.recipients:
-                pending.append(record)
-        pending.reverse()
+        memo = self._after
+        if memo is not None and memo[0] == cursor and memo[1] == self._last_seq and memo[2] is self.epoch:
+            records = memo[3]  # the polls an event wakes ask with the same cursor: scanned once, filtered each
+        else:
+            seq = self.parse_cursor(cursor)
+            if seq is None:
+                return self._reset("restarted")
+            first = self._history[0].seq if self._history else self._last_seq + 1
+            if seq < first - 1:
+                return self._reset("expired")
+            if seq == self._last_seq:
+                return Replay([], cursor)
+            records = []
+            for record in reversed(self._history):
+                if record.seq <= seq:
+                    break
+                records.append(record)
+            records.reverse()
+            self._after = (cursor, self._last_seq, self.epoch, records)
+        pending = [record for record in records if user_id in record.recipients]
         if limit is not None and len(pending) > limit:
             return Replay(pending[:limit], self.cursor(pending[limit - 1].seq), more=True)
-        return Replay(pending, self.cursor())
+        return Replay(pending, self.current_cursor())
 
     def start_new_epoch(self) -> int:
         """Begin a new epoch: the history is forgotten, every cursor issued so far gets `restarted`, and every

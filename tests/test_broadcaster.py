@@ -249,3 +249,20 @@ def test_a_connection_cut_off_during_a_fan_out_does_not_cost_the_users_others_th
     hub.unsubscribe(first)  # twice is once
     hub.unsubscribe(second)
     assert hub.subscriber_count() == 0
+
+
+def test_resume_of_the_same_cursor_by_different_users_gives_each_only_their_events() -> None:
+    # events_after keeps its last scan for the next caller with the same cursor: never another user's events,
+    # and never a scan older than the last event.
+    hub = Broadcaster(100)
+    start = hub.cursor()
+    first = hub.publish("message:new", message("msg_1"), {"usr_a"})
+    second = hub.publish("message:new", message("msg_2"), {"usr_a", "usr_b"})
+    assert hub.events_after("usr_a", start).events == [first, second]
+    assert hub.events_after("usr_b", start).events == [second]
+    assert hub.events_after("usr_c", start).events == []
+    third = hub.publish("message:new", message("msg_3"), {"usr_b"})
+    assert hub.events_after("usr_b", start).events == [second, third]
+    assert hub.events_after("usr_b", start).cursor == hub.cursor()
+    hub.start_new_epoch()
+    assert hub.events_after("usr_b", start).reset == "restarted"
