@@ -13,7 +13,8 @@ was a tenth of the loop's time.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -98,6 +99,9 @@ class _BroadcasterCollector(Collector):
         yield GaugeMetricFamily("chatserver_history_bytes", "Bytes of events held for resume", value=b.history_bytes)
 
 
+C = TypeVar("C")
+
+
 class Count:
     """One label set's count of a `LoopCounter`."""
 
@@ -110,22 +114,31 @@ class Count:
         self.value += amount
 
 
-class LoopCounter(Collector):
-    """A labelled counter counted by the event loop's thread only: a plain int per label set."""
+class _LoopFamily(Collector, Generic[C]):
+    """A labelled metric of the event loop's thread: a plain child object per label set, read at each scrape."""
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry,
+                 child: Callable[[], C]) -> None:
         self._name, self._documentation, self._labelnames = name, documentation, tuple(labelnames)
-        self._children: dict[tuple[str, ...], Count] = {}
+        self._child = child
+        self._children: dict[tuple[str, ...], C] = {}
         registry.register(self)
 
-    def labels(self, *values: str) -> Count:
-        """The count of these label values (look it up once and keep it where counting is frequent)."""
+    def labels(self, *values: str) -> C:
+        """The child of these label values (look it up once and keep it where counting is frequent)."""
         child = self._children.get(values)
         if child is None:
             if len(values) != len(self._labelnames):
                 raise ValueError(f"{self._name} takes labels {self._labelnames}")
-            child = self._children[values] = Count()
+            child = self._children[values] = self._child()
         return child
+
+
+class LoopCounter(_LoopFamily[Count]):
+    """A labelled counter counted by the event loop's thread only: a plain int per label set."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
+        super().__init__(name, documentation, labelnames, registry, Count)
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
@@ -149,26 +162,16 @@ class Observations:
         self.sum += value
 
 
-class LoopHistogram(Collector):
+class LoopHistogram(_LoopFamily[Observations]):
     """A labelled histogram observed by the event loop's thread only, with Prometheus' default buckets."""
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry,
         buckets: Sequence[float] = Histogram.DEFAULT_BUCKETS,
     ) -> None:
-        self._name, self._documentation, self._labelnames = name, documentation, tuple(labelnames)
         bounds = tuple(float(b) for b in buckets)
         self._bounds = bounds if bounds[-1] == float("inf") else (*bounds, float("inf"))
-        self._children: dict[tuple[str, ...], Observations] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> Observations:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self._labelnames):
-                raise ValueError(f"{self._name} takes labels {self._labelnames}")
-            child = self._children[values] = Observations(self._bounds)
-        return child
+        super().__init__(name, documentation, labelnames, registry, lambda: Observations(self._bounds))
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
