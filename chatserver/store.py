@@ -573,7 +573,6 @@ class GroupWriter:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="store-write", daemon=True)
         self._thread.start()
-        self.groups = 0  # commits of more than one write (tests read it)
 
     def submit(self, call: Callable[[SQLiteStore], T]) -> asyncio.Future[T]:
         if self._closed:
@@ -651,7 +650,6 @@ class GroupWriter:
             return [(None, exc)] * len(group)
         finally:
             store._local.grouped = False
-        self.groups += 1
         return outcomes
 
     @staticmethod

@@ -351,10 +351,12 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         # The request is read: answer now, or park until an event for the caller or the timeout.
         replay, self.replay = self.replay, None
         broadcaster = self.ctx.broadcaster
-        if replay is None and not broadcaster.is_current(self.cursor):  # events came since the headers
-            replay = broadcaster.events_after(self.user_id, self.cursor, self.ctx.config.poll_max_events)
-        if (replay is not None and replay.events) or self.timeout <= 0 or self.ctx.shutting_down:
-            self._answer(replay or broadcaster.events_after(self.user_id, self.cursor, self.ctx.config.poll_max_events))
+        answer_now = self.timeout <= 0 or self.ctx.shutting_down
+        # No replay: the cursor was current at the headers. Made now if events came since, or to answer at once.
+        if replay is None and (answer_now or not broadcaster.is_current(self.cursor)):
+            replay = self._replay()
+        if replay is not None and (replay.events or answer_now):
+            self._answer(replay)
             return
         self.connection.set_close_callback(self._gone)  # type: ignore[union-attr]
         self._parked = True
@@ -403,7 +405,10 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         if not self._parked:
             return
         self._unpark()
-        self._answer(self.ctx.broadcaster.events_after(self.user_id, self.cursor, self.ctx.config.poll_max_events))
+        self._answer(self._replay())
+
+    def _replay(self) -> Replay:
+        return self.ctx.broadcaster.events_after(self.user_id, self.cursor, self.ctx.config.poll_max_events)
 
     def _gone(self) -> None:
         # The client went away: drop the waiter now, not at its timeout; nobody is left to answer.

@@ -15,7 +15,7 @@ import hashlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 from urllib.parse import urlparse
@@ -739,13 +739,19 @@ def test_fast_header_parser_gives_tornados_result(block: str) -> None:
         assert ours[name.lower()] == theirs[name]
 
 
+def assert_refused_as_tornado_refuses(
+    ours: Callable[[str], object], theirs: Callable[[str], object], text: str
+) -> None:
+    with pytest.raises(tornado.httputil.HTTPInputError) as tornados:
+        theirs(text)
+    with pytest.raises(tornado.httputil.HTTPInputError) as our:
+        ours(text)
+    assert str(our.value) == str(tornados.value)
+
+
 @pytest.mark.parametrize("block", INVALID_BLOCKS)
 def test_fast_header_parser_refuses_what_tornado_refuses_with_its_error(block: str) -> None:
-    with pytest.raises(tornado.httputil.HTTPInputError) as theirs:
-        tornado.httputil.HTTPHeaders.parse(block)
-    with pytest.raises(tornado.httputil.HTTPInputError) as ours:
-        http1.parse_headers(block)
-    assert str(ours.value) == str(theirs.value)
+    assert_refused_as_tornado_refuses(http1.parse_headers, tornado.httputil.HTTPHeaders.parse, block)
 
 
 def test_fast_header_parser_result_is_a_usable_httpheaders() -> None:
@@ -779,18 +785,28 @@ BAD_REQUEST_LINES = [
 ]
 
 
+PLAIN_REQUEST_LINES = REQUEST_LINES[:2]  # the ones split by hand, without Tornado's parser
+
+
 @pytest.mark.parametrize("line", REQUEST_LINES)
 def test_fast_request_line_parser_gives_tornados_result(line: str) -> None:
     assert http1.parse_request_line(line) == tornado.httputil.parse_request_start_line(line)
 
 
+@pytest.mark.parametrize("line", PLAIN_REQUEST_LINES)
+def test_plain_request_lines_are_split_without_tornados_parser(line: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = tornado.httputil.parse_request_start_line(line)
+
+    def not_called(_: str) -> None:
+        raise AssertionError("a plain request line went to Tornado's parser")
+
+    monkeypatch.setattr(tornado.httputil, "parse_request_start_line", not_called)
+    assert http1.parse_request_line(line) == expected
+
+
 @pytest.mark.parametrize("line", BAD_REQUEST_LINES)
 def test_fast_request_line_parser_refuses_what_tornado_refuses_with_its_error(line: str) -> None:
-    with pytest.raises(tornado.httputil.HTTPInputError) as theirs:
-        tornado.httputil.parse_request_start_line(line)
-    with pytest.raises(tornado.httputil.HTTPInputError) as ours:
-        http1.parse_request_line(line)
-    assert str(ours.value) == str(theirs.value)
+    assert_refused_as_tornado_refuses(http1.parse_request_line, tornado.httputil.parse_request_start_line, line)
 
 
 @pytest.mark.parametrize("data", [
