@@ -3,6 +3,9 @@
     python run.py [--demo] [--host H] [--port N] [--db PATH] [--config FILE]
     python run.py users add --phone P --name N --password W [--db PATH] [--config FILE]
     python run.py dialogs add --title T --member PHONE --member PHONE ... [--db PATH] [--config FILE]
+    python run.py dialogs members --dialog ID [--add PHONE ...] [--remove PHONE ...] [--db PATH] [--config FILE]
+
+--db is a SQLite file or a postgresql://user@host:port/dbname URL.
 
 config -> store -> broadcaster -> service -> app -> listen; signals. Every failure the operator can cause
 (a bad setting, a taken port, an unreadable database) is one line on stderr and a non-zero exit.
@@ -29,12 +32,12 @@ import tornado.httpserver
 import tornado.netutil
 
 from chatserver import jsonutil, systemd
-from chatserver.admin import add_dialog, add_user, ensure_demo
+from chatserver.admin import add_dialog, add_user, change_members, ensure_demo
 from chatserver.chat3 import Amqp, start_amqp
 from chatserver.config import Config, ConfigError, load_config
 from chatserver.errors import ChatError
-from chatserver.store import SQLiteStore, StoreError
-from handlers.app import build_context, make_app, make_http_server
+from chatserver.store import StoreError, open_store
+from handlers.app import build_context, close_context, make_app, make_http_server
 from handlers.base import AppContext, redact
 
 log = logging.getLogger("chatserver")
@@ -49,7 +52,8 @@ class Fatal(Exception):
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's own (absent) --db must not overwrite one given before the subcommand.
-    common.add_argument("--db", default=argparse.SUPPRESS, help="SQLite file (default <state_dir>/chatserver.db)")
+    common.add_argument("--db", default=argparse.SUPPRESS,
+                        help="SQLite file or postgresql:// URL (default <state_dir>/chatserver.db)")
     common.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (see conf/chatserver.toml)")
     parser = argparse.ArgumentParser(prog="run.py", description="chatserver: real-time chat gateway",
                                      parents=[common])
@@ -67,6 +71,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     add_dialog = dialogs.add_parser("add", parents=[common], help="create a dialog and print its JSON")
     add_dialog.add_argument("--title", required=True)
     add_dialog.add_argument("--member", action="append", required=True, help="a member's phone (repeat)")
+    members = dialogs.add_parser("members", parents=[common], help="add or remove members; print the dialog's JSON")
+    members.add_argument("--dialog", required=True, help="the dialog's id (dlg_...)")
+    members.add_argument("--add", action="append", help="a phone to add (repeat)")
+    members.add_argument("--remove", action="append", help="a phone to remove (repeat)")
     return parser.parse_args(argv)
 
 
@@ -107,25 +115,22 @@ class OneLineFormatter(logging.Formatter):
 # -- commands -------------------------------------------------------------------------------------------
 
 
-def run_command(args: argparse.Namespace, config: Config) -> int:
-    store = open_store(config)
+async def run_command(args: argparse.Namespace, config: Config) -> int:
+    store = open_store(config.database, pool_size=1)
     try:
+        await store.start()
         if args.command == "users":
-            user = add_user(store, args.phone, args.name, args.password)
+            user = await add_user(store, args.phone, args.name, args.password)
             print(jsonutil.dumps(user.to_json()))
         else:
-            dialog = add_dialog(store, args.title, args.member)
+            if args.action == "add":
+                dialog = await add_dialog(store, args.title, args.member)
+            else:
+                dialog = await change_members(store, args.dialog, args.add or [], args.remove or [])
             print(jsonutil.dumps(dialog.to_json(last_message=None, unread_count=0)))
     finally:
-        store.close()
+        await store.close()
     return 0
-
-
-def open_store(config: Config) -> SQLiteStore:
-    try:
-        return SQLiteStore(config.db_path)
-    except StoreError as exc:
-        raise Fatal(str(exc)) from None
 
 
 # -- serving --------------------------------------------------------------------------------------------
@@ -208,17 +213,16 @@ async def serve(config: Config, *, demo: bool, environ: dict[str, str]) -> None:
     loop = asyncio.get_running_loop()
     stop = StopSignal(loop)
     notifier = systemd.Notifier.from_environ(environ)
-    store = open_store(config)
-    if demo:
-        ensure_demo(store)
     try:
-        ctx = build_context(config, store=store)
-    except (OSError, StoreError) as exc:
+        ctx = await build_context(config)
+    except OSError as exc:
         raise Fatal(f"cannot prepare state in {config.resolved_state_dir}: {exc}") from None
+    if demo:
+        await ensure_demo(ctx.service.store)
     sockets = adopt_sockets(environ) or bind(config)
     server = make_http_server(make_app(ctx), config)
     server.add_sockets(sockets)
-    amqp = start_amqp(ctx.service, config, ctx.metrics, ctx.readiness)
+    amqp = start_amqp(ctx.service, ctx.peers, config, ctx.metrics, ctx.readiness)
     address = sockets[0].getsockname()
     host = f"[{address[0]}]" if ":" in address[0] else address[0]  # an IPv6 address in a URL takes brackets
     url = f"http://{host}:{address[1]}"
@@ -261,7 +265,7 @@ async def shut_down(
         await asyncio.wait_for(server.close_all_connections(), max(deadline - loop.time(), 0.5))
     except TimeoutError:
         log.warning("connections did not close in time; exiting anyway")
-    ctx.service.db.close()
+    await close_context(ctx)
     log.info("stopped in %.2fs", loop.time() - started)
 
 
@@ -292,7 +296,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         config = load_config(flags, environ, getattr(args, "config", None))
         configure_logging(config, environ)
         if args.command is not None:
-            return run_command(args, config)
+            return asyncio.run(run_command(args, config))
         asyncio.run(serve(config, demo=args.demo, environ=environ))
     except (ConfigError, Fatal, StoreError) as exc:
         print(f"chatserver: {exc}", file=sys.stderr)

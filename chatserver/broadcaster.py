@@ -1,27 +1,26 @@
-"""The dialog broadcaster: the server's event log and its per-user fan-out.
+"""The dialog broadcaster: the tail of the durable log in memory, and per-user fan-out.
 
-It owns the epoch, the sequence numbers, the bounded history that resume reads from, the dedupe of messages
-by id, and the registry of live subscribers. Every non-ephemeral event is encoded to JSON once, here, and the
-same bytes go to every recipient. It never touches a socket, the store, Tornado or pika: transports register
-`Subscriber`s, and only `ChatService` publishes (the one write path).
+It holds the last `history_size` events of the log (`chatserver.eventlog`), each as the JSON bytes it is sent as,
+encoded once, and hands each new one to every live connection of its recipients. It is a cache: the log in the
+store is the truth, `chatserver.feed.LogFeed` is the only publisher (in position order, every position once),
+and a cursor older than what this holds is answered from the store (`ChatService.replay`). It never touches a
+socket, the store, Tornado or pika: transports register `Subscriber`s.
 
-Cursors are `<epoch>.<seq>`: the epoch is random per process start, the sequence counts events. Neither is
-derived from a clock.
+Cursors are `<log_id>.<position>`: the log's name, made once with the database, and a position in it. Neither is
+derived from a clock, and both mean the same on every process that uses the database.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 
 from chatserver import jsonutil
 from chatserver.errors import BadRequest
-from chatserver.lru import LRU
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +30,18 @@ DIALOG_UPDATE = "dialog:update"
 TYPING_START = "typing:start"
 TYPING_STOP = "typing:stop"
 RESET = "reset"
+MAX_POSITION_DIGITS = 18
 
 
 @attrs.define(slots=True, eq=False)
 class EventRecord:
-    """One event as it was published: who gets it, and its JSON bytes, encoded once."""
+    """One event as it is sent: who gets it, and its JSON bytes, encoded once.
 
-    seq: int
+    A logged event is one record, or several with the same position where its JSON differs per recipient (a
+    dialog change carries each member's own unread count); each recipient is in exactly one of them.
+    """
+
+    position: int
     type: str
     recipients: frozenset[str]
     payload: bytes
@@ -47,7 +51,12 @@ class EventRecord:
 
     @property
     def ephemeral(self) -> bool:
-        return self.seq < 0
+        return self.position < 0
+
+
+def event_payload(event_type: str, data: bytes, cursor: str) -> bytes:
+    """An event's JSON, spliced from its data's JSON text: nothing is encoded twice."""
+    return b"".join((b'{"type":"', event_type.encode(), b'","data":', data, b',"cursor":"', cursor.encode(), b'"}'))
 
 
 class Subscriber(Protocol):
@@ -71,44 +80,43 @@ class Replay:
 
 
 class Broadcaster:
-    """The in-process event log and fan-out. Single-threaded: call it from the IOLoop only."""
+    """The log's tail in memory and the fan-out. Single-threaded: call it from the IOLoop only."""
 
     def __init__(
         self,
         history_size: int,
         *,
+        log_id: str,
+        position: int = 0,
         history_max_bytes: int = 64 * 1024 * 1024,
-        dedupe_size: int | None = None,
-        epoch: str | None = None,
     ) -> None:
-        self.epoch = epoch or secrets.token_hex(5)
+        self.log_id = log_id
         self._history: deque[EventRecord] = deque()
         self._history_size = history_size
         self._history_max_bytes = history_max_bytes
         self._history_bytes = 0
-        self._last_seq = 0
-        self._latest: LRU[str, str] = LRU(dedupe_size or max(history_size, 10000))
+        self._history_positions = 0  # distinct positions held (a position may have several records)
+        self.last_position = position
         # A user's live connections, as a tuple replaced at each (un)subscribe: a delivery that unsubscribes
         # (a cut-off) never changes the tuple a fan-out iterates, so the fan-out needs no copy per recipient.
-        # (Un)subscribing copies the user's few connections: linear in them, where a set was constant.
+        # (Un)subscribing copies the user's few connections: linear in them, where a set would be constant.
         self._subscribers: dict[str, tuple[Subscriber, ...]] = {}
         self.published = 0
-        self.duplicates_dropped = 0
-        self._current = (self.epoch, self._last_seq, self.cursor())  # the cursor of now, made once per event
-        # The last scan of `events_after`: (cursor, last seq, epoch, every record after that cursor).
-        self._after: tuple[str, int, str, list[EventRecord]] | None = None
+        self._current = (self.last_position, self.cursor())  # the cursor of now, made once per event
+        # The last scan of `events_after`: (cursor, last position, every record after that cursor).
+        self._after: tuple[str, int, list[EventRecord]] | None = None
 
     # -- cursors -----------------------------------------------------------------------------------------
 
-    def cursor(self, seq: int | None = None) -> str:
-        return f"{self.epoch}.{self._last_seq if seq is None else seq}"
+    def cursor(self, position: int | None = None) -> str:
+        return f"{self.log_id}.{self.last_position if position is None else position}"
 
     def current_cursor(self) -> str:
         """`cursor()`, formatted once per event rather than once per call."""
-        epoch, seq, text = self._current
-        if epoch is not self.epoch or seq != self._last_seq:
+        position, text = self._current
+        if position != self.last_position:
             text = self.cursor()
-            self._current = (self.epoch, self._last_seq, text)
+            self._current = (self.last_position, text)
         return text
 
     def is_current(self, cursor: str) -> bool:
@@ -117,50 +125,48 @@ class Broadcaster:
         return cursor == self.current_cursor()
 
     def parse_cursor(self, cursor: str) -> int | None:
-        """The sequence number of a cursor of this epoch, or None for a cursor of another epoch.
+        """The position of a cursor of this log, or None for a cursor of another log (PROTOCOL section 9).
 
-        Raises BadRequest for a cursor that is not one, or one ahead of anything issued in this epoch.
+        Raises BadRequest for a text that is not a cursor. Whether the position was ever issued is the store's
+        to say (another process may be ahead of this one): see `ChatService.replay`.
         """
-        epoch, dot, seq_text = cursor.rpartition(".")
-        if not dot or not epoch or not seq_text.isdigit() or len(seq_text) > 18 or not epoch.isalnum():
+        log_id, dot, position = cursor.rpartition(".")
+        if (not dot or not log_id or not position.isascii() or not position.isdecimal()
+                or len(position) > MAX_POSITION_DIGITS or not log_id.isascii() or not log_id.isalnum()):
             raise BadRequest("'cursor' is not a cursor this server issued", field="cursor")
-        if epoch != self.epoch:
+        if log_id != self.log_id:
             return None
-        seq = int(seq_text)
-        if seq > self._last_seq:
-            raise BadRequest("'cursor' is ahead of any cursor this server issued", field="cursor")
-        return seq
+        return int(position)
+
+    @property
+    def first_position(self) -> int:
+        """The first position held in memory; `last_position + 1` when none is."""
+        return self._history[0].position if self._history else self.last_position + 1
 
     # -- publishing --------------------------------------------------------------------------------------
 
-    def publish(
-        self, event_type: str, data: dict[str, Any], recipients: Iterable[str], *, dialog_id: str | None = None
-    ) -> EventRecord | None:
-        """Log an event and hand it to every live connection of its recipients.
-
-        A `message:new` for a message already published, or a `message:update` not newer by `updatedAt` than
-        the last one published, is dropped (returns None).
-        """
-        if event_type in (MESSAGE_NEW, MESSAGE_UPDATE) and self._is_duplicate(event_type, data):
-            self.duplicates_dropped += 1
-            return None
-        self._last_seq += 1
-        seq = self._last_seq
-        payload = jsonutil.dumps_bytes({"type": event_type, "data": data, "cursor": self.cursor(seq)})
-        record = EventRecord(seq, event_type, frozenset(recipients), payload, dialog_id)
-        self._remember(record)
+    def publish(self, position: int, records: list[EventRecord]) -> None:
+        """Hold the event at `position` (the next one of the log) and hand it to every live connection of its
+        recipients. `LogFeed` calls this, in position order, once per position."""
+        if position != self.last_position + 1:
+            raise ValueError(f"position {position} published after {self.last_position}")
+        self.last_position = position
         self.published += 1
-        # The fan-out, inlined: per recipient a lookup and a call, nothing more (it runs a thousand times an event).
+        self._history_positions += 1
         subscribers = self._subscribers
-        for user_id in record.recipients:
-            group = subscribers.get(user_id)
-            if group:
-                for subscriber in group:
-                    try:
-                        subscriber.deliver(record)
-                    except Exception:  # one failing connection must never stop delivery to the others
-                        log.exception("delivery to a connection of %s failed", user_id)
-        return record
+        for record in records:
+            self._remember(record)
+            # The fan-out, inlined: per recipient a lookup and a call, nothing more (it runs a thousand times an
+            # event).
+            for user_id in record.recipients:
+                group = subscribers.get(user_id)
+                if group:
+                    for subscriber in group:
+                        try:
+                            subscriber.deliver(record)
+                        except Exception:  # one failing connection must never stop delivery to the others
+                            log.exception("delivery to a connection of %s failed", user_id)
+        self._evict()
 
     def publish_typing(self, dialog_id: str, user_id: str, started: bool, members: Iterable[str]) -> None:
         """An ephemeral typing event: not logged, no cursor, only to connections that joined the dialog."""
@@ -170,86 +176,62 @@ class Broadcaster:
         for member in record.recipients:
             for subscriber in self._subscribers.get(member, ()):
                 if subscriber.wants_typing(dialog_id):
-                    self._deliver(subscriber, record)
-
-    def _is_duplicate(self, event_type: str, data: dict[str, Any]) -> bool:
-        message_id, updated_at = data.get("messageId"), data.get("updatedAt")
-        if not isinstance(message_id, str) or not isinstance(updated_at, str):
-            return False
-        seen = self._latest.get(message_id)
-        if seen is not None and (event_type == MESSAGE_NEW or updated_at <= seen):
-            return True
-        self._latest.put(message_id, updated_at)
-        return False
+                    try:
+                        subscriber.deliver(record)
+                    except Exception:  # one failing connection must never stop delivery to the others
+                        log.exception("delivery to a connection of %s failed", member)
 
     def _remember(self, record: EventRecord) -> None:
         self._history.append(record)
         self._history_bytes += len(record.payload)
-        while len(self._history) > self._history_size or (
-            self._history_bytes > self._history_max_bytes and len(self._history) > 1
-        ):
-            evicted = self._history.popleft()
-            self._history_bytes -= len(evicted.payload)
 
-    @staticmethod
-    def _deliver(subscriber: Subscriber, record: EventRecord) -> None:
-        # One failing connection must never stop delivery to the others.
-        try:
-            subscriber.deliver(record)
-        except Exception:
-            log.exception("delivery to a connection of %s failed", subscriber.user_id)
+    def _evict(self) -> None:
+        history = self._history
+        while len(history) > 1 and (
+            self._history_positions > self._history_size or self._history_bytes > self._history_max_bytes
+        ):
+            # A whole position at a time: the memory never holds part of a position's records.
+            position = history[0].position
+            while history and history[0].position == position:
+                self._history_bytes -= len(history.popleft().payload)
+            self._history_positions -= 1
 
     # -- resume ------------------------------------------------------------------------------------------
 
-    def events_after(self, user_id: str, cursor: str, limit: int | None = None) -> Replay:
-        """Every event for `user_id` after `cursor`, in order, or a single reset when that cannot be proven.
+    def events_after(self, user_id: str, cursor: str, limit: int | None = None) -> Replay | None:
+        """Every event for `user_id` after `cursor`, in order, from memory; a reset for a cursor of another log;
+        None where memory cannot answer (a cursor older than what it holds, or ahead of what it published).
 
-        Raises BadRequest for a cursor this server cannot parse or never issued.
+        Raises BadRequest for a text that is not a cursor.
         """
         memo = self._after
-        if memo is not None and memo[0] == cursor and memo[1] == self._last_seq and memo[2] is self.epoch:
-            records = memo[3]  # the polls an event wakes ask with the same cursor: scanned once, filtered each
+        if memo is not None and memo[0] == cursor and memo[1] == self.last_position:
+            records = memo[2]  # the polls an event wakes ask with the same cursor: scanned once, filtered each
         else:
-            seq = self.parse_cursor(cursor)
-            if seq is None:
-                return self._reset("restarted")
-            first = self._history[0].seq if self._history else self._last_seq + 1
-            if seq < first - 1:
-                return self._reset("expired")
-            if seq == self._last_seq:
+            position = self.parse_cursor(cursor)
+            if position is None:
+                return self.reset("restarted")
+            if position < self.first_position - 1 or position > self.last_position:
+                return None
+            if position == self.last_position:
                 return Replay([], cursor)
             records = []
             for record in reversed(self._history):
-                if record.seq <= seq:
+                if record.position <= position:
                     break
                 records.append(record)
             records.reverse()
-            self._after = (cursor, self._last_seq, self.epoch, records)
+            self._after = (cursor, self.last_position, records)
         pending = [record for record in records if user_id in record.recipients]
         if limit is not None and len(pending) > limit:
-            return Replay(pending[:limit], self.cursor(pending[limit - 1].seq), more=True)
+            return Replay(pending[:limit], self.cursor(pending[limit - 1].position), more=True)
         return Replay(pending, self.current_cursor())
 
-    def start_new_epoch(self) -> int:
-        """Begin a new epoch: the history is forgotten, every cursor issued so far gets `restarted`, and every
-        live connection is sent that reset now. For when this process can no longer vouch that its history
-        holds every event (its cluster link was down); returns how many connections were reset.
-        """
-        old = self.epoch
-        while self.epoch == old:
-            self.epoch = secrets.token_hex(5)
-        self._history.clear()
-        self._history_bytes = 0
-        reset = self._reset("restarted").events[0]
-        subscribers = [s for group in self._subscribers.values() for s in group]
-        for subscriber in subscribers:
-            self._deliver(subscriber, reset)
-        return len(subscribers)
-
-    def _reset(self, reason: str) -> Replay:
+    def reset(self, reason: str) -> Replay:
+        """PROTOCOL section 3's reset, to the cursor of now."""
         now = self.cursor()
         payload = jsonutil.dumps_bytes({"type": RESET, "data": {"reason": reason, "cursor": now}, "cursor": now})
-        return Replay([EventRecord(self._last_seq, RESET, frozenset(), payload)], now, reset=reason)
+        return Replay([EventRecord(self.last_position, RESET, frozenset(), payload)], now, reset=reason)
 
     # -- subscribers -------------------------------------------------------------------------------------
 
@@ -274,7 +256,7 @@ class Broadcaster:
 
     @property
     def history_length(self) -> int:
-        return len(self._history)
+        return self._history_positions
 
     @property
     def history_bytes(self) -> int:

@@ -2,14 +2,14 @@
 
 `Chat3Listener` consumes Chat3's events from a durable queue bound to Chat3's topic exchange. Each delivery is
 decoded, validated into the domain's models and handed to the one write path (`ChatService.accept_message`,
-`accept_update`, `save_dialog`), which stores it idempotently and then publishes it; only then is it acked, on
-the channel that delivered it. Poison is rejected without requeue (to the dead-letter exchange, where the queue
-has one), logged with its reason and counted. A store that is unusable for a while is not poison: the delivery
-is retried, then requeued in its place, with a capped backoff, and never dead-lettered for it.
+`accept_update`, `save_dialog`), which stores it idempotently with its event in the durable log; only then is
+it acked, on the channel that delivered it. Poison is rejected without requeue (to the dead-letter exchange,
+where the queue has one), logged with its reason and counted. A store that is unusable for a while is not
+poison: the delivery is retried, then requeued in its place, with a capped backoff, and never dead-lettered.
 
-`ClusterBus` fans events out between the server processes that share one database: each process publishes the
-events it originates to a fanout exchange and consumes the others' through an exclusive queue of its own,
-handing them to `ChatService.apply_remote` (published here, never stored or relayed twice).
+`ClusterBus` carries the hints between server processes that share one database (`chatserver.cluster`: "the log
+moved", typing) over a fanout exchange, each process consuming the others' through an exclusive queue of its
+own. The events themselves travel through the log in the store, never over the bus.
 
 Both run on the server's own asyncio loop (pika's `AsyncioConnection`) and never block or stop it: a lost
 broker is retried with `loop.call_later` and a capped, jittered, exponential backoff while REST, WebSocket and
@@ -25,7 +25,6 @@ import functools
 import hashlib
 import logging
 import random
-import sqlite3
 from collections.abc import Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -38,13 +37,14 @@ import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from chatserver import jsonutil
+from chatserver.cluster import Peers
 from chatserver.config import Config, ConfigError
 from chatserver.errors import BadRequest, ChatError
 from chatserver.lru import LRU
 from chatserver.metrics import Metrics
 from chatserver.models import Dialog, Message
 from chatserver.service import ChatService
-from chatserver.store import StoreError
+from chatserver.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,13 @@ IN_PLACE_RETRIES = 3
 LOG_PREFIX_BYTES = 60
 
 CONSUMING = ""
-# A control message on the cluster exchange: "I could not relay my events for a while; reset your clients".
-RESYNC = "cluster:resync"
 CONNECTING = "connecting"
 STOPPED = "stopped"
 
-# Errors of the store that say "not now" rather than "never": a locked or busy database, a full disk, I/O.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, StoreError, OSError)
+# Errors of the store that say "not now" rather than "never": a locked or busy database, a full disk, I/O, a
+# database server that is away.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StoreUnavailable, OSError)
+CHAT3 = "chat3"  # the source of what Chat3 sent, in the log: never published back to it
 
 
 def connection_parameters(url: str, name: str) -> pika.URLParameters:
@@ -463,30 +463,30 @@ async def apply_chat3_event(service: ChatService, body: bytes, max_content_lengt
     event = jsonutil.loads_object(body)
     kind, data = event.get("event"), event.get("data")
     if kind == "message.created":
-        outcome = await service.accept_message(Message.from_chat3(data, max_content_length=max_content_length))
+        message = Message.from_chat3(data, max_content_length=max_content_length)
+        outcome = await service.accept_message(message, source=CHAT3)
     elif kind == "message.updated":
-        outcome = await service.accept_update(Message.from_chat3(data, max_content_length=max_content_length))
+        outcome = await service.accept_update(Message.from_chat3(data, max_content_length=max_content_length),
+                                              source=CHAT3)
     elif kind == "dialog.updated":
-        return "accepted" if await service.save_dialog(Dialog.from_chat3(data)) else "duplicate"
+        return "accepted" if await service.save_dialog(Dialog.from_chat3(data), source=CHAT3) else "duplicate"
     else:
         raise BadRequest(f"unknown event {kind!r}", field="event")
-    return "accepted" if outcome.published else "duplicate"
+    return "accepted" if outcome.created else "duplicate"
 
 
 class ClusterBus(_Link):
-    """The fan-out between server processes; see the module docstring.
-
-    `relay` is a `chatserver.service.Relay`: called with every event this process publishes, it forwards it to
-    the other processes, tagged with this process's `origin` so that its own echo is ignored. While the broker
-    is away, relayed events are dropped (logged once, counted): never buffered without bound, never blocking.
+    """The hints between server processes over the broker: a fanout exchange, and an exclusive queue per process
+    that consumes the others' (see `chatserver.cluster`). This process's `Peers` sends through `send`; what
+    arrives goes to `Peers.received`. While the broker is away hints are dropped (logged once, counted): never
+    buffered, never blocking; when the link is back, the log's follower reads what it missed from the store.
     """
 
-    def __init__(self, service: ChatService, config: Config, metrics: Metrics, origin: str, **backoff: float) -> None:
+    def __init__(self, peers: Peers, config: Config, metrics: Metrics, **backoff: float) -> None:
         super().__init__(config.amqp_url, "cluster bus", **backoff)
-        self.service = service
+        self.peers = peers
         self.exchange = config.cluster_exchange
         self.metrics = metrics
-        self.origin = origin
         self._blocked = False
         self._warned = False
 
@@ -515,19 +515,15 @@ class ClusterBus(_Link):
     def _on_bound(self, channel: pika.channel.Channel, queue: str, _frame: Any) -> None:
         if self._stopping or channel is not self._channel:
             return
-        # Relayed events are live fan-out, not records: auto-ack, and handled at once (apply_remote is sync).
+        # Hints, not records: auto-ack, and handled at once.
         channel.basic_consume(queue, self._on_message, auto_ack=True)
-        recovering, dropped = self._down_since is not None, self._warned
+        recovering = self._down_since is not None
         self._blocked = False
         self._warned = False
         self._ready()
         if recovering:
-            # While the link was down this process missed the others' events, and (if it dropped relays) they
-            # missed its own: never a silent gap. Its clients get a reset now and reload over REST; where it
-            # dropped events, it asks every other process to do the same.
-            self._resync("the cluster link was down")
-            if dropped:
-                self._publish({"type": RESYNC})
+            # Hints were lost while the link was down: the log holds what they were about.
+            self.peers.feed.wake()
 
     def _on_blocked(self, _connection: Any, _frame: Any) -> None:
         self._blocked = True
@@ -535,57 +531,29 @@ class ClusterBus(_Link):
     def _on_unblocked(self, _connection: Any, _frame: Any) -> None:
         self._blocked = False
 
-    def relay(self, event_type: str, data: dict[str, Any], recipients: frozenset[str]) -> None:
+    def send(self, payload: bytes) -> None:
         # Called inside the write path: whatever happens here must never fail the write that was just made.
         channel = self._channel
         if channel is None or not channel.is_open or self._blocked or self.state != CONSUMING:
             self._drop(self.state or "blocked by the broker")
             return
-        if self._publish({"type": event_type, "data": data, "recipients": sorted(recipients)}):
-            self.metrics.cluster_events.labels("sent").inc()
-
-    def _publish(self, event: dict[str, Any]) -> bool:
-        assert self._channel is not None
-        properties = pika.BasicProperties(app_id=self.origin, content_type="application/json")
+        properties = pika.BasicProperties(content_type="application/json")
         try:
-            self._channel.basic_publish(self.exchange, "", jsonutil.dumps_bytes(event), properties)
+            channel.basic_publish(self.exchange, "", payload, properties)
         except pika.exceptions.AMQPError as exc:
             self._drop(_describe(exc))
-            return False
-        return True
-
-    def _resync(self, why: str) -> None:
-        count = self.service.resync()
-        self.metrics.resets.labels("restarted").inc(count)
-        log.warning("%s: %s; started a new epoch and reset %d connections", self.name, why, count)
+            return
+        self.metrics.cluster_events.labels("sent").inc()
 
     def _drop(self, why: str) -> None:
         self.metrics.cluster_events.labels("dropped").inc()
-        if not self._warned:  # once per outage, not once per event
+        if not self._warned:  # once per outage, not once per hint
             self._warned = True
-            log.warning("%s: not connected (%s); events are not reaching the other processes", self.name, why)
+            log.warning("%s: not connected (%s); the other processes rely on their poll of the log", self.name, why)
 
-    def _on_message(
-        self, _channel: pika.channel.Channel, _method: Any, properties: pika.BasicProperties, body: bytes
-    ) -> None:
-        if properties.app_id == self.origin:
-            return
-        try:
-            event = jsonutil.loads_object(body)
-            if event.get("type") == RESYNC:
-                self._resync(f"process {properties.app_id} could not relay its events for a while")
-                return
-            event_type, data, recipients = event.get("type"), event.get("data"), event.get("recipients")
-            if not isinstance(event_type, str) or not isinstance(data, dict):
-                raise BadRequest("a relayed event needs a 'type' and a 'data' object")
-            if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
-                raise BadRequest("'recipients' must be a list of user ids", field="recipients")
-            self.service.apply_remote(event_type, data, frozenset(recipients))
-        except ChatError as exc:
-            self.metrics.cluster_events.labels("invalid").inc()
-            log.warning("%s: ignored a relayed event from %r: %s", self.name, properties.app_id, exc.message)
-            return
+    def _on_message(self, _channel: pika.channel.Channel, _method: Any, _properties: Any, body: bytes) -> None:
         self.metrics.cluster_events.labels("received").inc()
+        self.peers.received(body)
 
 
 @attrs.define(slots=True, eq=False)
@@ -594,7 +562,7 @@ class Amqp:
 
     listener: Chat3Listener
     bus: ClusterBus | None
-    service: ChatService
+    peers: Peers
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop consuming Chat3 events (finishing and acking those in hand), then leave the cluster; all of it
@@ -603,13 +571,14 @@ class Amqp:
         deadline = loop.time() + timeout
         await self.listener.stop(timeout * 0.8)
         if self.bus is not None:
-            if self.bus.relay in self.service.relays:
-                self.service.relays.remove(self.bus.relay)
+            if self.bus.send in self.peers.channels:
+                self.peers.channels.remove(self.bus.send)
             await self.bus.stop(max(deadline - loop.time(), 0.1))
 
 
 def start_amqp(
     service: ChatService,
+    peers: Peers,
     config: Config,
     metrics: Metrics,
     readiness: MutableMapping[str, Callable[[], str]],
@@ -630,10 +599,11 @@ def start_amqp(
     listener = Chat3Listener(service, config, metrics, **backoff)
     bus = None
     if config.cluster_exchange:
-        bus = ClusterBus(service, config, metrics, service.broadcaster.epoch, **backoff)
-        service.relays.append(bus.relay)
+        bus = ClusterBus(peers, config, metrics, **backoff)
+        peers.channels.append(bus.send)
+        peers.feed.commit_hooks.append(peers.send_head)
         readiness["cluster"] = bus.problem
         bus.start()
     readiness["broker"] = listener.problem
     listener.start()
-    return Amqp(listener, bus, service)
+    return Amqp(listener, bus, peers)

@@ -17,6 +17,8 @@ from typing import Any
 
 import attrs
 
+from chatserver.store import check_db_setting
+
 ENV_PREFIX = "CHATSERVER_"
 
 
@@ -34,6 +36,13 @@ def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: float) 
         raise ConfigError(f"setting '{attribute.name}' must not be negative, got {value!r}")
 
 
+def _database(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    try:
+        check_db_setting(value)
+    except ValueError as exc:
+        raise ConfigError(f"setting 'db' is neither a file path nor a usable PostgreSQL URL: {exc}") from None
+
+
 def _port(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
         raise ConfigError(f"setting 'port' must be between 0 and 65535, got {value!r}")
@@ -46,7 +55,6 @@ class Config:
     host: str = "127.0.0.1"
     port: int = attrs.field(default=8888, validator=_port)
     state_dir: str = ""
-    db: str = ""
     secret: str = ""
     trusted_origins: str = ""
     amqp_url: str = ""
@@ -67,14 +75,26 @@ class Config:
     amqp_prefetch: int = attrs.field(default=64, validator=_positive)
     cluster_exchange: str = ""
     log_level: str = "info"
+    # v2 (PROTOCOL section 10), and extensions of it.
+    db: str = attrs.field(default="", validator=_database)
+    event_retention: int = attrs.field(default=1_000_000, validator=_positive)
+    log_poll_interval: float = attrs.field(default=0.5, validator=_positive)
+    log_prune_interval: float = attrs.field(default=60.0, validator=_positive)
+    db_pool_size: int = attrs.field(default=4, validator=_positive)
 
     @property
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir)
 
     @property
+    def database(self) -> str:
+        """The `db` setting, or the SQLite file in `state_dir` where it is empty: a path or a postgresql:// URL."""
+        return self.db or str(self.resolved_state_dir / "chatserver.db")
+
+    @property
     def db_path(self) -> Path:
-        return Path(self.db) if self.db else self.resolved_state_dir / "chatserver.db"
+        """The SQLite file (for a PostgreSQL URL, meaningless: see `database`)."""
+        return Path(self.database)
 
     @property
     def origins(self) -> frozenset[str]:

@@ -2,7 +2,7 @@
 
 One `Metrics` object is built at start and passed to whoever counts; tests build their own, so two servers in
 one process never share counters. `/metrics` renders `registry`. What the broadcaster already counts (events
-published, duplicates dropped, history) is read from it at each scrape (`observe_broadcaster`), not counted twice.
+published, the log position, history) is read from it at each scrape (`observe_broadcaster`), not counted twice.
 
 The two metrics counted on every delivery and every request (`events_delivered`, `request_latency`) are
 `LoopCounter` and `LoopHistogram`: plain numbers owned by the event loop's thread and read at each scrape.
@@ -88,12 +88,12 @@ class _BroadcasterCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         b = self._broadcaster
         yield CounterMetricFamily(
-            "chatserver_events_published", "Events published to the broadcaster (logged, with a cursor)",
+            "chatserver_events_published", "Events of the log published to this process's connections",
             value=b.published,
         )
-        yield CounterMetricFamily(
-            "chatserver_events_duplicates_dropped", "Events dropped as already published (same messageId)",
-            value=b.duplicates_dropped,
+        yield GaugeMetricFamily(
+            "chatserver_log_position", "The last position of the event log published by this process",
+            value=b.last_position,
         )
         yield GaugeMetricFamily("chatserver_history_events", "Events held for resume", value=b.history_length)
         yield GaugeMetricFamily("chatserver_history_bytes", "Bytes of events held for resume", value=b.history_bytes)

@@ -193,6 +193,8 @@ class Dialog:
     member_ids: tuple[str, ...]
     created_at: str
     updated_at: str
+    # Who made it over REST (PROTOCOL section 13): None for a dialog from Chat3 or the command line.
+    created_by: str | None = None
 
     @classmethod
     def from_request(cls, body: dict[str, Any], *, creator_id: str) -> Dialog:
@@ -209,6 +211,7 @@ class Dialog:
             member_ids=_unique((creator_id, *members)),
             created_at=stamp,
             updated_at=stamp,
+            created_by=creator_id,
         )
 
     @classmethod
@@ -232,6 +235,13 @@ class Dialog:
             updated_at=updated_at,
         )
 
+    def changed(self, title: str, member_ids: tuple[str, ...]) -> Dialog:
+        """This dialog with a new title and members, updated now (after its last update, however close)."""
+        stamp = now_iso()
+        if stamp <= self.updated_at:
+            stamp = _next_millisecond(self.updated_at)
+        return attrs.evolve(self, title=title, member_ids=member_ids, updated_at=stamp)
+
     def to_json(self, *, last_message: Message | None, unread_count: int) -> dict[str, Any]:
         return {
             "dialogId": self.dialog_id,
@@ -239,6 +249,7 @@ class Dialog:
             "memberIds": list(self.member_ids),
             "createdAt": self.created_at,
             "updatedAt": self.updated_at,
+            "createdBy": self.created_by,
             "lastMessage": last_message.to_json() if last_message else None,
             "unreadCount": unread_count,
         }

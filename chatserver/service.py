@@ -2,27 +2,31 @@
 
 Handlers and the Chat3 listener call this and nothing else of the domain's write side. A message, whoever
 sends it (a REST client, Chat3, a broker redelivery), goes through `accept_message` or `accept_update`: it is
-validated, stored idempotently, and only then published to the broadcaster, once. That is the seed's bug made
-impossible: there is no second path that could forget to emit.
+validated and stored idempotently, and its event is written to the durable log in the same transaction. The
+log's follower (`chatserver.feed.LogFeed`) publishes what was committed, once, on every process. That is the
+seed's bug made impossible: there is no path that stores without its event, nor one that could emit twice.
 
-It also owns authorization (`authorize_dialog`: who may read, post to, poll or join a dialog) and the cache of
-dialog membership that fan-out and authorization read from.
+It also owns authorization (`authorize_dialog`: who may read, post to, poll or join a dialog), with the
+membership the log's follower keeps current, and resume (`replay`): from the broadcaster's memory, else from
+the log in the store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
 
-from chatserver import broadcaster as events
-from chatserver.auth import DUMMY_HASH, TokenSigner, hash_password, verify_password
-from chatserver.broadcaster import Broadcaster, EventRecord
+from chatserver import eventlog, queries
+from chatserver.auth import DUMMY_HASH, TokenSigner, verify_password
+from chatserver.broadcaster import Broadcaster, Replay
 from chatserver.config import Config
 from chatserver.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from chatserver.feed import LogFeed, Membership, record_for_user
 from chatserver.lru import LRU
 from chatserver.models import (
     MAX_ID_LENGTH,
@@ -30,66 +34,74 @@ from chatserver.models import (
     DialogView,
     Message,
     User,
+    check_id,
     check_text,
     is_id,
-    new_id,
     require_id,
     require_str,
 )
-from chatserver.store import AsyncStore, SQLiteStore
+from chatserver.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
 MAX_USER_IDS = 200
+MAX_MEMBER_CHANGES = 1000
 # A typing event repeating the user's last one in a dialog within this many seconds is dropped.
 TYPING_REPEAT = 1.0
+# Events per page of a replay read from the store, for a transport that streams (WebSocket, SSE).
+STORE_PAGE = 500
+# How long a resume waits for this process to read what another process has committed (a cursor from it).
+CATCH_UP_WAIT = 5.0
 
 
 @attrs.frozen(slots=True)
 class Outcome:
-    """What a write did: the message as stored, and whether it was new (and so published)."""
+    """What a write did: the message as stored, and whether it was stored as new (and so logged)."""
 
     message: Message
-    published: bool
+    created: bool
 
 
-# Called with every event this process originates (type, data, recipients), for cluster fan-out.
-Relay = Callable[[str, dict[str, Any], frozenset[str]], None]
+# Called with every typing event this process originates (dialog, user, started, members), for the other
+# processes (which have no log of ephemeral events).
+TypingRelay = Callable[[str, str, bool, frozenset[str]], None]
 
 
 class ChatService:
     def __init__(
         self,
-        db: AsyncStore,
+        store: Store,
         broadcaster: Broadcaster,
+        feed: LogFeed,
         config: Config,
         tokens: TokenSigner,
         *,
-        membership_cache_size: int = 10000,
+        cache_size: int = 10000,
         user_cache_size: int = 100000,
     ) -> None:
-        self.db = db
+        self.store = store
         self.broadcaster = broadcaster
+        self.feed = feed
+        self.membership: Membership = feed.membership
         self.config = config
         self.tokens = tokens
-        self._members: LRU[str, frozenset[str]] = LRU(membership_cache_size)
         # Users known to exist (never deleted, so never stale).
         self._users: LRU[str, bool] = LRU(user_cache_size)
         # The last typing state each user announced in each dialog, and when.
-        self._typing: LRU[tuple[str, str], tuple[bool, float]] = LRU(membership_cache_size)
+        self._typing: LRU[tuple[str, str], tuple[bool, float]] = LRU(cache_size)
         self._clock = time.monotonic
-        self.relays: list[Relay] = []
+        self.typing_relays: list[TypingRelay] = []
 
     # -- auth --------------------------------------------------------------------------------------------
 
     async def login(self, body: dict[str, Any]) -> tuple[str, User]:
         phone = require_str(body, "phone", max_length=64)
         password = require_str(body, "password", max_length=1024, allow_empty=True)
-        found = await self.db.run(SQLiteStore.password_hash, phone)
+        found = await self.store.read(queries.password_hash, phone)
         stored = found[1] if found else DUMMY_HASH
-        ok = await self.db.offload(verify_password, password, stored)
+        ok = await self.store.offload(verify_password, password, stored)
         if found is None or not ok:
             raise Unauthorized("wrong phone or password")
         return self.tokens.issue(found[0].user_id), found[0]
@@ -103,7 +115,7 @@ class ChatService:
         """
         user_id = self.tokens.verify(token)
         if user_id not in self._users:
-            if await self.db.run(SQLiteStore.get_user, user_id) is None:
+            if await self.store.read(queries.get_user, user_id) is None:
                 raise Unauthorized("the token's user does not exist")
             self._users.put(user_id, True)
         return user_id
@@ -118,17 +130,10 @@ class ChatService:
         return user_id
 
     async def current_user(self, user_id: str) -> User:
-        user = await self.db.run(SQLiteStore.get_user, user_id)
+        user = await self.store.read(queries.get_user, user_id)
         if user is None:
             raise Unauthorized("the token's user no longer exists")
         return user
-
-    async def create_user(self, phone: str, name: str, password: str) -> User:
-        check_text(phone, "phone", max_length=64)
-        check_text(name, "name", max_length=200)
-        check_text(password, "password", max_length=1024)
-        password_hash = await self.db.offload(hash_password, password)
-        return await self.db.write(SQLiteStore.create_user, User(new_id("usr"), name, phone), password_hash)
 
     async def find_users(self, user_id: str, ids: str | None, phone: str | None) -> list[User]:
         """`GET /api/users` (extension): users by id among those the caller shares a dialog with (or the caller),
@@ -137,7 +142,7 @@ class ChatService:
             raise BadRequest("give exactly one of 'ids' or 'phone'", field="ids")
         if phone is not None:
             check_text(phone, "phone", max_length=64)
-            user = await self.db.run(SQLiteStore.user_by_phone, phone)
+            user = await self.store.read(queries.user_by_phone, phone)
             return [user] if user else []
         assert ids is not None
         wanted = ids.split(",")
@@ -146,44 +151,38 @@ class ChatService:
         for one in wanted:
             if not is_id(one, "usr"):
                 raise BadRequest("'ids' must be a comma-separated list of user ids", field="ids")
-        return await self.db.run(SQLiteStore.visible_users, user_id, wanted)
+        return await self.store.read(queries.visible_users, user_id, wanted)
 
     # -- membership --------------------------------------------------------------------------------------
 
     async def members(self, dialog_id: str) -> frozenset[str]:
-        """The dialog's members, from the cache or the store; NotFound for an unknown dialog."""
-        cached = self._members.get(dialog_id)
-        if cached is not None:
-            return cached
-        dialog = await self.db.run(SQLiteStore.get_dialog, dialog_id)
-        if dialog is None:
-            raise NotFound(f"dialog {dialog_id} not found", dialog_id=dialog_id)
-        return self._cache_members(dialog)
-
-    def _cache_members(self, dialog: Dialog) -> frozenset[str]:
-        return self._remember_members(dialog.dialog_id, frozenset(dialog.member_ids))
-
-    def _remember_members(self, dialog_id: str, members: frozenset[str]) -> frozenset[str]:
-        self._members.put(dialog_id, members)
-        return members
+        """The dialog's members as this process follows them; NotFound for an unknown dialog."""
+        return await self.membership.current(dialog_id)
 
     async def authorize_dialog(self, user_id: str, dialog_id: str) -> frozenset[str]:
-        """The members of a dialog the user belongs to; NotFound or Forbidden otherwise."""
+        """The members of a dialog the user belongs to; NotFound or Forbidden otherwise.
+
+        A refusal is checked against the store first: a member added a moment ago on another process is let in
+        before this process has followed the change. A removal takes effect here once followed (within the
+        log's poll interval at most, at once where a wake-up comes).
+        """
         if not is_id(dialog_id, "dlg"):
             raise NotFound(f"dialog {dialog_id[:MAX_ID_LENGTH]!r} not found")
-        members = await self.members(dialog_id)
+        members = await self.membership.current(dialog_id)
         if user_id not in members:
-            raise Forbidden("you are not a member of this dialog", dialog_id=dialog_id)
+            members = await self.membership.current(dialog_id, fresh=True)
+            if user_id not in members:
+                raise Forbidden("you are not a member of this dialog", dialog_id=dialog_id)
         return members
 
     # -- dialogs -----------------------------------------------------------------------------------------
 
     async def list_dialogs(self, user_id: str) -> list[DialogView]:
-        return await self.db.run(SQLiteStore.dialog_views, user_id)
+        return await self.store.read(queries.dialog_views, user_id)
 
     async def get_dialog(self, user_id: str, dialog_id: str) -> DialogView:
         await self.authorize_dialog(user_id, dialog_id)
-        view = await self.db.run(SQLiteStore.dialog_view, dialog_id, user_id)
+        view = await self.store.read(queries.dialog_view, dialog_id, user_id)
         if view is None:
             raise NotFound(f"dialog {dialog_id} not found", dialog_id=dialog_id)
         return view
@@ -191,40 +190,39 @@ class ChatService:
     async def create_dialog(self, user_id: str, body: dict[str, Any]) -> DialogView:
         dialog = Dialog.from_request(body, creator_id=user_id)
         await self.save_dialog(dialog)
-        view = await self.db.run(SQLiteStore.dialog_view, dialog.dialog_id, user_id)
+        view = await self.store.read(queries.dialog_view, dialog.dialog_id, user_id)
         assert view is not None
         return view
 
-    async def save_dialog(self, dialog: Dialog) -> bool:
-        """The write path of dialogs: create or update, then `dialog:update` to every member, old and new.
-
-        Returns False, publishing nothing, for an update older than the dialog held (the store keeps the newer).
-        """
-        unknown = await self.db.run(SQLiteStore.unknown_users, dialog.member_ids)
-        if unknown:
-            raise BadRequest(f"unknown users in 'memberIds': {', '.join(unknown)}", field="memberIds")
+    async def save_dialog(self, dialog: Dialog, *, source: str = "local") -> bool:
+        """The write path of whole dialogs (created over REST, or upserted by Chat3): stored, and its
+        `dialog:update` logged for every member, old and new. False where nothing changed (an update older
+        than, or the same as, what the store holds)."""
         if not dialog.member_ids:
             raise BadRequest("'memberIds' must name at least one user", field="memberIds")
-        before, after = await self.db.write(SQLiteStore.save_dialog, dialog)
-        if after.updated_at > dialog.updated_at:
-            return False
-        self._cache_members(after)
-        recipients = set(after.member_ids) | set(before.member_ids if before else ())
-        await self._publish_dialog(after, recipients)
-        return True
+        unknown = await self.store.read(queries.unknown_users, dialog.member_ids)
+        if unknown:
+            raise BadRequest(f"unknown users in 'memberIds': {', '.join(unknown)}", field="memberIds")
+        change = await self.store.write(queries.save_dialog, dialog, source=source)
+        return change.event is not None
 
-    async def _publish_dialog(self, dialog: Dialog, recipients: Iterable[str]) -> None:
-        # The dialog object carries each member's own unreadCount: members with the same count share one
-        # event (one encode), so a change to a big dialog costs a few events, not one per member.
-        counts = await self.db.run(SQLiteStore.unread_counts, dialog.dialog_id)
-        view = await self.db.run(SQLiteStore.dialog_view, dialog.dialog_id, dialog.member_ids[0])
-        last = view.last_message if view else None
-        groups: dict[int, set[str]] = {}
-        for user_id in recipients:
-            groups.setdefault(counts.get(user_id, 0), set()).add(user_id)
-        for unread, users in sorted(groups.items()):
-            data = dialog.to_json(last_message=last, unread_count=unread)
-            self._publish(events.DIALOG_UPDATE, data, frozenset(users), dialog.dialog_id)
+    async def update_dialog(self, user_id: str, dialog_id: str, body: dict[str, Any]) -> DialogView:
+        """`PATCH /api/dialogs/{id}` (PROTOCOL section 13): a new title, members added, members removed."""
+        await self.authorize_dialog(user_id, dialog_id)
+        title = body.get("title")
+        if title is not None:
+            title = require_str(body, "title", max_length=200)
+        add = _user_ids(body, "addMemberIds")
+        remove = _user_ids(body, "removeMemberIds")
+        unknown = await self.store.read(queries.unknown_users, [*add, *remove])
+        if unknown:
+            field = "addMemberIds" if unknown[0] in add else "removeMemberIds"
+            raise BadRequest(f"unknown users in '{field}': {', '.join(unknown)}", field=field)
+        await self.store.write(queries.patch_dialog, dialog_id, title=title, add=add, remove=remove, actor=user_id)
+        view = await self.store.read(queries.dialog_view, dialog_id, user_id)
+        if view is None:
+            raise NotFound(f"dialog {dialog_id} not found", dialog_id=dialog_id)
+        return view
 
     # -- messages ----------------------------------------------------------------------------------------
 
@@ -234,20 +232,20 @@ class ChatService:
         if not 1 <= limit <= MAX_LIMIT:
             raise BadRequest(f"'limit' must be between 1 and {MAX_LIMIT}", field="limit")
         await self.authorize_dialog(user_id, dialog_id)
-        return await self.db.run(SQLiteStore.list_messages, dialog_id, limit=limit, before=before, after=after)
+        return await self.store.read(queries.list_messages, dialog_id, limit=limit, before=before, after=after)
 
     async def post_message(self, user_id: str, dialog_id: str, body: dict[str, Any]) -> Outcome:
         await self.authorize_dialog(user_id, dialog_id)
         message = Message.from_request(
             body, dialog_id=dialog_id, sender_id=user_id, max_content_length=self.config.max_content_length
         )
-        return await self.accept_message(message)
+        return await self.accept_message(message, sender_is_member=True)
 
     async def editable_message(self, user_id: str, message_id: str) -> Message:
         """The message, if the user may edit it: NotFound, or Forbidden for a non-member or another sender."""
         if not is_id(message_id, "msg"):
             raise NotFound(f"message {message_id[:MAX_ID_LENGTH]!r} not found")
-        stored = await self.db.run(SQLiteStore.get_message, message_id)
+        stored = await self.store.read(queries.get_message, message_id)
         if stored is None:
             raise NotFound(f"message {message_id} not found")
         await self.authorize_dialog(user_id, stored.dialog_id)
@@ -260,28 +258,24 @@ class ChatService:
         content = require_str(body, "content", max_length=self.config.max_content_length)
         return (await self.accept_update(stored.edited(content))).message
 
-    async def accept_message(self, message: Message) -> Outcome:
-        """Store a new message (idempotently) and, if it was new, publish `message:new` to every member."""
-        members = await self.members(message.dialog_id)
-        stored, created = await self.db.write(SQLiteStore.insert_message, message)
-        if created:
-            self._publish(events.MESSAGE_NEW, stored.to_json(), members, stored.dialog_id)
+    async def accept_message(self, message: Message, *, source: str = "local",
+                             sender_is_member: bool = False) -> Outcome:
+        """Store a new message (idempotently) and, if it was new, log its `message:new` for every member."""
+        stored, created = await self.store.write(queries.insert_message, message, source=source,
+                                                 sender_is_member=sender_is_member)
         return Outcome(stored, created)
 
-    async def accept_update(self, message: Message) -> Outcome:
-        """Store a newer version of a message and, if it was newer, publish `message:update`."""
-        members = await self.members(message.dialog_id)
-        stored, applied = await self.db.write(SQLiteStore.apply_update, message)
-        if applied:
-            self._publish(events.MESSAGE_UPDATE, stored.to_json(), members, stored.dialog_id)
+    async def accept_update(self, message: Message, *, source: str = "local") -> Outcome:
+        """Store a newer version of a message and, if it was newer, log its `message:update`."""
+        stored, applied = await self.store.write(queries.apply_update, message, source=source)
         return Outcome(stored, applied)
 
     async def mark_read(self, user_id: str, dialog_id: str, body: dict[str, Any]) -> DialogView:
         await self.authorize_dialog(user_id, dialog_id)
         message_id = require_id(body, "messageId", "msg")
-        view = await self.db.write(SQLiteStore.mark_read, dialog_id, user_id, message_id)
-        self._publish(events.DIALOG_UPDATE, view.to_json(), frozenset((user_id,)), dialog_id)
-        return view
+        return await self.store.write(queries.mark_read, dialog_id, user_id, message_id)
+
+    # -- typing ------------------------------------------------------------------------------------------
 
     async def set_typing(self, user_id: str, dialog_id: str, typing: Any) -> None:
         if not isinstance(typing, bool):
@@ -290,12 +284,8 @@ class ChatService:
         if self._repeated_typing(user_id, dialog_id, typing):
             return
         self.broadcaster.publish_typing(dialog_id, user_id, typing, members)
-        for relay in self.relays:
-            relay(
-                events.TYPING_START if typing else events.TYPING_STOP,
-                {"dialogId": dialog_id, "userId": user_id},
-                members,
-            )
+        for relay in self.typing_relays:
+            relay(dialog_id, user_id, typing, members)
 
     def _repeated_typing(self, user_id: str, dialog_id: str, typing: bool) -> bool:
         """Whether this is the state the user last announced in the dialog, less than TYPING_REPEAT seconds ago.
@@ -311,38 +301,78 @@ class ChatService:
         self._typing.put(key, (typing, now))
         return False
 
-    # -- cluster ------------------------------------------------------------------------------------------
+    async def apply_remote_typing(self, dialog_id: str, user_id: str, typing: bool) -> None:
+        """A typing event another process originated: to this process's connections that joined the dialog."""
+        check_id(dialog_id, "dialogId", "dlg")
+        check_id(user_id, "userId", "usr")
+        members = await self.membership.current(dialog_id)
+        if user_id in members:
+            self.broadcaster.publish_typing(dialog_id, user_id, typing, members)
 
-    def apply_remote(self, event_type: str, data: dict[str, Any], recipients: frozenset[str]) -> None:
-        """An event another process of the cluster originated (and stored): publish it here, to this process's
-        connections, without storing it again and without relaying it again.
+    # -- resume ------------------------------------------------------------------------------------------
 
-        The broadcaster drops a `message:new` it already published (the same Chat3 event consumed here too).
+    async def check_cursor(self, cursor: str) -> None:
+        """BadRequest for a text that is not a cursor, or a position no process has issued (PROTOCOL section 3).
+
+        A cursor ahead of this process's position may come from another process that is ahead: this one reads
+        the log up to the store's head first, and only then judges.
         """
-        dialog_id = data.get("dialogId")
-        if not isinstance(dialog_id, str):
-            raise BadRequest("'dialogId' must be a string", field="dialogId")
-        if event_type in (events.TYPING_START, events.TYPING_STOP):
-            user_id = data.get("userId")
-            if not isinstance(user_id, str):
-                raise BadRequest("'userId' must be a string", field="userId")
-            self.broadcaster.publish_typing(dialog_id, user_id, event_type == events.TYPING_START, recipients)
+        broadcaster = self.broadcaster
+        position = broadcaster.parse_cursor(cursor)
+        if position is None or position <= broadcaster.last_position:
             return
-        if event_type not in (events.MESSAGE_NEW, events.MESSAGE_UPDATE, events.DIALOG_UPDATE):
-            raise BadRequest(f"unknown event type {event_type!r}", field="type")
-        if event_type == events.DIALOG_UPDATE:
-            members = data.get("memberIds")
-            if isinstance(members, list) and all(isinstance(m, str) for m in members):
-                self._remember_members(dialog_id, frozenset(members))
-        self.broadcaster.publish(event_type, data, recipients, dialog_id=dialog_id)
+        try:
+            await asyncio.wait_for(self.feed.catch_up(), CATCH_UP_WAIT)
+        except TimeoutError:
+            raise StoreUnavailable("the event log could not be read in time") from None
+        if position > broadcaster.last_position:
+            raise BadRequest("'cursor' is ahead of any cursor this server issued", field="cursor")
 
-    def resync(self) -> int:
-        """This process may have missed events (its cluster link was down): every client of it is reset, and
-        reloads over REST. Returns how many connections were reset."""
-        return self.broadcaster.start_new_epoch()
+    async def replay(self, user_id: str, cursor: str, limit: int | None = None) -> Replay:
+        """Every event for the user after `cursor`, or one reset (PROTOCOL sections 3 and 9): from memory where it
+        holds them, else one page (at most `limit`, or STORE_PAGE, with `more`) from the log in the store."""
+        await self.check_cursor(cursor)
+        broadcaster = self.broadcaster
+        replay = broadcaster.events_after(user_id, cursor, limit)
+        if replay is not None:
+            return replay
+        position = broadcaster.parse_cursor(cursor)
+        assert position is not None  # another log's cursor is answered from memory, with a reset
+        return await self._replay_from_store(user_id, position, limit or STORE_PAGE)
 
-    def _publish(self, event_type: str, data: dict[str, Any], recipients: frozenset[str], dialog_id: str) -> None:
-        record: EventRecord | None = self.broadcaster.publish(event_type, data, recipients, dialog_id=dialog_id)
-        if record is not None:
-            for relay in self.relays:
-                relay(event_type, data, recipients)
+    async def _replay_from_store(self, user_id: str, position: int, limit: int) -> Replay:
+        broadcaster = self.broadcaster
+        upto = broadcaster.last_position
+        floor, logged = await self.store.read(eventlog.events_for_user, user_id, position, upto, limit)
+        if position < floor:
+            return broadcaster.reset("expired")
+        records = [record_for_user(event, broadcaster.cursor(event.position), user_id) for event in logged]
+        if len(logged) == limit:
+            return Replay(records, broadcaster.cursor(logged[-1].position), more=True)
+        return Replay(records, broadcaster.cursor(upto))
+
+    async def replay_pages(self, user_id: str, cursor: str) -> AsyncIterator[tuple[Replay, bool]]:
+        """A streaming transport's resume: (page, last). Pages read from the store while memory cannot answer,
+        then the memory's replay, the last. The last comes with no await between the memory's answer and the
+        caller's next step: the caller subscribes right then, before it awaits anything, so that no event falls
+        between the replay and the live ones, or comes twice."""
+        broadcaster = self.broadcaster
+        while True:
+            replay = broadcaster.events_after(user_id, cursor)
+            if replay is not None:
+                yield replay, True
+                return
+            page = await self.replay(user_id, cursor, STORE_PAGE)
+            cursor = page.cursor
+            yield page, False
+
+
+def _user_ids(body: dict[str, Any], field: str) -> list[str]:
+    value = body.get(field, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadRequest(f"'{field}' must be a list of user ids", field=field)
+    if len(value) > MAX_MEMBER_CHANGES:
+        raise BadRequest(f"'{field}' names more than {MAX_MEMBER_CHANGES} users", field=field)
+    for one in value:
+        check_id(one, field, "usr")
+    return list(dict.fromkeys(value))

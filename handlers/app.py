@@ -13,12 +13,15 @@ from typing import Any
 import tornado.httpserver
 import tornado.web
 
+from chatserver import eventlog
 from chatserver.auth import TokenSigner, load_or_create_secret
 from chatserver.broadcaster import Broadcaster
+from chatserver.cluster import Peers
 from chatserver.config import Config
+from chatserver.feed import LogFeed, Membership
 from chatserver.metrics import Metrics
 from chatserver.service import ChatService
-from chatserver.store import AsyncStore, SQLiteStore
+from chatserver.store import Store, open_store
 from handlers import fastpoll, http1, ops, realtime, rest, web
 from handlers.base import AppContext, NotFoundHandler, log_request
 from handlers.pings import PingSweep
@@ -26,17 +29,34 @@ from handlers.pings import PingSweep
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 
 
-def build_context(config: Config, *, store: SQLiteStore | None = None) -> AppContext:
-    """The domain objects for one server. Opening the store may raise StoreError (startup, before serving)."""
-    sqlite = store or SQLiteStore(config.db_path)
+async def build_context(config: Config, *, store: Store | None = None) -> AppContext:
+    """The domain objects for one server, started: the store opened and migrated, the log followed from its head.
+
+    Opening the store may raise StoreError (startup, before serving); the secret's file, OSError.
+    """
+    store = store or open_store(config.database, pool_size=config.db_pool_size)
     secret = config.secret or load_or_create_secret(config.resolved_state_dir)
-    broadcaster = Broadcaster(config.history_size)
-    service = ChatService(AsyncStore(sqlite), broadcaster, config, TokenSigner(secret, config.token_ttl))
+    await store.start()
+    _, head, _ = await store.read(eventlog.meta)
+    broadcaster = Broadcaster(config.history_size, log_id=store.log_id, position=head)
+    feed = LogFeed(store, broadcaster, Membership(store), poll_interval=config.log_poll_interval,
+                   retention=config.event_retention, prune_interval=config.log_prune_interval)
+    service = ChatService(store, broadcaster, feed, config, TokenSigner(secret, config.token_ttl))
+    peers = Peers(service, feed)
+    peers.attach_store(store)
+    feed.start()
     metrics = Metrics()
     metrics.observe_broadcaster(broadcaster)
-    ctx = AppContext(service=service, broadcaster=broadcaster, config=config, metrics=metrics)
+    ctx = AppContext(service=service, broadcaster=broadcaster, config=config, metrics=metrics, peers=peers)
+    ctx.readiness["log"] = lambda: feed.problem
     metrics.requests_in_flight.set_function(lambda: len(ctx.requests))
     return ctx
+
+
+async def close_context(ctx: AppContext) -> None:
+    """Stop following the log and close the store (after the server stopped taking work)."""
+    await ctx.service.feed.stop()
+    await ctx.service.store.close()
 
 
 def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:

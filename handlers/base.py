@@ -18,6 +18,7 @@ import tornado.web
 
 from chatserver import jsonutil
 from chatserver.broadcaster import Broadcaster
+from chatserver.cluster import Peers
 from chatserver.config import Config
 from chatserver.errors import ChatError, TooLarge, Unauthorized
 from chatserver.metrics import Metrics
@@ -52,6 +53,8 @@ class AppContext:
     broadcaster: Broadcaster
     config: Config
     metrics: Metrics
+    # What this process tells the others that share its database (wake-ups, typing).
+    peers: Peers
     # Named parts that /readyz reports on; each answers "" when usable, else what is wrong.
     readiness: dict[str, Any] = attrs.Factory(dict)
     # Open real-time connections, so that shutdown can close them (WebSocket, SSE, parked polls).
@@ -60,6 +63,8 @@ class AppContext:
     requests: weakref.WeakSet[Any] = attrs.Factory(weakref.WeakSet)
     # The WebSocket frames waiting for the end of this turn of the loop (outbox.py), flushed before poll answers.
     batcher: TurnBatcher = attrs.Factory(TurnBatcher)
+    # Tasks started outside any request's own (a lean poll's replay from the store), held until done.
+    background: set[Any] = attrs.Factory(set)
     shutting_down: bool = False
 
 

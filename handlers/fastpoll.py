@@ -303,8 +303,12 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         try:
             user_id = ctx.service.authenticate_known(token)  # a user not seen yet: PollHandler looks
             # A poll that has seen everything (the usual one) parks without a replay to build.
-            replay = None if broadcaster.is_current(cursor) else broadcaster.events_after(
-                user_id, cursor, ctx.config.poll_max_events)
+            if broadcaster.is_current(cursor):
+                replay = None
+            else:
+                replay = broadcaster.events_after(user_id, cursor, ctx.config.poll_max_events)
+                if replay is None:
+                    return None  # older than memory holds, or ahead of it: PollHandler reads the store
         except ChatError:
             return None
         # HTTPServerRequest's remote_ip: the connection's (X-Real-Ip/X-Forwarded-For applied there when xheaders).
@@ -355,6 +359,8 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         # No replay: the cursor was current at the headers. Made now if events came since, or to answer at once.
         if replay is None and (answer_now or not broadcaster.is_current(self.cursor)):
             replay = self._replay()
+            if replay is None:
+                return  # answered from the store
         if replay is not None and (replay.events or answer_now):
             self._answer(replay)
             return
@@ -405,10 +411,27 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         if not self._parked:
             return
         self._unpark()
-        self._answer(self._replay())
+        replay = self._replay()
+        if replay is not None:
+            self._answer(replay)
 
-    def _replay(self) -> Replay:
-        return self.ctx.broadcaster.events_after(self.user_id, self.cursor, self.ctx.config.poll_max_events)
+    def _replay(self) -> Replay | None:
+        """The replay from memory; None where memory no longer holds the cursor (its events were evicted while
+        the poll waited): then it is read from the store and answered when it comes."""
+        replay = self.ctx.broadcaster.events_after(self.user_id, self.cursor, self.ctx.config.poll_max_events)
+        if replay is None:
+            task = asyncio.get_running_loop().create_task(self._replay_from_store())
+            self.ctx.background.add(task)
+            task.add_done_callback(self.ctx.background.discard)
+        return replay
+
+    async def _replay_from_store(self) -> None:
+        try:
+            replay = await self.ctx.service.replay(self.user_id, self.cursor, self.ctx.config.poll_max_events)
+        except Exception:  # the store failed: the client polls again with its cursor
+            log.warning("a poll's replay from the store failed", exc_info=True)
+            replay = Replay([], self.cursor)
+        self._answer(replay)
 
     def _gone(self) -> None:
         # The client went away: drop the waiter now, not at its timeout; nobody is left to answer.

@@ -6,7 +6,7 @@ import asyncio
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from chatserver.store import SQLiteStore
+from chatserver import queries
 from handlers.base import JsonHandler
 
 READINESS_TIMEOUT = 2.0
@@ -25,7 +25,7 @@ class ReadyHandler(JsonHandler):
     async def get(self) -> None:
         problems: dict[str, str] = {}
         try:
-            await asyncio.wait_for(self.service.db.run(SQLiteStore.ping), READINESS_TIMEOUT)
+            await asyncio.wait_for(self.service.store.read(queries.ping), READINESS_TIMEOUT)
         except Exception as exc:
             problems["store"] = f"not usable: {exc or type(exc).__name__}"
         for name, check in self.ctx.readiness.items():

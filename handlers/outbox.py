@@ -140,6 +140,12 @@ class Outbox:
             if not self._queue:
                 self._queue = None  # drained: the deque goes until the next queued write
 
+    async def drained(self) -> None:
+        """Return once everything queued is handed to the transport, or the outbox is closed (a replay read in
+        pages waits here between pages, so that a resume never queues more than a page beyond the bound)."""
+        while self._writer is not None and not self.closed:
+            await asyncio.shield(self._writer)
+
     def close(self) -> None:
         self.closed = True
         self._waiting = None

@@ -102,7 +102,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         self.user_id = await self.service.authenticate(_token(self))
         self._cursor = self.get_query_argument("cursor", None) or None
         if self._cursor is not None:
-            self.ctx.broadcaster.parse_cursor(self._cursor)
+            await self.service.check_cursor(self._cursor)
         if self.ctx.shutting_down:
             raise tornado.web.HTTPError(503, "the server is shutting down")
         # Tornado's own refusals below (a plain GET, a foreign origin) are bare text: these are JSON, as all errors.
@@ -155,24 +155,29 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         self._headers = tornado.httputil.HTTPHeaders()
         self.ui = None  # type: ignore[assignment]  # what _break_cycles does at the close: no templates here
 
-    def open(self, *args: Any, **kwargs: Any) -> None:
+    async def open(self, *args: Any, **kwargs: Any) -> None:
         self._release_handshake()
         broadcaster = self.ctx.broadcaster
         self._delivered = self.ctx.metrics.events_delivered.labels(self.transport)
         self._tls = isinstance(self._stream(), tornado.iostream.SSLIOStream)  # TLS: Tornado's stream writes
-        self._outbox = Outbox(self.ctx.config.client_buffer_limit, self._send, self._cut_off, write_now=self._write_now,
-                              batcher=self.ctx.batcher)
-        # Replay and subscribe in one step of the loop: no event can fall between them or come twice.
-        replay = broadcaster.events_after(self.user_id, self._cursor) if self._cursor else None
+        outbox = self._outbox = Outbox(self.ctx.config.client_buffer_limit, self._send, self._cut_off,
+                                       write_now=self._write_now, batcher=self.ctx.batcher)
         cursor = self._cursor or broadcaster.cursor()
         ready = {"type": "ready", "data": {"userId": self.user_id, "cursor": cursor}}
-        # The ready frame and the replay are queued as one, counted against the bound (never the fast path).
-        self._outbox.push(websocket_frame(jsonutil.dumps_bytes(ready)), direct=False)
-        if replay is not None:
-            _count_resets(self.ctx, replay)
-            for record in replay.events:
-                self._outbox.push(event_frame(record), direct=False)
-            self._delivered.inc(len(replay.events))
+        # The ready frame and the replay are queued, counted against the bound (never the fast path).
+        outbox.push(websocket_frame(jsonutil.dumps_bytes(ready)), direct=False)
+        if self._cursor is not None:
+            # Pages from the store, each sent before the next is read; then memory's replay and the subscription
+            # in one step of the loop: no event can fall between them or come twice.
+            async for replay, last in self.service.replay_pages(self.user_id, self._cursor):
+                _count_resets(self.ctx, replay)
+                for record in replay.events:
+                    outbox.push(event_frame(record), direct=False)
+                self._delivered.inc(len(replay.events))
+                if not last:
+                    await outbox.drained()
+                if outbox.closed or self.ws_connection is None:
+                    return  # cut off, or gone, while resuming: nothing to subscribe
         broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections.labels(self.transport).inc()
@@ -346,12 +351,13 @@ class PollHandler(ApiHandler):
         if not cursor:
             self._answer([], broadcaster.cursor(), more=False)
             return
-        replay = broadcaster.events_after(self.user_id, cursor, self.ctx.config.poll_max_events)
+        limit = self.ctx.config.poll_max_events
+        replay = await self.service.replay(self.user_id, cursor, limit)
         if not replay.events and timeout > 0 and not self.ctx.shutting_down:
             await self._park(timeout)
             if self._gone:
                 return
-            replay = broadcaster.events_after(self.user_id, cursor, self.ctx.config.poll_max_events)
+            replay = await self.service.replay(self.user_id, replay.cursor, limit)
         _count_resets(self.ctx, replay)
         self._answer(self._typing + replay.events, replay.cursor, replay.more)
 
@@ -444,17 +450,27 @@ class EventStreamHandler(ApiHandler):
         if len(names) > 100:
             raise BadRequest("'typing' names more than 100 dialogs", field="typing")
         self.joined = frozenset(names)
-        replay = broadcaster.events_after(self.user_id, cursor) if cursor else None
+        if cursor is not None:
+            await self.service.check_cursor(cursor)
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")
         self._done = asyncio.get_running_loop().create_future()
         self._outbox = Outbox(self.ctx.config.client_buffer_limit, self._send, self._cut_off)
         ready = {"type": "ready", "data": {"userId": self.user_id, "cursor": cursor or broadcaster.cursor()}}
         self._outbox.push(b"retry: 1000\n" + self._frame(jsonutil.dumps_bytes(ready), cursor or broadcaster.cursor()))
-        if replay is not None:
-            _count_resets(self.ctx, replay)
-            for record in replay.events:
-                self.deliver(record)
+        if cursor is not None:
+            # As the WebSocket's: pages from the store, then memory's replay and the subscription in one step.
+            async for replay, last in self.service.replay_pages(self.user_id, cursor):
+                _count_resets(self.ctx, replay)
+                for record in replay.events:
+                    self.deliver(record)
+                if not last:
+                    await self._outbox.drained()
+                if self._outbox.closed or self._gone:
+                    self._outbox.close()
+                    if not self._finished and not self._gone:
+                        self.finish()
+                    return
         broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections.labels(self.transport).inc()
@@ -478,7 +494,7 @@ class EventStreamHandler(ApiHandler):
     def deliver(self, record: EventRecord) -> None:
         if self._outbox is None:
             return
-        cursor = None if record.ephemeral else self.ctx.broadcaster.cursor(record.seq)
+        cursor = None if record.ephemeral else self.ctx.broadcaster.cursor(record.position)
         self._outbox.push(self._frame(record.payload, cursor))
         self._count_delivery()  # events only: the ready event and heartbeat comments are not counted
 

@@ -1,14 +1,18 @@
-"""Shared fixtures: a real server on a real port over a real SQLite file, and small clients for it.
+"""Shared fixtures: a real server on a real port over a real store, and small clients for it.
 
-`app` builds the server exactly as run.py does (handlers.app), with a fresh state folder per test. The
-`http_server` fixture of pytest-tornado is replaced so that the listener carries the same limits as
-production (`make_http_server`). Helpers here wait with bounds: a lost event fails a test, never hangs it.
+`app` builds the server exactly as run.py does (handlers.app), with a fresh state folder per test, on each store
+(`store_kind`): a real SQLite file, and a real PostgreSQL database made for the test and dropped after it (on
+127.0.0.1:5432 as user postgres, or `CHATSERVER_TEST_POSTGRES`). A module whose tests do not touch the store or
+the real-time path overrides `store_kind` with SQLite alone. The `http_server` fixture of pytest-tornado is
+replaced so that the listener carries the same limits as production (`make_http_server`). Helpers here wait
+with bounds: a lost event fails a test, never hangs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +25,9 @@ import tornado.websocket
 from chatserver import jsonutil
 from chatserver.admin import add_dialog, add_user
 from chatserver.config import Config, load_config
-from handlers.app import build_context, make_app, make_http_server
+from handlers.app import build_context, close_context, make_app, make_http_server
 from handlers.base import AppContext
+from tests import pg
 
 ALICE_PHONE, BOB_PHONE, CAROL_PHONE = "79111111111", "79777777777", "79000000000"
 PASSWORD = "demo-password"
@@ -34,29 +39,54 @@ def settings() -> dict[str, Any]:
     return {}
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_kind(request: Any) -> str:
+    """Which store the test's server runs on: every test that touches the store runs on both."""
+    return str(request.param)
+
+
 @pytest.fixture
-def config(tmp_path: Path, settings: dict[str, Any]) -> Config:
-    flags = {"state_dir": str(tmp_path / "state"), "port": 0, "ws_ping_interval": 5.0, **settings}
+def database(store_kind: str, tmp_path: Path) -> Iterator[str]:
+    """The `db` setting of the test's server: a SQLite file, or a PostgreSQL database of its own."""
+    if store_kind == "sqlite":
+        yield str(tmp_path / "state" / "chatserver.db")
+        return
+    require_service("PostgreSQL", pg.reachable())
+    name = f"chatserver_test_{uuid.uuid4().hex[:12]}"
+    pg.create_database(name)
+    try:
+        yield pg.url(name)
+    finally:
+        pg.drop_database(name)
+
+
+@pytest.fixture
+def config(tmp_path: Path, settings: dict[str, Any], database: str) -> Config:
+    flags = {"state_dir": str(tmp_path / "state"), "port": 0, "ws_ping_interval": 5.0, "db": database, **settings}
     return load_config(flags, {})
 
 
 @pytest.fixture
 def ctx(config: Config, io_loop: Any) -> Iterator[AppContext]:
-    context = build_context(config)
+    context = io_loop.run_sync(lambda: build_context(config))
     yield context
-    context.service.db.close()
+    io_loop.run_sync(lambda: close_context(context))
 
 
 @pytest.fixture
-def seed(ctx: AppContext) -> dict[str, Any]:
+def seed(ctx: AppContext, io_loop: Any) -> dict[str, Any]:
     """Alice and Bob in the dialog "Demo"; Carol in no dialog."""
-    store = ctx.service.db.sync
-    return {
-        "alice": add_user(store, ALICE_PHONE, "Alice", PASSWORD),
-        "bob": add_user(store, BOB_PHONE, "Bob", PASSWORD),
-        "carol": add_user(store, CAROL_PHONE, "Carol", PASSWORD),
-        "dialog": add_dialog(store, "Demo", [ALICE_PHONE, BOB_PHONE]),
-    }
+    store = ctx.service.store
+
+    async def make() -> dict[str, Any]:
+        return {
+            "alice": await add_user(store, ALICE_PHONE, "Alice", PASSWORD),
+            "bob": await add_user(store, BOB_PHONE, "Bob", PASSWORD),
+            "carol": await add_user(store, CAROL_PHONE, "Carol", PASSWORD),
+            "dialog": await add_dialog(store, "Demo", [ALICE_PHONE, BOB_PHONE]),
+        }
+
+    return io_loop.run_sync(make)  # type: ignore[no-any-return]
 
 
 @pytest.fixture
