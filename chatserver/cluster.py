@@ -3,8 +3,8 @@
 The log in the store is the truth; these are only hints. `Peers` carries them over whatever channel the
 processes share: PostgreSQL's NOTIFY (`Store.send_ephemeral`, always there with PostgreSQL), and the broker's
 cluster exchange where one is configured (`chatserver.chat3.ClusterBus`, the faster wake-up for SQLite files).
-A message is JSON: `{"origin", "type": "typing", "dialogId", "userId", "typing"}` or `{"origin", "type":
-"head", "position"}`; a process ignores its own. Whatever is lost is lost: a missed wake-up is caught by the
+A message is JSON: `{"origin", "n", "type": "typing", "dialogId", "userId", "typing"}` or `{"origin", "n", "type":
+"head", "position"}`; a process ignores its own, and one it got already over another channel (by origin and n). Whatever is lost is lost: a missed wake-up is caught by the
 follower's poll of the log, a missed typing event is ephemeral by contract.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 from chatserver import jsonutil
 from chatserver.errors import ChatError
 from chatserver.feed import LogFeed
+from chatserver.lru import LRU
 from chatserver.service import ChatService
 from chatserver.store import Store
 
@@ -35,6 +36,8 @@ class Peers:
         self.service = service
         self.feed = feed
         self.channels: list[Send] = []
+        self._sent = 0
+        self._seen: LRU[tuple[str, int], bool] = LRU(4096)
         self._tasks: set[asyncio.Task[None]] = set()
         service.typing_relays.append(self.send_typing)
 
@@ -53,7 +56,8 @@ class Peers:
     def _send(self, message: dict[str, Any]) -> None:
         if not self.channels:
             return
-        payload = jsonutil.dumps_bytes({"origin": self.origin, **message})
+        self._sent += 1
+        payload = jsonutil.dumps_bytes({"origin": self.origin, "n": self._sent, **message})
         for send in self.channels:
             try:
                 send(payload)
@@ -67,8 +71,12 @@ class Peers:
         except ChatError:
             log.warning("ignored a malformed message from another process")
             return
-        if message.get("origin") == self.origin:
+        origin, number = message.get("origin"), message.get("n")
+        if origin == self.origin or not isinstance(origin, str) or not isinstance(number, int):
             return
+        if (origin, number) in self._seen:
+            return  # the same hint over a second channel
+        self._seen.put((origin, number), True)
         kind = message.get("type")
         if kind == "head":
             self.feed.wake()

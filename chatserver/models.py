@@ -40,16 +40,24 @@ def _format_millis(millis: int) -> str:
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{rest:03d}Z"
 
 
-def require_str(body: dict[str, Any], field: str, *, max_length: int, allow_empty: bool = False) -> str:
+def require_str(
+    body: dict[str, Any], field: str, *, max_length: int, allow_empty: bool = False, allow_nul: bool = False
+) -> str:
     value = body.get(field)
     if not isinstance(value, str):
         raise BadRequest(f"'{field}' must be a string", field=field)
-    return check_text(value, field, max_length=max_length, allow_empty=allow_empty)
+    return check_text(value, field, max_length=max_length, allow_empty=allow_empty, allow_nul=allow_nul)
 
 
-def check_text(value: str, field: str, *, max_length: int, allow_empty: bool = False) -> str:
+def check_text(
+    value: str, field: str, *, max_length: int, allow_empty: bool = False, allow_nul: bool = False
+) -> str:
+    """A text field as the store keeps it. U+0000 only where `allow_nul` (a message's content, kept verbatim):
+    elsewhere (names, titles, ids) it is refused, as PostgreSQL's text cannot hold it."""
     if not is_valid_text(value):
         raise BadRequest(f"'{field}' is not valid Unicode (lone surrogate)", field=field)
+    if not allow_nul and "\x00" in value:
+        raise BadRequest(f"'{field}' must not contain U+0000", field=field)
     if not allow_empty and not value.strip():
         raise BadRequest(f"'{field}' must not be empty", field=field)
     if len(value) > max_length:
@@ -121,7 +129,7 @@ class Message:
         cls, body: dict[str, Any], *, dialog_id: str, sender_id: str, max_content_length: int
     ) -> Message:
         """A new message from a client's POST body (PROTOCOL section 2)."""
-        content = require_str(body, "content", max_length=max_content_length)
+        content = require_str(body, "content", max_length=max_content_length, allow_nul=True)
         msg_type = body.get("type", "text")
         if not isinstance(msg_type, str):
             raise BadRequest("'type' must be a string", field="type")
@@ -157,7 +165,7 @@ class Message:
             message_id=require_id(data, "messageId", "msg"),
             dialog_id=require_id(data, "dialogId", "dlg"),
             sender_id=require_id(data, "senderId", "usr"),
-            content=require_str(data, "content", max_length=max_content_length),
+            content=require_str(data, "content", max_length=max_content_length, allow_nul=True),
             type=check_text(msg_type, "type", max_length=MAX_TYPE_LENGTH),
             meta=require_object(data, "meta", default={}),
             created_at=created_at,

@@ -8,6 +8,7 @@ the same transaction (`chatserver.eventlog`): the store answers "was this new?",
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,12 +30,29 @@ _MESSAGE_COLUMNS = (
 _LAST_MESSAGE_COLUMNS = ", ".join("l." + column.strip() for column in _MESSAGE_COLUMNS.split(","))
 
 
-def _message(row: Sequence[Any]) -> Message:
+def _content_in(db: Db, text: str) -> str:
+    """A message's content as the store keeps it. PostgreSQL's text cannot hold U+0000, which a message may: there
+    it is kept escaped (`\\0`, and `\\` for a backslash); SQLite keeps the text as it is."""
+    if db.dialect == "sqlite" or ("\\" not in text and "\x00" not in text):
+        return text
+    return text.replace("\\", "\\\\").replace("\x00", "\\0")
+
+
+def _content_out(db: Db, text: str) -> str:
+    if db.dialect == "sqlite" or "\\" not in text:
+        return text
+    return _ESCAPED.sub(lambda m: "\x00" if m.group(1) == "0" else m.group(1), text)
+
+
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _message(db: Db, row: Sequence[Any]) -> Message:
     return Message(
         message_id=row[0],
         dialog_id=row[1],
         sender_id=row[2],
-        content=row[3],
+        content=_content_out(db, row[3]),
         type=row[4],
         meta=jsonutil.loads(row[5]),
         created_at=row[6],
@@ -43,12 +61,12 @@ def _message(row: Sequence[Any]) -> Message:
     )
 
 
-def _row(message: Message) -> tuple[Any, ...]:
+def _row(db: Db, message: Message) -> tuple[Any, ...]:
     return (
         message.message_id,
         message.dialog_id,
         message.sender_id,
-        message.content,
+        _content_in(db, message.content),
         message.type,
         jsonutil.dumps(message.meta),
         message.created_at,
@@ -282,7 +300,7 @@ async def dialog_views(db: Db, user_id: str) -> list[DialogView]:
     return [
         DialogView(
             Dialog(row[0], row[1], tuple(members.get(row[0], ())), row[2], row[3], row[4]),
-            _message(row[6:]) if row[6] is not None else None,
+            _message(db, row[6:]) if row[6] is not None else None,
             int(row[5]),
         )
         for row in rows
@@ -302,7 +320,7 @@ async def _last_message(db: Db, dialog_id: str) -> Message | None:
         "(SELECT last_seq FROM dialogs WHERE dialog_id = ?)",
         dialog_id,
     )
-    return _message(row) if row else None
+    return _message(db, row) if row else None
 
 
 async def _unread(db: Db, dialog_id: str, user_id: str) -> int:
@@ -381,7 +399,7 @@ async def insert_message(
 async def _insert(tx: Tx, seq: int, message: Message) -> None:
     await tx.execute(
         f"INSERT INTO messages (seq, {_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-        seq, *_row(message),
+        seq, *_row(tx, message),
     )
     await tx.execute(
         "UPDATE dialogs SET last_seq = greatest(last_seq, ?), activity_at = greatest(activity_at, ?) "
@@ -399,7 +417,7 @@ async def _existing(db: Db, message: Message) -> Message | None:
             "WHERE dialog_id = ? AND sender_id = ? AND client_message_id = ?",
             message.dialog_id, message.sender_id, message.client_message_id,
         )
-    return _message(row) if row else None
+    return _message(db, row) if row else None
 
 
 async def apply_update(tx: Tx, message: Message, *, source: str = "local") -> tuple[Message, bool]:
@@ -413,12 +431,13 @@ async def apply_update(tx: Tx, message: Message, *, source: str = "local") -> tu
                                 members_version=version, source=source)
         await _insert(tx, event.position, message)
         return message, True
-    stored = _message(row)
+    stored = _message(tx, row)
     if message.updated_at <= stored.updated_at:
         return stored, False
     await tx.execute(
         "UPDATE messages SET content = ?, type = ?, meta = ?, updated_at = ? WHERE message_id = ?",
-        message.content, message.type, jsonutil.dumps(message.meta), message.updated_at, message.message_id,
+        _content_in(tx, message.content), message.type, jsonutil.dumps(message.meta), message.updated_at,
+        message.message_id,
     )
     # The dialog and sender of a message never change, whatever an update says.
     updated = attrs.evolve(message, dialog_id=stored.dialog_id, sender_id=stored.sender_id,
@@ -432,7 +451,7 @@ async def apply_update(tx: Tx, message: Message, *, source: str = "local") -> tu
 async def get_message(db: Db, message_id: str) -> Message | None:
     row = await db.fetchrow(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE message_id = ?",  # noqa: S608
                             message_id)
-    return _message(row) if row else None
+    return _message(db, row) if row else None
 
 
 async def list_messages(
@@ -459,7 +478,7 @@ async def list_messages(
         f"ORDER BY seq {'ASC' if ascending else 'DESC'} LIMIT ?",
         *params, limit,
     )
-    messages = [_message(r) for r in rows]
+    messages = [_message(db, r) for r in rows]
     return messages if ascending else messages[::-1]
 
 

@@ -50,7 +50,8 @@ MAX_USER_IDS = 200
 MAX_MEMBER_CHANGES = 1000
 # A typing event repeating the user's last one in a dialog within this many seconds is dropped.
 TYPING_REPEAT = 1.0
-# Events per page of a replay read from the store, for a transport that streams (WebSocket, SSE).
+# Events per page of a replay for a transport that streams (WebSocket, SSE): each page is sent before the next is
+# read, so a resume far behind queues at most a page beyond the connection's bound.
 STORE_PAGE = 500
 # How long a resume waits for this process to read what another process has committed (a cursor from it).
 CATCH_UP_WAIT = 5.0
@@ -255,7 +256,7 @@ class ChatService:
 
     async def edit_message(self, user_id: str, message_id: str, body: dict[str, Any]) -> Message:
         stored = await self.editable_message(user_id, message_id)
-        content = require_str(body, "content", max_length=self.config.max_content_length)
+        content = require_str(body, "content", max_length=self.config.max_content_length, allow_nul=True)
         return (await self.accept_update(stored.edited(content))).message
 
     async def accept_message(self, message: Message, *, source: str = "local",
@@ -352,17 +353,17 @@ class ChatService:
         return Replay(records, broadcaster.cursor(upto))
 
     async def replay_pages(self, user_id: str, cursor: str) -> AsyncIterator[tuple[Replay, bool]]:
-        """A streaming transport's resume: (page, last). Pages read from the store while memory cannot answer,
-        then the memory's replay, the last. The last comes with no await between the memory's answer and the
+        """A streaming transport's resume: (page, last), each page at most STORE_PAGE events. Pages read from the
+        store while memory cannot answer, then from memory, the last one the end of what memory holds. The last comes with no await between the memory's answer and the
         caller's next step: the caller subscribes right then, before it awaits anything, so that no event falls
         between the replay and the live ones, or comes twice."""
         broadcaster = self.broadcaster
         while True:
-            replay = broadcaster.events_after(user_id, cursor)
-            if replay is not None:
+            replay = broadcaster.events_after(user_id, cursor, STORE_PAGE)
+            if replay is not None and not replay.more:
                 yield replay, True
                 return
-            page = await self.replay(user_id, cursor, STORE_PAGE)
+            page = replay or await self.replay(user_id, cursor, STORE_PAGE)
             cursor = page.cursor
             yield page, False
 

@@ -223,8 +223,8 @@ async def _rollback_savepoint(tx: Tx) -> None:
     try:
         await tx.execute("ROLLBACK TO SAVEPOINT one_write")
         await tx.execute("RELEASE SAVEPOINT one_write")
-    except StoreError:
-        pass  # the whole transaction is gone (SQLite after a full disk): the writer fails the group
+    except Exception as exc:  # the whole transaction is gone (SQLite after a full disk): the writer sees to it
+        log.debug("a savepoint could not be rolled back: %r", exc)
 
 
 def settle(futures: Sequence[Settled]) -> None:

@@ -20,7 +20,7 @@ import tornado.testing
 import tornado.websocket
 
 from chatserver import jsonutil
-from handlers.app import build_context, make_app, make_http_server
+from handlers.app import build_context, close_context, make_app, make_http_server
 from handlers.base import AppContext
 from tests.conftest import Client
 
@@ -239,54 +239,94 @@ async def test_switching_transports_mid_stream_loses_and_repeats_nothing(
 
 
 @pytest.mark.gen_test
-async def test_cursor_from_before_a_restart_gets_reset_restarted(
+async def test_cursor_resumes_on_another_server_of_the_same_database_without_a_reset(
     alice: Client, bob: Client, dialog_id: str, ctx: AppContext, config: Any
 ) -> None:
     ws = await bob.websocket()
-    await alice.post_message(dialog_id, "before restart")
+    await alice.post_message(dialog_id, "before")
     old_cursor = (await ws.next_of("message:new"))["cursor"]
+    missed = [await alice.post_message(dialog_id, f"missed {i}") for i in range(3)]
     ws.close()
-    # A second server on the same database: a new process start, a new epoch.
-    restarted = build_context(config)
-    server = make_http_server(make_app(restarted), config)
+    # A second server on the same database (a restart, or another process): the cursor is the log's, not the
+    # process's, so the client resumes there with exactly what it missed, on every transport.
+    other_ctx = await build_context(config)
+    server = make_http_server(make_app(other_ctx), config)
     sock, port = tornado.testing.bind_unused_port()
     server.add_socket(sock)
     try:
-        other = Client(f"http://127.0.0.1:{port}", restarted, bob.user_id)
+        other = Client(f"http://127.0.0.1:{port}", other_ctx, bob.user_id)
         other.sockets = bob.sockets
         again = await other.websocket(cursor=old_cursor)
-        reset = await again.next()
-        assert reset["type"] == "reset" and reset["data"]["reason"] == "restarted"
-        assert reset["cursor"] == reset["data"]["cursor"] == restarted.broadcaster.cursor()
+        assert again.ready["data"]["cursor"] == old_cursor
+        got = [await again.next_of("message:new") for _ in missed]
+        assert [e["data"]["messageId"] for e in got] == [m["messageId"] for m in missed]
         status, body = await other.poll(old_cursor, timeout="0")
-        assert status == 200 and [e["type"] for e in body["data"]["events"]] == ["reset"]
-        # After a reset the client continues from the reset's cursor and gets live events.
-        await Client(other.base_url, restarted, alice.user_id).post_message(dialog_id, "after restart")
-        assert (await again.next_of("message:new"))["data"]["content"] == "after restart"
+        assert status == 200
+        assert [e["data"]["messageId"] for e in body["data"]["events"]] == [m["messageId"] for m in missed]
+        assert body["data"]["cursor"] == got[-1]["cursor"]
+        # Live events written on either server reach the client on the other.
+        await alice.post_message(dialog_id, "after")
+        assert (await again.next_of("message:new"))["data"]["content"] == "after"
+        await Client(other.base_url, other_ctx, alice.user_id).post_message(dialog_id, "written on the other")
+        again_here = await bob.websocket(cursor=got[-1]["cursor"])
+        contents = [(await again_here.next_of("message:new"))["data"]["content"] for _ in range(2)]
+        assert contents == ["after", "written on the other"]
         again.close()
     finally:
         server.stop()
         await server.close_all_connections()
-        restarted.service.db.close()
+        await close_context(other_ctx)
 
 
 @pytest.mark.gen_test
 @pytest.mark.parametrize("settings", [{"history_size": 3}])
-async def test_cursor_older_than_the_history_gets_reset_expired(alice: Client, bob: Client, dialog_id: str) -> None:
+async def test_cursor_older_than_memory_is_answered_from_the_log(alice: Client, bob: Client, dialog_id: str) -> None:
     _, hello = await bob.poll()
-    for i in range(5):
+    sent = [await alice.post_message(dialog_id, f"m{i}") for i in range(8)]
+    status, body = await bob.poll(hello["data"]["cursor"], timeout="0")
+    assert status == 200
+    assert [e["data"]["messageId"] for e in body["data"]["events"]] == [m["messageId"] for m in sent]
+    ws = await bob.websocket(cursor=hello["data"]["cursor"])
+    assert [(await ws.next())["data"]["messageId"] for _ in sent] == [m["messageId"] for m in sent]
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("settings", [{"history_size": 3, "event_retention": 4, "poll_max_events": 3}])
+async def test_cursor_older_than_the_retention_gets_reset_expired(
+    alice: Client, bob: Client, dialog_id: str, ctx: AppContext
+) -> None:
+    _, hello = await bob.poll()
+    for i in range(8):
         await alice.post_message(dialog_id, f"m{i}")
+    assert await ctx.service.feed.prune() > 0
     status, body = await bob.poll(hello["data"]["cursor"], timeout="0")
     assert status == 200
     (reset,) = body["data"]["events"]
     assert reset["type"] == "reset" and reset["data"]["reason"] == "expired"
+    assert reset["cursor"] == body["data"]["cursor"] == ctx.broadcaster.cursor()
     ws = await bob.websocket(cursor=hello["data"]["cursor"])
     assert (await ws.next())["data"]["reason"] == "expired"
+    # What the log still keeps resumes: the last `poll_max_events` of the four kept, then `more`.
+    last_four = ctx.broadcaster.cursor(ctx.broadcaster.last_position - 4)
+    status, body = await bob.poll(last_four, timeout="0")
+    assert [e["data"]["content"] for e in body["data"]["events"]] == ["m4", "m5", "m6"]
+    assert body["data"]["more"] is True
+
+
+@pytest.mark.gen_test
+async def test_a_cursor_of_another_log_gets_reset_restarted(bob: Client, ctx: AppContext) -> None:
+    # A cursor of another database's log (this one replaced by a restored backup, say).
+    other_log = "0123456789abcdef.5"
+    status, body = await bob.poll(other_log, timeout="0")
+    (reset,) = body["data"]["events"]
+    assert status == 200 and reset["type"] == "reset" and reset["data"]["reason"] == "restarted"
+    ws = await bob.websocket(cursor=other_log)
+    assert (await ws.next())["data"]["reason"] == "restarted"
 
 
 @pytest.mark.gen_test
 async def test_unparseable_or_future_cursor_is_refused(bob: Client) -> None:
-    for bad in ("garbage", f"{bob.ctx.broadcaster.epoch}.999"):
+    for bad in ("garbage", f"{bob.ctx.broadcaster.log_id}.999"):
         status, body = await bob.poll(bad)
         assert status == 400 and "cursor" in body["error"]
         with pytest.raises(tornado.httpclient.HTTPClientError) as refused:

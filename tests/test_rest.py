@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import tornado.httpclient
 
-from chatserver import jsonutil
+from chatserver import jsonutil, queries
 from chatserver.auth import TokenSigner, load_or_create_secret
 from chatserver.models import Message, new_id, now_iso
 from handlers.base import AppContext
@@ -41,7 +41,7 @@ def assert_ok(status: int, body: Any, expected: int = 200) -> Any:
 
 
 USER_KEYS = {"userId", "name", "phone"}
-DIALOG_KEYS = {"dialogId", "title", "memberIds", "createdAt", "updatedAt", "lastMessage", "unreadCount"}
+DIALOG_KEYS = {"dialogId", "title", "memberIds", "createdAt", "updatedAt", "createdBy", "lastMessage", "unreadCount"}
 MESSAGE_KEYS = {
     "messageId",
     "dialogId",
@@ -115,7 +115,7 @@ async def test_login_with_a_body_that_is_not_an_object_is_400(alice: Client) -> 
 async def test_reads_do_not_wait_behind_password_hashing(alice: Client, ctx: AppContext, dialog_id: str) -> None:
     # Every hashing thread busy (as under a burst of logins): history and /api/me still answer.
     gate = threading.Event()
-    busy = [asyncio.ensure_future(ctx.service.db.offload(gate.wait, 10)) for _ in range(4)]
+    busy = [asyncio.ensure_future(ctx.service.store.offload(gate.wait, 10)) for _ in range(4)]
     try:
         assert assert_ok(*await asyncio.wait_for(alice.call("GET", f"/api/messages/dialog/{dialog_id}"), 5)) == []
         assert assert_ok(*await asyncio.wait_for(alice.call("GET", "/api/me"), 5))["userId"] == alice.user_id
@@ -264,12 +264,12 @@ async def test_history_pages_are_oldest_first_with_exact_boundaries(alice: Clien
 
 @pytest.mark.gen_test
 async def test_history_default_limit_is_50_newest(alice: Client, ctx: AppContext, dialog_id: str) -> None:
-    store = ctx.service.db.sync
+    store = ctx.service.store
     ids = []
     for i in range(60):
         stamp = now_iso()
         message = Message(new_id("msg"), dialog_id, alice.user_id, f"n{i}", "text", {}, stamp, stamp)
-        store.insert_message(message)
+        await store.write(queries.insert_message, message)
         ids.append(message.message_id)
     path = f"/api/messages/dialog/{dialog_id}"
     assert _ids(assert_ok(*await alice.call("GET", path))) == ids[10:]
