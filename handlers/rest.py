@@ -56,6 +56,9 @@ class DialogHandler(DialogApiHandler):
     async def get(self, dialog_id: str) -> None:
         self.reply((await self.service.get_dialog(self.user_id, dialog_id)).to_json())
 
+    async def patch(self, dialog_id: str) -> None:
+        self.reply((await self.service.update_dialog(self.user_id, dialog_id, self.json_body())).to_json())
+
 
 class DialogMessagesHandler(DialogApiHandler):
     async def get(self, dialog_id: str) -> None:

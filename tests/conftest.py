@@ -106,12 +106,12 @@ def http_server(request: Any, io_loop: Any, _unused_port: Any, app: Any, config:
 class Client:
     """A user's view of the server: REST calls with its token, and its real-time connections."""
 
-    def __init__(self, base_url: str, ctx: AppContext, user_id: str) -> None:
+    def __init__(self, base_url: str, ctx: AppContext, user_id: str, *, token: str | None = None) -> None:
         self.base_url = base_url
         self.ws_url = base_url.replace("http://", "ws://")
         self.ctx = ctx
         self.user_id = user_id
-        self.token = ctx.service.tokens.issue(user_id)
+        self.token = token or ctx.service.tokens.issue(user_id)
         self.http = tornado.httpclient.AsyncHTTPClient()
         self.sockets: list[Socket] = []
 

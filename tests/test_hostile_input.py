@@ -44,6 +44,12 @@ def assert_json_error(response: Any, expected: int) -> str:
     return str(body["error"])
 
 
+@pytest.fixture
+def store_kind() -> str:
+    """The HTTP layer's tests run on one store: what they prove does not depend on it."""
+    return "sqlite"
+
+
 @pytest.mark.gen_test
 async def test_a_validly_signed_token_for_a_user_this_database_lacks_is_401_everywhere(
     alice: Client, dialog_id: str

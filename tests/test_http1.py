@@ -165,6 +165,12 @@ async def cursor_of(client: Client) -> str:
 # -- keep-alive ------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def store_kind() -> str:
+    """The HTTP layer's tests run on one store: what they prove does not depend on it."""
+    return "sqlite"
+
+
 @pytest.mark.gen_test
 async def test_http11_connection_serves_rest_requests_and_polls_until_connection_close(
     alice: Client, base_url: str
