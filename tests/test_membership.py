@@ -59,7 +59,9 @@ async def test_any_member_renames_and_adds_and_each_change_is_one_update_to_memb
 
 
 @pytest.mark.gen_test
-async def test_the_dialog_update_carries_each_members_own_unread_count(alice: Client, bob: Client, carol: Client) -> None:
+async def test_the_dialog_update_carries_each_members_own_unread_count(
+    alice: Client, bob: Client, carol: Client
+) -> None:
     team = await created_by(alice, bob)
     dialog_id = team["dialogId"]
     for i in range(3):
