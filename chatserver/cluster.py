@@ -3,9 +3,10 @@
 The log in the store is the truth; these are only hints. `Peers` carries them over whatever channel the
 processes share: PostgreSQL's NOTIFY (`Store.send_ephemeral`, always there with PostgreSQL), and the broker's
 cluster exchange where one is configured (`chatserver.chat3.ClusterBus`, the faster wake-up for SQLite files).
-A message is JSON: `{"origin", "n", "type": "typing", "dialogId", "userId", "typing"}` or `{"origin", "n", "type":
-"head", "position"}`; a process ignores its own, and one it got already over another channel (by origin and n). Whatever is lost is lost: a missed wake-up is caught by the
-follower's poll of the log, a missed typing event is ephemeral by contract.
+A message is JSON: `{"origin", "n", "type": "typing", "dialogId", "userId", "typing"}` or `{"origin", "n",
+"type": "head", "position"}`; a process ignores its own, and one it got already over another channel (by origin
+and n). Whatever is lost is lost: a missed wake-up is caught by the follower's poll of the log, a missed typing
+event is ephemeral by contract.
 """
 
 from __future__ import annotations

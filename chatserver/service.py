@@ -354,9 +354,10 @@ class ChatService:
 
     async def replay_pages(self, user_id: str, cursor: str) -> AsyncIterator[tuple[Replay, bool]]:
         """A streaming transport's resume: (page, last), each page at most STORE_PAGE events. Pages read from the
-        store while memory cannot answer, then from memory, the last one the end of what memory holds. The last comes with no await between the memory's answer and the
-        caller's next step: the caller subscribes right then, before it awaits anything, so that no event falls
-        between the replay and the live ones, or comes twice."""
+        store while memory cannot answer, then from memory, the last one the end of what memory holds. The last
+        comes with no await between the memory's answer and the caller's next step: the caller subscribes right
+        then, before it awaits anything, so that no event falls between the replay and the live ones, or comes
+        twice."""
         broadcaster = self.broadcaster
         while True:
             replay = broadcaster.events_after(user_id, cursor, STORE_PAGE)
