@@ -24,7 +24,11 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import random
+import secrets
+import socket
+import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -36,15 +40,16 @@ import pika.exceptions
 import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 
-from chatserver import jsonutil
+from chatserver import eventlog, jsonutil
 from chatserver.cluster import Peers
 from chatserver.config import Config, ConfigError
 from chatserver.errors import BadRequest, ChatError
+from chatserver.feed import LogFeed
 from chatserver.lru import LRU
 from chatserver.metrics import Metrics
 from chatserver.models import Dialog, Message
 from chatserver.service import ChatService
-from chatserver.store import StoreUnavailable
+from chatserver.store import LogEvent, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,10 @@ STOPPED = "stopped"
 # database server that is away.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StoreUnavailable, OSError)
 CHAT3 = "chat3"  # the source of what Chat3 sent, in the log: never published back to it
+OUTBOUND_LEASE = 15.0  # seconds a process holds the lease to publish outbound without renewing it
+OUTBOUND_IDLE = 1.0  # seconds between looks at the log for outbound events, when nothing wakes the publisher
+OUTBOUND_BATCH = 200
+CONFIRM_TIMEOUT = 30.0
 
 
 def connection_parameters(url: str, name: str) -> pika.URLParameters:
@@ -556,6 +565,150 @@ class ClusterBus(_Link):
         self.peers.received(body)
 
 
+class Chat3Outbound(_Link):
+    """PROTOCOL section 14: every message created or edited through this server, published to Chat3 from the log.
+
+    A transactional outbox: the events are already in the log (written with the message, in its transaction);
+    this reads this server's message events after the position the log says was published, publishes each to
+    `chat3_outbound_exchange` as a Chat3 event (persistent, routing key the event name, AMQP `message_id` the
+    message's id and version) on a channel in confirm mode, and records the new position once the broker has
+    confirmed every one of them. A process that dies between the publish and that record leaves the position
+    where it was, and the events are published again: more than once only ever with the same `messageId`, which
+    a Chat3 consumer (and our own listener) removes as a duplicate. Events that came from Chat3 are never
+    published back. One process publishes at a time, whichever holds the lease in the log (renewed every few
+    seconds; a process that dies loses it within OUTBOUND_LEASE).
+    """
+
+    def __init__(self, store: Store, feed: LogFeed, config: Config, metrics: Metrics, **backoff: float) -> None:
+        super().__init__(config.amqp_url, "chat3 outbound", **backoff)
+        self.store = store
+        self.exchange = config.chat3_outbound_exchange
+        self.metrics = metrics
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._confirms: dict[int, asyncio.Future[None]] = {}
+        self._tag = 0
+        self._up = asyncio.Event()
+        self._more = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        feed.commit_hooks.append(lambda _position: self._more.set())
+
+    def start(self) -> None:
+        super().start()
+        self._task = asyncio.get_running_loop().create_task(self._publish_loop())
+
+    async def _wind_down(self, timeout: float) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.store.write(eventlog.release_outbound, self.owner), timeout)
+
+    # -- topology ----------------------------------------------------------------------------------------
+
+    def _setup(self, channel: pika.channel.Channel) -> None:
+        self._tag = 0
+        channel.confirm_delivery(self._on_confirm, callback=functools.partial(self._on_confirm_mode, channel))
+
+    def _on_confirm_mode(self, channel: pika.channel.Channel, _frame: Any) -> None:
+        channel.exchange_declare(exchange=self.exchange, exchange_type="topic", durable=True,
+                                 callback=functools.partial(self._on_declared, channel))
+
+    def _on_declared(self, channel: pika.channel.Channel, _frame: Any) -> None:
+        if self._stopping or channel is not self._channel:
+            return
+        self._ready()
+        self._up.set()
+
+    def _channel_lost(self, channel: pika.channel.Channel) -> None:
+        self._up.clear()
+        confirms, self._confirms = self._confirms, {}
+        for future in confirms.values():  # unconfirmed: published again from the log's position
+            if not future.done():
+                future.set_exception(ConnectionError("the channel closed before the broker confirmed"))
+
+    def _restart_connection(self) -> None:
+        connection = self._connection
+        if connection is not None and not connection.is_closing and not connection.is_closed:
+            self._channel_problem = "confirms did not come in time"
+            connection.close()
+        self._channel_lost(self._channel)  # type: ignore[arg-type]
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        ok = isinstance(method, pika.spec.Basic.Ack)
+        tags = [t for t in self._confirms if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        for tag in tags:
+            future = self._confirms.pop(tag, None)
+            if future is not None and not future.done():
+                if ok:
+                    future.set_result(None)
+                else:
+                    future.set_exception(ConnectionError("the broker refused the message (nack)"))
+
+    # -- publishing --------------------------------------------------------------------------------------
+
+    async def _publish_loop(self) -> None:
+        attempts = 0
+        while True:
+            try:
+                if await self._publish_some():
+                    attempts = 0
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempts += 1
+                delay = min(self._backoff_cap, self._backoff_first * 2**attempts)
+                log.warning("%s: %s; trying again in %.1fs", self.name, _describe(exc), delay)
+                if self._confirms:
+                    # Confirms that never came: start over on a new channel, from the position the log holds.
+                    self._restart_connection()
+                await asyncio.sleep(delay)
+                continue
+            self._more.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._more.wait(), OUTBOUND_IDLE)
+
+    async def _publish_some(self) -> bool:
+        """Publish the next batch, if this process holds the lease; True when there may be more at once."""
+        await self._up.wait()
+        now = int(time.time() * 1000)
+        position = await self.store.write(eventlog.claim_outbound, self.owner, now, int(OUTBOUND_LEASE * 1000))
+        if position is None:
+            return False  # another process publishes
+        scanned, events, waiting = await self.store.read(eventlog.outbound_after, position, OUTBOUND_BATCH)
+        self.metrics.chat3_outbound_pending.set(waiting)
+        if scanned == position:
+            return False
+        confirms = [self._publish(event) for event in events]
+        if confirms:
+            await asyncio.wait_for(asyncio.gather(*confirms), CONFIRM_TIMEOUT)
+        if not await self.store.write(eventlog.advance_outbound, self.owner, scanned):
+            return False  # the lease went to another process meanwhile: it publishes from the recorded position
+        self.metrics.chat3_outbound_published.inc(len(events))
+        self.metrics.chat3_outbound_pending.set(waiting - len(events))
+        return True
+
+    def _publish(self, event: LogEvent) -> asyncio.Future[None]:
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            raise ConnectionError("not connected to the broker")
+        name = "message.created" if event.type == "message:new" else "message.updated"
+        data = jsonutil.loads_object(event.data)
+        body = b'{"event":"' + name.encode() + b'","data":' + event.data.encode() + b"}"
+        properties = pika.BasicProperties(
+            delivery_mode=2, content_type="application/json", app_id="chatserver",
+            message_id=f"{data.get('messageId')}@{data.get('updatedAt')}",
+        )
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tag += 1
+        self._confirms[self._tag] = future
+        channel.basic_publish(self.exchange, name, body, properties)
+        return future
+
+
 @attrs.define(slots=True, eq=False)
 class Amqp:
     """What `start_amqp` started: the listener, and the cluster bus where cluster mode is on."""
@@ -563,13 +716,16 @@ class Amqp:
     listener: Chat3Listener
     bus: ClusterBus | None
     peers: Peers
+    outbound: Chat3Outbound | None = None
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop consuming Chat3 events (finishing and acking those in hand), then leave the cluster; all of it
         within about `timeout` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        await self.listener.stop(timeout * 0.8)
+        await self.listener.stop(timeout * 0.6)
+        if self.outbound is not None:
+            await self.outbound.stop(max(deadline - loop.time(), 0.1) / 2)
         if self.bus is not None:
             if self.bus.send in self.peers.channels:
                 self.peers.channels.remove(self.bus.send)
@@ -593,10 +749,16 @@ def start_amqp(
         # pika reports one refused connect as seven ERROR lines; each link logs one line with the root cause.
         logging.getLogger("pika").setLevel(logging.CRITICAL)
     if not config.amqp_url:
-        if config.cluster_exchange:
-            raise ConfigError("setting 'cluster_exchange' needs 'amqp_url' (the cluster bus runs on the broker)")
+        for setting in ("cluster_exchange", "chat3_outbound_exchange"):
+            if getattr(config, setting):
+                raise ConfigError(f"setting '{setting}' needs 'amqp_url' (it runs on the broker)")
         return None
     listener = Chat3Listener(service, config, metrics, **backoff)
+    outbound = None
+    if config.chat3_outbound_exchange:
+        outbound = Chat3Outbound(service.store, service.feed, config, metrics, **backoff)
+        readiness["chat3_outbound"] = outbound.problem
+        outbound.start()
     bus = None
     if config.cluster_exchange:
         bus = ClusterBus(peers, config, metrics, **backoff)
@@ -606,4 +768,4 @@ def start_amqp(
         bus.start()
     readiness["broker"] = listener.problem
     listener.start()
-    return Amqp(listener, bus, peers)
+    return Amqp(listener, bus, peers, outbound)

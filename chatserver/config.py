@@ -74,6 +74,7 @@ class Config:
     sse_heartbeat: float = attrs.field(default=15.0, validator=_positive)
     amqp_prefetch: int = attrs.field(default=64, validator=_positive)
     cluster_exchange: str = ""
+    chat3_outbound_exchange: str = ""
     log_level: str = "info"
     # v2 (PROTOCOL section 10), and extensions of it.
     db: str = attrs.field(default="", validator=_database)

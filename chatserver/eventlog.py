@@ -18,7 +18,10 @@ transaction (`LogTx.append`). Its `position` is its place in one total order per
   of the one before (a removed member gets that last `dialog:update`); it carries its own member list in its data,
   and in `extra` the members it removed and each member's unread count. So replay from the store gives exactly the
   events a user had as a member at their moment, and costs no copy of a member list per event.
-- `floor`: every event after it is still kept. `prune` deletes the oldest beyond `event_retention`.
+- `floor`: every event after it is still kept. `prune` deletes the oldest beyond `event_retention`, but never one
+  that Chat3 outbound (PROTOCOL section 14) has yet to publish while it is in use.
+- `outbound`: how far Chat3 outbound has published (every message event of this server up to `position` is
+  confirmed by the broker), and which process holds the lease to publish (one at a time, on any host).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from chatserver.store import Db, LogEvent, Row, Tx
 EVENT_COLUMNS = "position, type, dialog_id, user_id, members_version, change, source, data, extra"
 _EVENT_COLUMNS_E = ", ".join("e." + c.strip() for c in EVENT_COLUMNS.split(","))
 PRUNE_BATCH = 5000
+# Chat3 outbound counts as in use (its unpublished events are kept) while its lease was held this recently.
+OUTBOUND_IN_USE_MS = 24 * 3600 * 1000
+OUTBOUND_TYPES = ("message:new", "message:update")
 
 
 def _event(row: Row) -> LogEvent:
@@ -184,12 +190,68 @@ async def record_membership(tx: Tx, dialog_id: str, version: int, added: Sequenc
 # -- retention -----------------------------------------------------------------------------------------
 
 
-async def prune(tx: Tx, retention: int) -> int:
-    """Delete up to PRUNE_BATCH of the oldest events beyond the newest `retention`; returns how many went."""
+async def prune(tx: Tx, retention: int, now_ms: int) -> int:
+    """Delete up to PRUNE_BATCH of the oldest events beyond the newest `retention`; returns how many went.
+
+    While Chat3 outbound is in use (its lease held within OUTBOUND_IN_USE), what it has not published stays.
+    """
     _, current, floor = await meta(tx)
     target = min(current - retention, floor + PRUNE_BATCH)
+    row = await tx.fetchrow("SELECT position, lease_until FROM outbound WHERE id = 1")
+    if row is not None and int(row[1]) > now_ms - OUTBOUND_IN_USE_MS:
+        target = min(target, int(row[0]))
     if target <= floor:
         return 0
     await tx.execute("DELETE FROM events WHERE position <= ?", target)
     await tx.execute("UPDATE log_meta SET floor = ? WHERE id = 1", target)
     return target - floor
+
+
+# -- Chat3 outbound ------------------------------------------------------------------------------------
+
+
+async def claim_outbound(tx: Tx, owner: str, now_ms: int, lease_ms: int) -> int | None:
+    """Take or renew the lease to publish outbound; the position published up to, or None while another process
+    holds it. The first claim ever starts at the log's head: what was written before outbound was on stays."""
+    row = await tx.fetchrow("SELECT position, owner, lease_until FROM outbound WHERE id = 1")
+    if row is None:
+        await tx.execute("INSERT INTO outbound (id, position, owner, lease_until) VALUES (1, ?, ?, ?)",
+                         tx.head, owner, now_ms + lease_ms)
+        return tx.head
+    if row[1] not in (None, owner) and int(row[2]) > now_ms:
+        return None
+    await tx.execute("UPDATE outbound SET owner = ?, lease_until = ? WHERE id = 1", owner, now_ms + lease_ms)
+    return int(row[0])
+
+
+async def advance_outbound(tx: Tx, owner: str, position: int) -> bool:
+    """Record that every outbound event up to `position` is confirmed; False if the lease is no longer ours."""
+    row = await tx.fetchrow("SELECT owner, position FROM outbound WHERE id = 1")
+    if row is None or row[0] != owner:
+        return False
+    await tx.execute("UPDATE outbound SET position = ? WHERE id = 1", max(position, int(row[1])))
+    return True
+
+
+async def release_outbound(tx: Tx, owner: str) -> None:
+    await tx.execute("UPDATE outbound SET owner = NULL, lease_until = 0 WHERE id = 1 AND owner = ?", owner)
+
+
+async def outbound_after(db: Db, position: int, limit: int) -> tuple[int, list[LogEvent], int]:
+    """(last position scanned, this server's message events after `position` to publish, how many wait in all)."""
+    current = await head(db)
+    rows = await db.fetch(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE position > ? AND position <= ? AND source = 'local' "  # noqa: S608
+        "AND type IN (?, ?) ORDER BY position LIMIT ?",
+        position, current, *OUTBOUND_TYPES, limit,
+    )
+    events = [_event(row) for row in rows]
+    if len(events) < limit:
+        waiting = len(events)
+        scanned = current
+    else:
+        waiting = int(await db.fetchval(
+            "SELECT count(*) FROM events WHERE position > ? AND source = 'local' AND type IN (?, ?)",
+            position, *OUTBOUND_TYPES))
+        scanned = events[-1].position
+    return scanned, events, waiting

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -281,10 +282,10 @@ class LogFeed:
     async def prune(self) -> int:
         """Delete what is beyond the retention now, a batch per write (each a short hold of the log's lock)."""
         total = 0
-        pruned = await self.store.write(eventlog.prune, self.retention)
+        pruned = await self.store.write(eventlog.prune, self.retention, int(time.time() * 1000))
         while pruned:
             total += pruned
-            pruned = await self.store.write(eventlog.prune, self.retention)
+            pruned = await self.store.write(eventlog.prune, self.retention, int(time.time() * 1000))
         return total
 
     async def _prune(self) -> None:

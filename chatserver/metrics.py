@@ -56,6 +56,13 @@ class Metrics:
         self.chat3_retries = Counter(
             "chatserver_chat3_retries", "Chat3 deliveries retried or requeued because the store failed", registry=r
         )
+        self.chat3_outbound_published = Counter(
+            "chatserver_chat3_outbound_published", "Messages published to Chat3 and confirmed by the broker", registry=r
+        )
+        self.chat3_outbound_pending = Gauge(
+            "chatserver_chat3_outbound_pending", "Messages of this server's log waiting to be published to Chat3",
+            registry=r,
+        )
         self.cluster_events = Counter(
             "chatserver_cluster_events", "Events relayed between server processes by outcome", ["outcome"],
             registry=r,

@@ -54,7 +54,13 @@ _LOG_TABLES = """
         to_version BIGINT,
         PRIMARY KEY (dialog_id, user_id, from_version)
     );
-    CREATE INDEX membership_by_user ON membership (user_id, dialog_id)
+    CREATE INDEX membership_by_user ON membership (user_id, dialog_id);
+    CREATE TABLE outbound (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        position BIGINT NOT NULL,
+        owner TEXT,
+        lease_until BIGINT NOT NULL DEFAULT 0
+    )
 """
 
 SQLITE: tuple[Step, ...] = (
