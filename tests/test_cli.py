@@ -316,3 +316,73 @@ def test_unusable_database_is_one_clear_line(tmp_path: Path, make: Any, words: t
     assert_one_line_failure(
         run(tmp_path, "users", "add", "--phone", "1", "--name", "a", "--password", "p", "--db", db), *words
     )
+
+
+# -- PostgreSQL URLs and membership (PROTOCOL sections 10 and 13) ---------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["postgresql:/x", "postgres:relative", "mysql://h/d", "postgresql://h:port/d"])
+def test_a_db_that_is_neither_a_path_nor_a_usable_postgresql_url_is_one_clear_line(tmp_path: Path, value: str) -> None:
+    for args in (("--port", "0"), ("users", "add", "--phone", "1", "--name", "a", "--password", "p")):
+        assert_one_line_failure(run(tmp_path, *args, "--db", value), "db")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder named "postgresql:" or any other
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_an_unreachable_postgresql_server_is_one_clear_line_without_the_password(tmp_path: Path) -> None:
+    port = free_port()
+    line = assert_one_line_failure(
+        run(tmp_path, "users", "add", "--phone", "1", "--name", "a", "--password", "p",
+            "--db", f"postgresql://chat:s3cret@127.0.0.1:{port}/chat"), "PostgreSQL", str(port))
+    assert "s3cret" not in line
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    from tests import pg
+    from tests.conftest import require_service
+
+    require_service("PostgreSQL", pg.reachable())
+    name = f"chatserver_cli_{os.getpid()}_{time.monotonic_ns()}"
+    pg.create_database(name)
+    yield pg.url(name)
+    pg.drop_database(name)
+
+
+def test_the_cli_takes_a_postgresql_url_and_changes_members(tmp_path: Path, pg_database: str) -> None:
+    db = ("--db", pg_database)
+    ann = one_json_line(run(tmp_path, "users", "add", "--phone", "701", "--name", "Ann", "--password", "pw", *db))
+    ben = one_json_line(run(tmp_path, "users", "add", "--phone", "702", "--name", "Ben", "--password", "pw", *db))
+    cy = one_json_line(run(tmp_path, "users", "add", "--phone", "703", "--name", "Cy", "--password", "pw", *db))
+    assert_one_line_failure(run(tmp_path, "users", "add", "--phone", "701", "--name", "A", "--password", "p", *db),
+                            "701")
+    dialog = one_json_line(run(tmp_path, "dialogs", "add", "--title", "Pair", "--member", "701", "--member", "702",
+                               *db))
+    assert dialog["createdBy"] is None
+    changed = one_json_line(run(tmp_path, "dialogs", "members", "--dialog", dialog["dialogId"], "--add", "703",
+                                "--remove", "701", *db))
+    assert changed["memberIds"] == [ben["userId"], cy["userId"]]
+    assert ann["userId"] not in changed["memberIds"]
+    assert_one_line_failure(run(tmp_path, "dialogs", "members", "--dialog", dialog["dialogId"], "--add", "799", *db),
+                            "799")
+    assert_one_line_failure(run(tmp_path, "dialogs", "members", "--dialog", "dlg_0000000000000000", "--add", "701",
+                                *db), "not found")
+    assert not (tmp_path / "var" / "chatserver.db").exists()  # the URL was used, not a file beside it
+
+
+def test_dialogs_members_on_sqlite(tmp_path: Path) -> None:
+    for phone in ("701", "702"):
+        one_json_line(run(tmp_path, "users", "add", "--phone", phone, "--name", "P" + phone, "--password", "pw"))
+    dialog = one_json_line(run(tmp_path, "dialogs", "add", "--title", "Pair", "--member", "701"))
+    changed = one_json_line(run(tmp_path, "dialogs", "members", "--dialog", dialog["dialogId"], "--add", "702"))
+    assert len(changed["memberIds"]) == 2
+
+
+@pytest.mark.parametrize("phone", ["", " ", "x" * 65])
+def test_the_cli_refuses_a_phone_that_login_would_refuse(tmp_path: Path, phone: str) -> None:
+    assert_one_line_failure(run(tmp_path, "users", "add", "--phone", phone, "--name", "n", "--password", "p"), "phone")
