@@ -6,10 +6,11 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt
 
-# Debian packages: Chromium for the browser tests, RabbitMQ for the listener tests.
+# Debian packages: Chromium for the browser tests, RabbitMQ for the listener tests, PostgreSQL for the second store.
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v rabbitmq-server >/dev/null 2>&1 || need+=(rabbitmq-server)
+command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
 # systemd-analyze checks the units in .ci/run.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
@@ -18,6 +19,16 @@ if [ ${#need[@]} -gt 0 ]; then
   else
     echo "tests/setup.sh: missing Debian packages: ${need[*]} (run as root, or install them)" >&2
   fi
+fi
+
+# PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres), started if it is not answering: tests make and drop
+# databases of their own there.
+pg_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
+if ! pg_up && command -v pg_ctlcluster >/dev/null 2>&1; then
+  for version in $(ls /etc/postgresql 2>/dev/null); do
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start >/dev/null 2>&1 || true
+  done
+  for _ in $(seq 1 30); do pg_up && break; sleep 1; done
 fi
 
 # RabbitMQ on 127.0.0.1:5672 (guest/guest), started if it is not answering.
