@@ -7,6 +7,7 @@ and the tests build the server the same way, through these three.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from chatserver.config import Config
 from chatserver.metrics import Metrics
 from chatserver.service import ChatService
 from chatserver.store import AsyncStore, SQLiteStore
+from chatserver.throttle import Throttle
 from handlers import fastpoll, http1, ops, realtime, rest, web
 from handlers.base import AppContext, NotFoundHandler, log_request
 from handlers.pings import PingSweep
@@ -31,9 +33,13 @@ def build_context(config: Config, *, store: SQLiteStore | None = None) -> AppCon
     sqlite = store or SQLiteStore(config.db_path)
     secret = config.secret or load_or_create_secret(config.resolved_state_dir)
     broadcaster = Broadcaster(config.history_size)
-    service = ChatService(AsyncStore(sqlite), broadcaster, config, TokenSigner(secret, config.token_ttl))
+    throttle = Throttle(config, time.monotonic)
+    service = ChatService(
+        AsyncStore(sqlite), broadcaster, config, TokenSigner(secret, config.token_ttl), throttle=throttle
+    )
     metrics = Metrics()
     metrics.observe_broadcaster(broadcaster)
+    metrics.observe_throttle(throttle)
     ctx = AppContext(service=service, broadcaster=broadcaster, config=config, metrics=metrics)
     metrics.requests_in_flight.set_function(lambda: len(ctx.requests))
     return ctx

@@ -7,10 +7,11 @@ domain error raised anywhere in a handler becomes, here and only here, the HTTP 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import unquote, unquote_plus
 
@@ -21,7 +22,7 @@ from chatserver import jsonutil
 from chatserver.auth import token_spans
 from chatserver.broadcaster import Broadcaster
 from chatserver.config import Config
-from chatserver.errors import ChatError, TooLarge, Unauthorized
+from chatserver.errors import ChatError, TooLarge, TooManyRequests, Unauthorized
 from chatserver.metrics import Metrics
 from chatserver.service import ChatService
 from handlers.outbox import TurnBatcher
@@ -36,6 +37,7 @@ STATUS = {
     "not_found": 404,
     "conflict": 409,
     "too_large": 413,
+    "too_many_requests": 429,
 }
 # A value ends at '&', or at whitespace where a whole log line is redacted (run.py's log formatter).
 _SECRET_PARAM = re.compile(r"(?i)\b(token|access_token|password)=[^&\s]*")
@@ -136,6 +138,34 @@ def _redact_escaped(match: re.Match[str]) -> str:
             break
     return run
 
+def client_address(request: Any, proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
+    """The address of the client behind a request: the peer's, or where the peer is a trusted proxy, the nearest
+    address in X-Forwarded-For that is not one (what came before it, the client wrote: it is not believed)."""
+    address: str = request.remote_ip or ""
+    if not proxies or not _is_among(address, proxies):
+        return address
+    hops = [hop.strip() for field in request.headers.get_list("X-Forwarded-For") for hop in field.split(",")]
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return address  # not what a proxy of ours appends: the last address known for sure
+        if not _is_among(hop, proxies):
+            return hop
+        address = hop
+    return address
+
+
+def _is_among(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's `log_function`: one access line per request, with secrets redacted."""
     ctx = getattr(handler, "ctx", None)
@@ -190,6 +220,8 @@ class JsonErrors(tornado.web.RequestHandler):
             status_code = STATUS.get(error.code, 400)
             message = error.message
             self.set_status(status_code)
+            if isinstance(error, TooManyRequests):
+                self.set_header("Retry-After", str(error.retry_after))
         elif isinstance(error, tornado.web.HTTPError) and error.log_message:
             message = error.log_message % error.args if error.args else error.log_message
         if status_code == 401:

@@ -37,7 +37,8 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = ServerProcess(Path(tmp_path_factory.mktemp("browser-server")))
+    # No message rate: the archive test posts 120 messages as fast as it can.
+    process = ServerProcess(Path(tmp_path_factory.mktemp("browser-server")), {"CHATSERVER_MESSAGE_RATE": "0"})
     process.start()
     try:
         yield process
@@ -643,3 +644,4 @@ def test_page_is_served_with_a_strict_content_security_policy(open_page: OpenPag
     assert chat.page.evaluate("window.__inline") is None
     assert len(chat.csp_violations()) == 1, chat.console
     chat.console.clear()  # the one violation this test caused on purpose
+
