@@ -28,8 +28,9 @@ from chatserver.config import Config
 from chatserver.errors import TooManyRequests
 from chatserver.lru import LRU
 
-# Keys remembered per kind (phones, addresses, pairs, known pairs, writers): the bound on memory. Past it the
-# least recently seen is forgotten, so a key forgotten starts afresh; it takes this many others to push one out.
+# Keys remembered per kind (pairs, phones, addresses, known pairs, writers, typists): the bound on memory, about
+# 60 MB with every kind full. Past it the least recently seen is forgotten, and starts afresh if it comes back; it
+# takes this many others to push one out.
 TRACKED = 50_000
 
 K = TypeVar("K", bound=Hashable)
