@@ -25,6 +25,8 @@ import signal
 import socket
 import sqlite3
 import sys
+import threading
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,6 +88,39 @@ def configure_logging(config: Config, environ: dict[str, str]) -> None:
     root.setLevel(config.log_level.upper())
     # Tornado's own access log prints query strings (tokens): ours (handlers.base.log_request) replaces it.
     logging.getLogger("tornado.access").disabled = True
+    route_stray_output()
+
+
+def route_stray_output() -> None:
+    """What Python would print to stderr by itself (warnings, the traceback of an exception nobody caught, in any
+    thread, or raised where it cannot be, as in a finalizer) goes through the log instead: one line, redacted."""
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+    sys.unraisablehook = _log_unraisable
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: types.TracebackType | None) -> None:
+    log.critical("uncaught exception", exc_info=(kind, value, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # as Python's own hook: a thread that exits is not an error
+    name = args.thread.name if args.thread is not None else "?"
+    log.error("uncaught exception in thread %s", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    exc_info = (unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
+    log.error("%s: %s", unraisable.err_msg or "Exception ignored in", _describe(unraisable.object), exc_info=exc_info)
+
+
+def _describe(thing: object) -> str:
+    try:
+        return repr(thing)
+    except Exception:
+        return f"<{type(thing).__name__} object>"
 
 
 _JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}

@@ -163,6 +163,8 @@ class Ours(System):
             CHATSERVER_LOG_LEVEL="warning",
             CHATSERVER_HISTORY_SIZE="50000",
             CHATSERVER_SHUTDOWN_GRACE="3",
+            # One publisher posts the whole workload: no per-user message rate.
+            CHATSERVER_MESSAGE_RATE="0",
         )
         return env
 

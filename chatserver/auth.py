@@ -10,9 +10,11 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
+import string
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chatserver.errors import Unauthorized
@@ -37,6 +39,26 @@ def verify_password(password: str, stored: str) -> bool:
     except (ValueError, UnicodeEncodeError):
         return False
     return hmac.compare_digest(actual, _unb64(digest))
+
+
+# What a token looks like, for whoever must find one in text it did not parse (log redaction): a base64url body, a
+# dot, and the signature: 43 base64url characters (HMAC-SHA256) with letters of both cases in them (32 random bytes
+# lack either with odds of one in billions; a long dotted name in a traceback has one case). The signature alone is
+# the secret (the body can be guessed), so a signature is found with its body or without, and also where it runs
+# on past its 43 characters.
+_SIGNATURE_SHAPE = re.compile(r"\.(?=[A-Za-z0-9_-]*[a-z])(?=[A-Za-z0-9_-]*[A-Z])[A-Za-z0-9_-]{43,}")
+_BASE64URL = frozenset(string.ascii_letters + string.digits + "-_")
+
+
+def token_spans(text: str) -> Iterator[tuple[int, int]]:
+    """The (start, end) of everything in `text` shaped like a token: its signature, and the body before it."""
+    end = 0
+    while (found := _SIGNATURE_SHAPE.search(text, end)) is not None:
+        start = found.start()
+        while start > end and text[start - 1] in _BASE64URL:
+            start -= 1
+        end = found.end()
+        yield start, end
 
 
 # A hash of nothing in particular, checked when the phone is unknown so that both paths cost the same.

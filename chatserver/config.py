@@ -8,6 +8,7 @@ and the flags are handed in.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import tomllib
@@ -43,6 +44,17 @@ def _database(instance: Any, attribute: attrs.Attribute[Any], value: str) -> Non
         raise ConfigError(f"setting 'db' is neither a file path nor a usable PostgreSQL URL: {exc}") from None
 
 
+def _networks(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    try:
+        _parse_networks(value)
+    except ValueError as exc:
+        raise ConfigError(f"setting '{attribute.name}' must list addresses or networks: {exc}") from None
+
+
+def _parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
+
+
 def _port(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
         raise ConfigError(f"setting 'port' must be between 0 and 65535, got {value!r}")
@@ -57,6 +69,8 @@ class Config:
     state_dir: str = ""
     secret: str = ""
     trusted_origins: str = ""
+    # Addresses (or networks) of the proxies in front, whose X-Forwarded-For names the client (throttling).
+    trusted_proxies: str = attrs.field(default="", validator=_networks)
     amqp_url: str = ""
     chat3_exchange: str = "chat3.events"
     chat3_queue: str = "chatserver.chat3"
@@ -83,6 +97,16 @@ class Config:
     log_prune_interval: float = attrs.field(default=60.0, validator=_positive)
     db_pool_size: int = attrs.field(default=4, validator=_positive)
 
+
+    # Throttling (chatserver/throttle.py): failed logins allowed within login_window seconds, per phone from one
+    # address, per phone from anywhere, per address; messages (and edits) per second per user past a burst.
+    login_failures: int = attrs.field(default=5, validator=_positive)
+    login_phone_failures: int = attrs.field(default=20, validator=_positive)
+    login_address_failures: int = attrs.field(default=50, validator=_positive)
+    login_window: float = attrs.field(default=900.0, validator=_positive)
+    message_rate: float = attrs.field(default=3.0, validator=_non_negative)
+    message_burst: int = attrs.field(default=20, validator=_positive)
+
     @property
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir)
@@ -96,6 +120,10 @@ class Config:
     def db_path(self) -> Path:
         """The SQLite file (for a PostgreSQL URL, meaningless: see `database`)."""
         return Path(self.database)
+
+    @property
+    def proxies(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return _parse_networks(self.trusted_proxies)
 
     @property
     def origins(self) -> frozenset[str]:
@@ -126,7 +154,8 @@ def _from_text(name: str, raw: str) -> Any:
 
 def _from_toml(name: str, value: Any) -> Any:
     kind = _field_type(name)
-    if name == "trusted_origins" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+    lists = name in ("trusted_origins", "trusted_proxies")
+    if lists and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return ",".join(value)
     ok = isinstance(value, kind) and not isinstance(value, bool)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):

@@ -41,3 +41,13 @@ class Conflict(ChatError):
 
 class TooLarge(ChatError):
     code = "too_large"
+
+
+class TooManyRequests(ChatError):
+    """A limit of chatserver.throttle: `retry_after` whole seconds until the same request would be let through."""
+
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

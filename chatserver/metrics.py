@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from chatserver.broadcaster import Broadcaster
+from chatserver.throttle import Throttle
 
 
 class Metrics:
@@ -85,6 +86,10 @@ class Metrics:
         """Export the broadcaster's own counts (`chatserver_events_published_total` and the rest)."""
         self.registry.register(_BroadcasterCollector(broadcaster))
 
+    def observe_throttle(self, throttle: Throttle) -> None:
+        """Export the throttle's refusals as `chatserver_throttled_total{what}`."""
+        self.registry.register(_ThrottleCollector(throttle))
+
 
 class _BroadcasterCollector(Collector):
     """Reads the broadcaster's counters and sizes at scrape time: the domain counts once, in one place."""
@@ -104,6 +109,21 @@ class _BroadcasterCollector(Collector):
         )
         yield GaugeMetricFamily("chatserver_history_events", "Events held for resume", value=b.history_length)
         yield GaugeMetricFamily("chatserver_history_bytes", "Bytes of events held for resume", value=b.history_bytes)
+
+
+class _ThrottleCollector(Collector):
+    """Reads the refusals the throttle counts (chatserver.throttle.REFUSALS) at scrape time."""
+
+    def __init__(self, throttle: Throttle) -> None:
+        self._throttle = throttle
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "chatserver_throttled", "Requests refused by a limit (429), or typing events dropped", labels=["what"]
+        )
+        for what, count in list(self._throttle.refused.items()):
+            family.add_metric([what], count)
+        yield family
 
 
 C = TypeVar("C")

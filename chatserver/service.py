@@ -41,6 +41,7 @@ from chatserver.models import (
     require_str,
 )
 from chatserver.store import Store, StoreUnavailable
+from chatserver.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class ChatService:
         *,
         cache_size: int = 10000,
         user_cache_size: int = 100000,
+        throttle: Throttle | None = None,
     ) -> None:
         self.store = store
         self.broadcaster = broadcaster
@@ -93,18 +95,22 @@ class ChatService:
         # The last typing state each user announced in each dialog, and when.
         self._typing: LRU[tuple[str, str], tuple[bool, float]] = LRU(cache_size)
         self._clock = time.monotonic
+        self.throttle = throttle or Throttle(config, self._clock)
         self.typing_relays: list[TypingRelay] = []
 
     # -- auth --------------------------------------------------------------------------------------------
 
-    async def login(self, body: dict[str, Any]) -> tuple[str, User]:
+    async def login(self, body: dict[str, Any], address: str) -> tuple[str, User]:
+        """A token for the phone and password, tried from `address`: throttled (before the password is hashed)."""
         phone = require_str(body, "phone", max_length=64)
         password = require_str(body, "password", max_length=1024, allow_empty=True)
+        attempt = self.throttle.admit_login(phone, address)
         found = await self.store.read(queries.password_hash, phone)
         stored = found[1] if found else DUMMY_HASH
         ok = await self.store.offload(verify_password, password, stored)
         if found is None or not ok:
             raise Unauthorized("wrong phone or password")
+        self.throttle.login_succeeded(attempt)
         return self.tokens.issue(found[0].user_id), found[0]
 
     async def authenticate(self, token: str) -> str:
@@ -241,6 +247,8 @@ class ChatService:
             body, dialog_id=dialog_id, sender_id=user_id, max_content_length=self.config.max_content_length
         )
         return await self.accept_message(message, sender_is_member=True)
+        self.throttle.admit_write(user_id)
+        return await self.accept_message(message)
 
     async def editable_message(self, user_id: str, message_id: str) -> Message:
         """The message, if the user may edit it: NotFound, or Forbidden for a non-member or another sender."""
@@ -257,6 +265,8 @@ class ChatService:
     async def edit_message(self, user_id: str, message_id: str, body: dict[str, Any]) -> Message:
         stored = await self.editable_message(user_id, message_id)
         content = require_str(body, "content", max_length=self.config.max_content_length, allow_nul=True)
+        content = require_str(body, "content", max_length=self.config.max_content_length)
+        self.throttle.admit_write(user_id)
         return (await self.accept_update(stored.edited(content))).message
 
     async def accept_message(self, message: Message, *, source: str = "local",
@@ -289,15 +299,19 @@ class ChatService:
             relay(dialog_id, user_id, typing, members)
 
     def _repeated_typing(self, user_id: str, dialog_id: str, typing: bool) -> bool:
-        """Whether this is the state the user last announced in the dialog, less than TYPING_REPEAT seconds ago.
+        """Whether to drop this typing event: the state the user last announced in the dialog, less than
+        TYPING_REPEAT seconds ago, or a change past the user's typing rate (chatserver.throttle).
 
         Such a repeat tells nobody anything new: it is dropped rather than fanned out to every member, so a client
-        spamming typing frames costs the others nothing. A change of state always goes through.
+        spamming typing frames costs the others nothing. A change dropped for the rate is not remembered as
+        announced.
         """
         key = (user_id, dialog_id)
         now = self._clock()
         last = self._typing.get(key)
         if last is not None and last[0] == typing and now - last[1] < TYPING_REPEAT:
+            return True
+        if not self.throttle.admit_typing(user_id):
             return True
         self._typing.put(key, (typing, now))
         return False

@@ -7,6 +7,7 @@ and the tests build the server the same way, through these three.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from chatserver.feed import LogFeed, Membership
 from chatserver.metrics import Metrics
 from chatserver.service import ChatService
 from chatserver.store import Store, open_store
+from chatserver.throttle import Throttle
 from handlers import fastpoll, http1, ops, realtime, rest, web
 from handlers.base import AppContext, NotFoundHandler, log_request
 from handlers.pings import PingSweep
@@ -41,12 +43,15 @@ async def build_context(config: Config, *, store: Store | None = None) -> AppCon
     broadcaster = Broadcaster(config.history_size, log_id=store.log_id, position=head)
     feed = LogFeed(store, broadcaster, Membership(store), poll_interval=config.log_poll_interval,
                    retention=config.event_retention, prune_interval=config.log_prune_interval)
-    service = ChatService(store, broadcaster, feed, config, TokenSigner(secret, config.token_ttl))
+    throttle = Throttle(config, time.monotonic)
+    service = ChatService(store, broadcaster, feed, config, TokenSigner(secret, config.token_ttl),
+                          throttle=throttle)
     peers = Peers(service, feed)
     peers.attach_store(store)
     feed.start()
     metrics = Metrics()
     metrics.observe_broadcaster(broadcaster)
+    metrics.observe_throttle(throttle)
     ctx = AppContext(service=service, broadcaster=broadcaster, config=config, metrics=metrics, peers=peers)
     ctx.readiness["log"] = lambda: feed.problem
     metrics.requests_in_flight.set_function(lambda: len(ctx.requests))

@@ -7,20 +7,23 @@ domain error raised anywhere in a handler becomes, here and only here, the HTTP 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import weakref
+from collections.abc import Iterable, Sequence
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
 
 import attrs
 import tornado.web
 
 from chatserver import jsonutil
+from chatserver.auth import token_spans
 from chatserver.broadcaster import Broadcaster
 from chatserver.cluster import Peers
 from chatserver.config import Config
-from chatserver.errors import ChatError, TooLarge, Unauthorized
+from chatserver.errors import ChatError, TooLarge, TooManyRequests, Unauthorized
 from chatserver.metrics import Metrics
 from chatserver.service import ChatService
 from handlers.outbox import TurnBatcher
@@ -35,14 +38,34 @@ STATUS = {
     "not_found": 404,
     "conflict": 409,
     "too_large": 413,
+    "too_many_requests": 429,
 }
 # A value ends at '&', or at whitespace where a whole log line is redacted (run.py's log formatter).
 _SECRET_PARAM = re.compile(r"(?i)\b(token|access_token|password)=[^&\s]*")
 # A query parameter whose name is percent-encoded (`?%74oken=`): Tornado decodes names, so it may be a secret too.
 _ENCODED_PARAM = re.compile(r"(?<=[?&])([^=&\s]*%[^=&\s]*)=[^&\s]*")
 _SECRET_NAMES = frozenset(("token", "access_token", "password"))
-# A credential after its scheme, as Tornado logs a header value it refuses (`'Bearer <token>\x00'`, repr-escaped).
-_SCHEME_CREDENTIAL = re.compile(r"(?i)\b(bearer|basic)(?:\s|\\t|\\x[0-9a-f]{2})+[^\s'\"&]+")
+_SCHEMES = ("bearer", "basic", "digest", "negotiate", "ntlm", "token")
+# A credential after its scheme, as Tornado logs a header value it refuses (`'Bearer <token>\x00'`, repr-escaped),
+# whatever separates the two (`Bearer,<token>`).
+_SCHEME_CREDENTIAL = re.compile(
+    r"(?i)\b(bearer|basic|digest|negotiate|ntlm|(?-i:Token))(?:[\s,:=]|\\t|\\x[0-9a-f]{2})+[^\s'\"&,]+"
+)
+# The value of an auth-like header wherever a line names one: `Cookie: <value>` (to the end of the line or of the
+# folded traceback's part), or `'Authorization': '<value>'` as a dict of headers prints.
+_AUTH_FIELD = re.compile(
+    r"(?i)(?<![\w-])((?:proxy-)?authorization|(?:set-)?cookie|sec-websocket-protocol"
+    r"|x-[a-z0-9-]*(?:auth|token|key|secret|session)[a-z0-9-]*)(['\"]?[ \t]*[:=][ \t]*)"
+    r"('(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"|[^\s'\"|\\](?:[^\r\n'\"|\\]*[^\s'\"|\\])?)"
+)
+_AUTH_NAMES = ("authorization", "cookie", "sec-websocket-protocol", "x-")
+# A header value Tornado refuses (`Invalid header value '<value>'`): the line does not say which header it was, so
+# it may be any credential: the value is dropped whatever it is.
+_REFUSED_VALUE = re.compile(r"(Invalid header value )(?:'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\")")
+# A run of URL characters with percent-escapes in it, which may spell a token once decoded (`<body>%2E<signature>`).
+# It starts only where such a run starts: linear in the line's length.
+_ESCAPED_RUN = re.compile(r"(?<![A-Za-z0-9_.~%-])(?:[A-Za-z0-9_.~-]|%[0-9A-Fa-f]{2})*%[0-9A-Fa-f]{2}[A-Za-z0-9_.~%-]*")
+REDACTED = "[redacted]"
 
 
 @attrs.define(slots=True, eq=False)
@@ -73,13 +96,79 @@ def error_body(message: str) -> bytes:
     return jsonutil.dumps_bytes({"success": False, "error": message})
 
 
-def redact(uri: str) -> str:
-    """The URI (or a whole log line) with token-like values replaced: a log must never hold a credential."""
-    uri = _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=[redacted]", uri)
-    uri = _SCHEME_CREDENTIAL.sub(lambda m: f"{m.group(1)} [redacted]", uri)
-    return _ENCODED_PARAM.sub(
-        lambda m: f"{m.group(1)}=[redacted]" if unquote_plus(m.group(1)).lower() in _SECRET_NAMES else m.group(0), uri
-    )
+def redact(text: str) -> str:
+    """The URI (or a whole log line) with every credential in it replaced: a log must never hold one.
+
+    By value: anything shaped like a token (chatserver.auth.token_spans), also percent-encoded, wherever it is.
+    By field: `token=`/`password=` parameters, a credential after an auth scheme, the value of an auth-like header
+    (Authorization, Cookie, Sec-WebSocket-Protocol, X-Auth-…), and a header value Tornado refused unnamed. Each
+    pattern runs only on a line holding the words it needs: this runs on every access line.
+    """
+    lower = text.lower()
+    if "token=" in lower or "password=" in lower:
+        text = _SECRET_PARAM.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+    if any(scheme in lower for scheme in _SCHEMES):
+        text = _SCHEME_CREDENTIAL.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    if any(name in lower for name in _AUTH_NAMES):
+        text = _AUTH_FIELD.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    if "Invalid header value" in text:
+        text = _REFUSED_VALUE.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
+    text = _redact_spans(text, token_spans(text))
+    if "%" in text:
+        text = _ESCAPED_RUN.sub(_redact_escaped, text)
+        text = _ENCODED_PARAM.sub(
+            lambda m: f"{m.group(1)}={REDACTED}" if unquote_plus(m.group(1)).lower() in _SECRET_NAMES else m.group(0),
+            text,
+        )
+    return text
+
+
+def _redact_spans(text: str, spans: Iterable[tuple[int, int]]) -> str:
+    parts, end = [], 0
+    for start, stop in spans:
+        parts += (text[end:start], REDACTED)
+        end = stop
+    return "".join((*parts, text[end:])) if parts else text
+
+
+def _redact_escaped(match: re.Match[str]) -> str:
+    """The run, or REDACTED where it decodes (once, twice or three times: a path may be encoded over again) to
+    something holding a token."""
+    run = decoded = match.group(0)
+    for _ in range(3):
+        decoded = unquote(decoded)
+        if next(token_spans(decoded), None) is not None:
+            return REDACTED
+        if "%" not in decoded:
+            break
+    return run
+
+def client_address(request: Any, proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
+    """The address of the client behind a request: the peer's, or where the peer is a trusted proxy, the nearest
+    address in X-Forwarded-For that is not one (what came before it, the client wrote: it is not believed)."""
+    address: str = request.remote_ip or ""
+    if not proxies or not _is_among(address, proxies):
+        return address
+    hops = [hop.strip() for field in request.headers.get_list("X-Forwarded-For") for hop in field.split(",")]
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return address  # not what a proxy of ours appends: the last address known for sure
+        if not _is_among(hop, proxies):
+            return hop
+        address = hop
+    return address
+
+
+def _is_among(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -136,6 +225,8 @@ class JsonErrors(tornado.web.RequestHandler):
             status_code = STATUS.get(error.code, 400)
             message = error.message
             self.set_status(status_code)
+            if isinstance(error, TooManyRequests):
+                self.set_header("Retry-After", str(error.retry_after))
         elif isinstance(error, tornado.web.HTTPError) and error.log_message:
             message = error.log_message % error.args if error.args else error.log_message
         if status_code == 401:

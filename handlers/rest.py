@@ -6,7 +6,7 @@ import re
 
 from chatserver.errors import BadRequest
 from chatserver.service import DEFAULT_LIMIT, MAX_LIMIT
-from handlers.base import ApiHandler
+from handlers.base import ApiHandler, client_address
 
 _LIMIT = re.compile(r"[0-9]{1,6}")
 
@@ -15,7 +15,8 @@ class LoginHandler(ApiHandler):
     requires_auth = False
 
     async def post(self) -> None:
-        token, user = await self.service.login(self.json_body())
+        address = client_address(self.request, self.ctx.config.proxies)
+        token, user = await self.service.login(self.json_body(), address)
         self.reply({"token": token, "user": user.to_json()})
 
 

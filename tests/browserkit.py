@@ -51,10 +51,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python run.py --demo` on a fixed port and database, restartable; its stderr goes to `log_path`."""
+    """`python run.py --demo` on a fixed port and database, restartable; its stderr goes to `log_path`. `env`:
+    settings of its own (`CHATSERVER_*`)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, env: dict[str, str] | None = None) -> None:
         self.state_dir = state_dir
+        self.env = env or {}
         self.db = state_dir / "chat.db"
         self.log_path = state_dir / "server.log"
         self.port = free_port()
@@ -64,6 +66,7 @@ class ServerProcess:
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATSERVER_", "NOTIFY_SOCKET", "LISTEN_"))}
         env["CHATSERVER_STATE_DIR"] = str(self.state_dir)
+        env.update(self.env)
         argv = [sys.executable, str(ROOT / "run.py"), "--demo", "--port", str(self.port), "--db", str(self.db)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)

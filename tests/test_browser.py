@@ -7,11 +7,14 @@ server is killed and started again by the restart test, on the same port and dat
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, Route, WebSocketRoute, expect, sync_playwright
@@ -37,7 +40,9 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = ServerProcess(Path(tmp_path_factory.mktemp("browser-server")))
+    # No message rate: the archive test posts 120 messages as fast as it can (the page against the limit is the
+    # last test here, on a server of its own).
+    process = ServerProcess(Path(tmp_path_factory.mktemp("browser-server")), {"CHATSERVER_MESSAGE_RATE": "0"})
     process.start()
     try:
         yield process
@@ -643,3 +648,63 @@ def test_page_is_served_with_a_strict_content_security_policy(open_page: OpenPag
     assert chat.page.evaluate("window.__inline") is None
     assert len(chat.csp_violations()) == 1, chat.console
     chat.console.clear()  # the one violation this test caused on purpose
+
+
+# -- the message rate ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def throttled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    # One message at once, then one every two seconds: the second of a quick pair is refused for 2 s.
+    limits = {"CHATSERVER_MESSAGE_BURST": "1", "CHATSERVER_MESSAGE_RATE": "0.5"}
+    process = ServerProcess(Path(tmp_path_factory.mktemp("throttled-server")), limits)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def test_sends_refused_for_the_rate_are_sent_again_after_retry_after_and_arrive_once_in_order(
+    browser: Browser, throttled_server: ServerProcess
+) -> None:
+    # Sends refused with 429 stay pending and are sent again (same clientMessageId) no sooner than Retry-After.
+    server = throttled_server
+    alice = ChatPage(browser.new_context(), server.base_url).login(ALICE_PHONE)
+    bob = ChatPage(browser.new_context(), server.base_url).login(BOB_PHONE)
+    posts: list[Any] = []
+    alice.page.on("requestfinished", lambda request: posts.append(request) if "/api/messages/dialog/" in request.url
+                  and request.method == "POST" else None)
+    try:
+        for page in (alice, bob):
+            page.open_dialog("Demo")
+        texts = [f"quick {n} {secrets.token_hex(3)}" for n in range(3)]
+        for text in texts:
+            alice.send(text)
+        for text in texts:
+            expect(bob.messages_with(text)).to_have_count(1, timeout=15000)
+        expect(alice.page.locator("#messages .message.pending")).to_have_count(0, timeout=5000)
+        assert bob.message_texts()[-3:] == texts
+        assert alice.message_texts()[-3:] == texts
+
+        attempts: dict[str, list[tuple[float, float, int, int]]] = {}
+        for request in posts:
+            response = request.response()
+            timing = request.timing
+            sent_at = timing["startTime"]
+            answered_at = sent_at + timing["responseEnd"]
+            retry_after = int(response.headers.get("retry-after", "0"))
+            key = json.loads(request.post_data)["clientMessageId"]
+            attempts.setdefault(key, []).append((sent_at, answered_at, response.status, retry_after))
+        statuses = [status for tries in attempts.values() for _, _, status, _ in tries]
+        assert statuses.count(201) == 3 and statuses.count(429) >= 2, attempts
+        for tries in attempts.values():
+            tries.sort()
+            for (_, answered_at, status, retry_after), (next_sent_at, *_) in itertools.pairwise(tries):
+                assert status == 429 and retry_after >= 1, tries
+                assert next_sent_at - answered_at >= retry_after * 1000, f"sent again before Retry-After: {tries}"
+        for page in (alice, bob):
+            assert not page.errors and not page.dialogs and not page.csp_violations(), (page.errors, page.dialogs)
+    finally:
+        alice.context.close()
+        bob.context.close()

@@ -132,6 +132,8 @@ def test_unreadable_or_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
         ("SHUTDOWN_GRACE", "-2"),
         ("HISTORY_SIZE", "0"),
         ("LOG_LEVEL", "verbose"),
+        ("TRUSTED_PROXIES", "10.0.0.1, proxy.local"),
+        ("MESSAGE_RATE", "-1"),
     ],
 )
 def test_bad_environment_value_is_a_config_error(name: str, raw: str) -> None:
@@ -145,9 +147,11 @@ def test_every_setting_comes_from_the_environment() -> None:
     environ = {f"CHATSERVER_{name.upper()}": samples[str(field.type)] for name, field in SETTINGS.items()}
     environ["CHATSERVER_LOG_LEVEL"] = "debug"
     environ["CHATSERVER_AMQP_URL"] = "amqp://localhost"
+    environ["CHATSERVER_TRUSTED_PROXIES"] = "10.0.0.1"
     config = load_config({}, environ)
+    special = {"log_level": "debug", "amqp_url": "amqp://localhost", "trusted_proxies": "10.0.0.1"}
     for name, field in SETTINGS.items():
-        expected = {"log_level": "debug", "amqp_url": "amqp://localhost"}.get(name, samples[str(field.type)])
+        expected = special.get(name, samples[str(field.type)])
         assert str(getattr(config, name)) == expected, name
 
 

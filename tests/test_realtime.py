@@ -337,6 +337,7 @@ async def test_unparseable_or_future_cursor_is_refused(bob: Client) -> None:
 # -- order, membership, typing ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("settings", [{"message_rate": 0.0}])  # a burst far over any user's limit (test_throttle.py)
 @pytest.mark.gen_test(timeout=60)
 async def test_order_is_kept_under_a_burst_of_hundreds_of_messages(alice: Client, bob: Client, dialog_id: str) -> None:
     ws = await bob.websocket()
@@ -500,7 +501,7 @@ async def test_refused_upgrades_answer_a_json_error(bob: Client) -> None:
 
 
 @pytest.mark.gen_test(timeout=60)
-@pytest.mark.parametrize("settings", [{"client_buffer_limit": 64 * 1024}])
+@pytest.mark.parametrize("settings", [{"client_buffer_limit": 64 * 1024, "message_rate": 0.0}])
 async def test_client_that_stops_reading_is_cut_off_while_others_keep_receiving(
     alice: Client, bob: Client, dialog_id: str, ctx: AppContext
 ) -> None:

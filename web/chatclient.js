@@ -29,12 +29,16 @@ const DEFAULTS = {
 
 export const STATES = Object.freeze(["connecting", "websocket", "sse", "long-poll", "offline"]);
 
-/** A REST answer that was not a success: `status` is the HTTP status (0 when the server was not reached). */
+/**
+ * A REST answer that was not a success: `status` is the HTTP status (0 when the server was not reached);
+ * `retryAfter`, the seconds a 429 said to wait (0 when it said nothing).
+ */
 export class ApiError extends Error {
-  constructor(status, message) {
+  constructor(status, message, retryAfter = 0) {
     super(message);
     this.name = "ApiError";
     this.status = status;
+    this.retryAfter = retryAfter;
   }
 
   /** Worth retrying as is: the server was not reached, or was not able to answer. */
@@ -75,7 +79,9 @@ async function request(baseUrl, token, method, path, body, signal) {
     throw new ApiError(response.ok ? 502 : response.status, `unreadable answer (HTTP ${response.status})`);
   }
   if (!response.ok || !payload || payload.success !== true) {
-    throw new ApiError(response.ok ? 502 : response.status, (payload && payload.error) || `HTTP ${response.status}`);
+    const retryAfter = Number(response.headers.get("Retry-After")) || 0;
+    throw new ApiError(response.ok ? 502 : response.status, (payload && payload.error) || `HTTP ${response.status}`,
+      retryAfter);
   }
   return payload.data;
 }
@@ -901,9 +907,11 @@ export class ChatClient {
             continue;
           }
           // Not reached, or not answered: wait (less if a transport comes back) and send it again as it was.
+          // Refused for now (429): wait what the server said, at least, whatever else happens meanwhile.
+          const floor = error instanceof ApiError ? error.retryAfter * 1000 : 0;
           await new Promise((resolve) => {
-            const timer = setTimeout(resolve, this._backoff(attempt++));
-            this._wakeOutbox = () => {
+            const timer = setTimeout(resolve, Math.max(this._backoff(attempt++), floor));
+            this._wakeOutbox = floor ? null : () => {
               clearTimeout(timer);
               resolve();
             };
