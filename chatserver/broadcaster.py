@@ -122,7 +122,8 @@ class Broadcaster:
         Raises BadRequest for a cursor that is not one, or one ahead of anything issued in this epoch.
         """
         epoch, dot, seq_text = cursor.rpartition(".")
-        if not dot or not epoch or not seq_text.isdigit() or len(seq_text) > 18 or not epoch.isalnum():
+        if (not dot or not epoch or not (seq_text.isascii() and seq_text.isdecimal()) or len(seq_text) > 18
+                or not (epoch.isascii() and epoch.isalnum())):
             raise BadRequest("'cursor' is not a cursor this server issued", field="cursor")
         if epoch != self.epoch:
             return None
