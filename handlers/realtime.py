@@ -408,9 +408,10 @@ class PollHandler(ApiHandler):
             self._wake.set_result(None)
 
     def on_connection_close(self) -> None:
-        # The client went away: drop the waiter now, not at its timeout.
+        # The client went away: drop the waiter now, not at its timeout (and no longer in flight: super()).
         self._gone = True
         self._release()
+        super().on_connection_close()
 
     def shutdown(self) -> None:
         self._release()
@@ -509,6 +510,7 @@ class EventStreamHandler(ApiHandler):
     def on_connection_close(self) -> None:
         self._gone = True
         self._stop()
+        super().on_connection_close()
 
     def shutdown(self) -> None:
         self._stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import os
 import socket
 from typing import Any
@@ -18,6 +19,8 @@ import pytest
 import tornado.httpclient
 import tornado.testing
 import tornado.websocket
+
+import run
 
 from chatserver import jsonutil
 from handlers.app import build_context, make_app, make_http_server
@@ -587,3 +590,27 @@ async def test_a_new_dialog_reaches_every_member_live_and_then_carries_messages(
     # Carol joined nothing: delivery is per user, and the dialog born after she connected is hers too.
     assert (await carol_ws.next_of("message:new"))["data"] == sent
     await bob_ws.nothing_within(0.3)
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("path", ["/api/poll?cursor={cursor}&timeout=0", "/api/events?cursor={cursor}"])
+async def test_a_request_whose_client_leaves_before_its_body_is_no_longer_in_flight(
+    bob: Client, ctx: AppContext, path: str
+) -> None:
+    # Headers that promise a body, then the end of the connection: the handler is started and never finished.
+    url = urlparse(bob.base_url)
+    target = path.format(cursor=ctx.broadcaster.cursor())
+    for _ in range(20):
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bob.token}\r\nContent-Length: 2\r\n\r\n"
+            .encode()
+        )
+        await eventually(lambda: len(ctx.requests) == 1)
+        writer.close()
+        await eventually(lambda: not ctx.requests)
+    gc.collect()
+    assert not ctx.requests and not ctx.connections
+    # Shutdown has nothing to wait for.
+    loop = asyncio.get_running_loop()
+    assert await run.finish_in_flight(ctx, loop.time() + 1)
