@@ -80,7 +80,8 @@ class Server(tornado.httpserver.HTTPServer):
         # read (a peek tells): no asyncio transport to build and drop, no descriptor to duplicate.
         self._tornado_starts = tuple(f"GET {p}{c}".encode() for p in handover_paths for c in "? /")
         self._peek = max((len(start) for start in self._tornado_starts), default=0)
-        self._unread: dict[socket.socket, tuple[Any, float]] = {}  # accepted, first bytes awaited: (address, due)
+        # Accepted, first bytes awaited: (address, when it was accepted).
+        self._unread: dict[socket.socket, tuple[Any, float]] = {}
         self.front: set[Connection] = set()
         # Every connection's reads land here first: asyncio calls get_buffer and buffer_updated back to back.
         self.receive_buffer = memoryview(bytearray(READ_AHEAD))
@@ -92,10 +93,9 @@ class Server(tornado.httpserver.HTTPServer):
             return
         loop = asyncio.get_running_loop()
         if not self._peek:
-            self._take(connection, address)
+            self._take(connection, address, loop.time())
             return
-        timeout = self.conn_params.header_timeout
-        self._unread[connection] = (address, loop.time() + timeout if timeout else 0.0)
+        self._unread[connection] = (address, loop.time())
         connection.setblocking(False)
         loop.add_reader(connection.fileno(), self._first_bytes, connection)
         self._keep_sweeping()
@@ -119,11 +119,13 @@ class Server(tornado.httpserver.HTTPServer):
         if start.startswith(self._tornado_starts):
             super()._handle_connection(connection, entry[0])
         else:
-            self._take(connection, entry[0])  # also a closed one: the protocol sees its end
+            self._take(connection, *entry)  # also a closed one: the protocol sees its end
 
-    def _take(self, connection: socket.socket, address: Any) -> None:
+    def _take(self, connection: socket.socket, address: Any, accepted: float) -> None:
+        """The connection is ours: its wait for a first request counts from `accepted`, not from now."""
         loop = asyncio.get_running_loop()
-        task = loop.create_task(loop.connect_accepted_socket(lambda: Connection(self, address), connection))
+        task = loop.create_task(
+            loop.connect_accepted_socket(lambda: Connection(self, address, accepted), connection))
         task.add_done_callback(_accepted)
 
     def _drop_unread(self, connection: socket.socket) -> None:
@@ -153,8 +155,10 @@ class Server(tornado.httpserver.HTTPServer):
         now = asyncio.get_running_loop().time()
         for conn in [c for c in self.front if 0 < c.deadline <= now]:
             conn.timed_out()
-        for connection in [c for c, (_, due) in self._unread.items() if 0 < due <= now]:
-            self._drop_unread(connection)  # connected and never said a word within the idle timeout
+        timeout = self.conn_params.header_timeout
+        if timeout:
+            for connection in [c for c, (_, accepted) in self._unread.items() if accepted + timeout <= now]:
+                self._drop_unread(connection)  # connected and never said a word within the idle timeout
         self._keep_sweeping()
 
 
@@ -271,7 +275,7 @@ class Connection(asyncio.BufferedProtocol):
         "transport",
     )
 
-    def __init__(self, server: Server, address: Any) -> None:
+    def __init__(self, server: Server, address: Any, accepted: float) -> None:
         self.server = server
         # The loop, looked up once: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
         self.loop = asyncio.get_running_loop()
@@ -283,7 +287,10 @@ class Connection(asyncio.BufferedProtocol):
         self.state = HEAD
         self.exchange: Exchange | None = None
         self.remaining = 0  # body bytes of the current request still to read
-        self.deadline = 0.0  # when the current wait (for a request or a body) times out; 0: no wait is bounded
+        # When the current wait (for a request or a body) times out; 0: no wait is bounded. The wait for the first
+        # request counts from the accept (a peek at the first bytes may have come between), not from now.
+        timeout = self.params.header_timeout
+        self.deadline = accepted + timeout if timeout else 0.0
         self.body_timeout = self.params.body_timeout
         self._running = False
         self._read_paused = False
@@ -296,7 +303,6 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
         self._closed = self.loop.create_future()
-        self._wait_for_request()
         self.server._connection_started(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:

@@ -428,22 +428,38 @@ class SmallServer(NamedTuple):
     port: int
 
 
-@pytest.fixture
-def small_server(io_loop: Any, ctx: AppContext, seed: dict[str, Any]) -> Iterator[SmallServer]:
-    """The application behind an http1.Server with a 1 s idle timeout and a 1 s body timeout."""
+def start_small_server(ctx: AppContext, idle_timeout: float = 1, *, handover: bool = False,
+                       send_buffer: int = 0) -> SmallServer:
+    """The application behind an http1.Server with a short idle timeout and a 1 s body timeout. `handover`: with
+    the production server's hand-over paths (a first request for one goes to Tornado, told by a peek);
+    `send_buffer`, where given, is the SO_SNDBUF its connections inherit."""
     server = http1.Server(
         make_app(ctx),
+        handover_paths=("/ws", "/api/events") if handover else (),
         max_header_size=16 * 1024,
         max_body_size=1024 * 1024,
-        idle_connection_timeout=1,
+        idle_connection_timeout=idle_timeout,
         body_timeout=1,
         decompress_request=False,
     )
     sock, port = tornado.testing.bind_unused_port()
+    if send_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)  # accepted sockets inherit it
     server.add_socket(sock)
-    yield SmallServer(server, port)
-    server.stop()
-    io_loop.run_sync(server.close_all_connections, timeout=10)
+    return SmallServer(server, port)
+
+
+async def stop_small_server(small: SmallServer) -> None:
+    small.server.stop()
+    await asyncio.wait_for(small.server.close_all_connections(), 10)
+
+
+@pytest.fixture
+def small_server(io_loop: Any, ctx: AppContext, seed: dict[str, Any]) -> Iterator[SmallServer]:
+    """A server of `start_small_server` with a 1 s idle timeout."""
+    small = start_small_server(ctx)
+    yield small
+    io_loop.run_sync(lambda: stop_small_server(small))
 
 
 @pytest.mark.gen_test
@@ -456,6 +472,27 @@ async def test_a_request_head_that_stalls_gets_408_after_the_idle_timeout(small_
         waited = loop.time() - started
     assert_refused(raw, 408, "the request did not arrive in time")
     assert waited >= 0.9, waited
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_wait_for_a_request_head_counts_from_the_connection_not_from_its_first_byte(
+    ctx: AppContext, seed: dict[str, Any]
+) -> None:
+    # One deadline from the accept: a first byte just before it does not buy a second idle timeout.
+    idle = 3.0
+    small = start_small_server(ctx, idle_timeout=idle, handover=True)
+    loop = asyncio.get_running_loop()
+    try:
+        async with connect(small.port) as (reader, writer):
+            started = loop.time()
+            await nothing_within(reader, idle - 0.5)
+            writer.write(b"G")
+            raw = await asyncio.wait_for(reader.read(), idle + http1.SWEEP_INTERVAL + 1.5)
+            waited = loop.time() - started
+        assert_refused(raw, 408, "the request did not arrive in time")
+        assert idle - 0.1 <= waited < idle + http1.SWEEP_INTERVAL + 0.8, waited
+    finally:
+        await stop_small_server(small)
 
 
 @pytest.mark.gen_test
@@ -610,7 +647,8 @@ async def test_a_connection_opening_with_a_websocket_upgrade_is_tornados_before_
     # A peek at the first bytes sends it straight to Tornado: no asyncio transport built and dropped for it.
     taken: list[Any] = []
     take = http_server._take
-    monkeypatch.setattr(http_server, "_take", lambda conn, address: (taken.append(address), take(conn, address)))
+    monkeypatch.setattr(http_server, "_take", lambda conn, address, *rest: (taken.append(address),
+                                                                            take(conn, address, *rest)))
     key = base64.b64encode(os.urandom(16)).decode()
     async with connect(port_of(base_url)) as (reader, writer):
         await eventually(lambda: len(http_server._unread) == 1)  # accepted; nothing said yet
