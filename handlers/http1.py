@@ -243,8 +243,8 @@ class _Context:
         return self.remote_ip
 
 
-# A connection's states.
-HEAD, HEADERS_WAIT, BODY, BODY_WAIT, ANSWERING, LINGERING, HANDING, HANDED, CLOSED = range(9)
+# A connection's states. From LINGERING on, nothing it receives is read as a request.
+HEAD, HEADERS_WAIT, BODY, BODY_WAIT, ANSWERING, LINGERING, CLOSING, HANDING, HANDED, CLOSED = range(10)
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -309,9 +309,8 @@ class Connection(asyncio.BufferedProtocol):
         return self.server.receive_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        state = self.state
-        if state == LINGERING or state >= HANDING:
-            return  # dropped: the request was refused, or the bytes are no longer ours
+        if self.state >= LINGERING:
+            return  # dropped: the request was refused, the connection is closing, or the bytes are no longer ours
         self.buffer += self.server.receive_buffer[:nbytes]
         self._run()
 
@@ -643,8 +642,8 @@ class Connection(asyncio.BufferedProtocol):
     def timed_out(self) -> None:
         if self.state == HEAD and not self.buffer and self.exchange is None:
             self._close_soon()  # an idle kept-alive connection: nothing to answer
-        elif self.state == LINGERING:
-            self._abort()
+        elif self.state in (LINGERING, CLOSING):
+            self._abort()  # what it still had to send did not leave in time
         elif self.state in (HEAD, BODY):
             log.info("timed out reading a request from %s", self.context.remote_ip)
             self._refuse(408, "the request did not arrive in time")
@@ -655,8 +654,11 @@ class Connection(asyncio.BufferedProtocol):
             self._abort()
 
     def _close_soon(self) -> None:
-        """Close once what is written has left (asyncio's close flushes)."""
-        self.deadline = 0.0
+        """Close, between requests, once what is written has left (asyncio's close flushes), but no later than the
+        idle timeout from now: a client that never takes the rest would hold the connection for ever (the sweep
+        aborts it then)."""
+        self.state = CLOSING
+        self.deadline = self.loop.time() + (self.params.header_timeout or LINGER)
         if self.transport is not None:
             self.transport.close()
 
@@ -671,7 +673,10 @@ class Connection(asyncio.BufferedProtocol):
         if self.state >= HANDING:
             self.server.front.discard(self)
             return
-        self._close_soon()
+        # The state stays: a request in progress hears of the end as a client that went away.
+        self.deadline = 0.0
+        if self.transport is not None:
+            self.transport.close()
         if self._closed is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._closed), LINGER)

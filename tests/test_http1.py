@@ -536,6 +536,60 @@ async def test_a_client_that_takes_none_of_its_answers_is_cut_off_at_the_idle_ti
         assert conn.state == http1.CLOSED
 
 
+@asynccontextmanager
+async def connect_raw(port: int, receive_buffer: int = 0) -> AsyncIterator[socket.socket]:
+    """A raw TCP connection that reads only when told to (a StreamReader reads ahead on its own)."""
+    sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), WAIT)
+        yield sock
+    finally:
+        sock.close()
+
+
+async def read_until_closed(sock: socket.socket) -> tuple[bytes, bool]:
+    """Everything the server sent until it ended the connection, and whether it ended it with a reset."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    while True:
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), WAIT)
+        except ConnectionResetError:
+            return data, True
+        if not chunk:
+            return data, False
+        data += chunk
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_client_that_never_reads_a_few_answers_is_cut_off_after_the_idle_timeout(
+    ctx: AppContext, seed: dict[str, Any]
+) -> None:
+    # Answers that fill the socket's buffers and leave less than a write buffer's worth (64 KiB) waiting in the
+    # server: every request is read and answered, the connection goes idle, and its close must not wait for a
+    # client that never takes the rest.
+    small = start_small_server(ctx, send_buffer=4096)
+    count = 150
+    health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    loop = asyncio.get_running_loop()
+    try:
+        async with connect_raw(small.port, receive_buffer=4096) as stuck:
+            await loop.sock_sendall(stuck, health * count)
+            # The idle timeout (1 s), then the deadline of the close (the idle timeout again), each seen by a sweep.
+            await asyncio.sleep(2 * (1 + http1.SWEEP_INTERVAL) + 0.5)
+            async with connect(small.port) as (reader, writer):  # meanwhile others are served
+                writer.write(health)
+                assert (await read_answer(reader)).status == 200
+            data, reset = await read_until_closed(stuck)
+        answered = data.count(b"HTTP/1.1 200 OK\r\n")
+        assert 0 < answered < count, (answered, reset)
+    finally:
+        await stop_small_server(small)
+
+
 @pytest.mark.gen_test
 async def test_close_all_connections_closes_silent_served_and_parked_connections(
     small_server: SmallServer, ctx: AppContext, seed: dict[str, Any]
