@@ -133,6 +133,13 @@ class Server(tornado.httpserver.HTTPServer):
         asyncio.get_running_loop().remove_reader(connection.fileno())
         connection.close()
 
+    def start_request(self, server_conn: object, request_conn: tornado.httputil.HTTPConnection
+                      ) -> tornado.httputil.HTTPMessageDelegate:
+        delegate = super().start_request(server_conn, request_conn)
+        if isinstance(request_conn, Exchange):
+            return delegate
+        return _IgnoredExpectation(delegate)  # a request on a connection handed to Tornado
+
     async def close_all_connections(self) -> None:
         for connection in list(self._unread):
             self._drop_unread(connection)  # said nothing yet: nothing to answer
@@ -160,6 +167,33 @@ class Server(tornado.httpserver.HTTPServer):
             for connection in [c for c, (_, accepted) in self._unread.items() if accepted + timeout <= now]:
                 self._drop_unread(connection)  # connected and never said a word within the idle timeout
         self._keep_sweeping()
+
+
+class _IgnoredExpectation(tornado.httputil.HTTPMessageDelegate):
+    """A request's delegate on Tornado's HTTP1Connection, which answers `Expect: 100-continue` after the delegate's
+    headers_received whatever the request's version: an HTTP/1.0 request's expectation is dropped before that
+    (RFC 9110 10.1.1: a server MUST ignore it). Everything else is the delegate's."""
+
+    def __init__(self, delegate: tornado.httputil.HTTPMessageDelegate) -> None:
+        self.delegate = delegate
+
+    def headers_received(
+        self,
+        start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
+        headers: tornado.httputil.HTTPHeaders,
+    ) -> Any:
+        if isinstance(start_line, tornado.httputil.RequestStartLine) and start_line.version == "HTTP/1.0":
+            headers.pop("Expect", None)
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Any:
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        self.delegate.on_connection_close()
 
 
 def _accepted(task: asyncio.Task[Any]) -> None:
@@ -213,6 +247,15 @@ def parse_headers(block: str) -> tornado.httputil.HTTPHeaders:
 
 
 _NORMALIZED: dict[str, str] = {}
+_NO_OPTIONS: frozenset[str] = frozenset()
+
+
+def connection_options(values: list[str]) -> frozenset[str]:
+    """The connection options of a request's Connection fields, lowercased: every field, split at commas."""
+    if len(values) == 1 and "," not in values[0]:
+        return frozenset((values[0].strip().lower(),))
+    return frozenset(option.strip().lower() for value in values for option in value.split(","))
+
 _METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"))
 
 
@@ -457,7 +500,8 @@ class Connection(asyncio.BufferedProtocol):
         if self.remaining > exchange.max_body_size and not exchange.write_finished:
             self._refuse(413, f"the body is larger than {exchange.max_body_size} bytes")
             return False
-        if self.remaining and not exchange.write_finished and exchange.headers.get("Expect") == "100-continue":
+        if (self.remaining and not exchange.write_finished and exchange.headers.get("Expect") == "100-continue"
+                and exchange.start_line.version == "HTTP/1.1"):  # RFC 9110 10.1.1: an HTTP/1.0 one is ignored
             self._write(b"HTTP/1.1 100 (Continue)\r\n\r\n")
         self.state = BODY
         if self.remaining and self.body_timeout:
@@ -522,16 +566,18 @@ class Connection(asyncio.BufferedProtocol):
 
     def _can_keep_alive(self, start_line: tornado.httputil.RequestStartLine,
                         headers: tornado.httputil.HTTPHeaders) -> bool:
-        """Tornado's rule: HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`."""
+        """HTTP/1.1 unless a `close` connection option; HTTP/1.0 only with a `keep-alive` option and no `close`
+        (RFC 9112 9.3 and 9.6: the options of every Connection field), and, as Tornado, only where the request's
+        end is known (a Content-Length, or a HEAD or GET)."""
         if self.params.no_keep_alive:
             return False
         fields = headers._as_list
-        connection = headers["Connection"].lower() if "Connection" in fields else None
+        options = connection_options(fields["Connection"]) if "Connection" in fields else _NO_OPTIONS
+        if "close" in options:
+            return False
         if start_line.version == "HTTP/1.1":
-            return connection != "close"
-        if "Content-Length" in fields or start_line.method in ("HEAD", "GET"):
-            return connection == "keep-alive"
-        return False
+            return True
+        return ("Content-Length" in fields or start_line.method in ("HEAD", "GET")) and "keep-alive" in options
 
     def _for_tornado(self, start_line: tornado.httputil.RequestStartLine,
                      headers: tornado.httputil.HTTPHeaders) -> bool:
@@ -754,7 +800,7 @@ class Exchange(tornado.httputil.HTTPConnection):
                          and not 100 <= code < 200 and "Content-Length" not in headers)
         if request.version == "HTTP/1.1" and self.disconnect_on_finish:
             headers["Connection"] = "close"
-        if request.version == "HTTP/1.0" and self.headers.get("Connection", "").lower() == "keep-alive":
+        if request.version == "HTTP/1.0" and not self.disconnect_on_finish:
             headers["Connection"] = "Keep-Alive"
         if self.chunking:
             headers["Transfer-Encoding"] = "chunked"

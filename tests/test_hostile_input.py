@@ -149,7 +149,8 @@ async def test_a_cursor_with_a_non_ascii_digit_is_400_on_every_transport(
     answers = [
         # The common poll (a bearer header, nothing else) and one the full handler takes (a conditional header).
         await fetch(alice, "GET", f"/api/poll?cursor={cursor}&timeout=0", Authorization=bearer),
-        await fetch(alice, "GET", f"/api/poll?cursor={cursor}&timeout=0", **{"Authorization": bearer, "If-None-Match": '"x"'}),
+        await fetch(alice, "GET", f"/api/poll?cursor={cursor}&timeout=0",
+                    **{"Authorization": bearer, "If-None-Match": '"x"'}),
         await fetch(alice, "GET", f"/api/events?cursor={cursor}", Authorization=bearer),
         await fetch(alice, "GET", "/api/events",
                     # A header is latin-1: of these digits, only the superscript two can be sent as itself.

@@ -216,6 +216,91 @@ async def test_http10_closes_after_the_answer_unless_asked_to_keep_alive(alice: 
         await assert_eof(reader)
 
 
+# RFC 9112 9.6: a "close" among the connection options, in one field or in any of several, ends the connection.
+CLOSE_OPTIONS = [
+    pytest.param("HTTP/1.1", ["close, foo"], id="close-in-a-list"),
+    pytest.param("HTTP/1.1", ["Foo", "close"], id="close-in-a-second-field"),
+    pytest.param("HTTP/1.1", ["upgrade ,CLOSE"], id="close-among-odd-spacing"),
+    pytest.param("HTTP/1.0", ["keep-alive, close"], id="http10-keep-alive-and-close"),
+    pytest.param("HTTP/1.0", ["keep-alive", "close"], id="http10-close-in-a-second-field"),
+]
+
+
+def with_connection_fields(raw: bytes, values: list[str]) -> bytes:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    fields = "".join(f"\r\nConnection: {value}" for value in values).encode()
+    return head + fields + b"\r\n\r\n" + body
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(("version", "values"), CLOSE_OPTIONS)
+async def test_a_close_connection_option_ends_the_connection_after_the_answer(
+    alice: Client, base_url: str, version: str, values: list[str]
+) -> None:
+    cursor = await cursor_of(alice)
+    for path in ("/api/me", f"/api/poll?cursor={cursor}&timeout=0"):  # a handler's answer, and the lean poll's
+        async with connect(port_of(base_url)) as (reader, writer):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # this layer's connection, not Tornado's
+            assert (await read_answer(reader)).status == 200
+            writer.write(with_connection_fields(request("GET", path, token=alice.token, version=version), values))
+            answer = await read_answer(reader)
+            assert answer.status == 200, answer
+            if version == "HTTP/1.1":
+                assert answer.headers["Connection"] == "close"
+            else:
+                assert "Connection" not in answer.headers
+            await assert_eof(reader)
+
+
+@pytest.mark.gen_test
+async def test_http10_keep_alive_in_a_list_of_options_keeps_the_connection(alice: Client, base_url: str) -> None:
+    async with connect(port_of(base_url)) as (reader, writer):
+        for _ in range(2):
+            writer.write(request("GET", "/api/me", token=alice.token, version="HTTP/1.0", Connection="Keep-Alive, foo"))
+            answer = await read_answer(reader)
+            assert_me(answer, alice)
+            assert answer.headers["Connection"] == "Keep-Alive"
+
+
+@pytest.mark.gen_test
+async def test_an_http10_request_expecting_100_continue_gets_no_interim_answer(
+    alice: Client, base_url: str, dialog_id: str
+) -> None:
+    # RFC 9110 10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0 request. The client sends
+    # its body after a while without one; the first thing it reads is the final answer.
+    body = jsonutil.dumps_bytes({"content": "no continue for 1.0"})
+    whole = request("POST", f"/api/messages/dialog/{dialog_id}", token=alice.token, body=body, version="HTTP/1.0",
+                    Expect="100-continue")
+    async with connect(port_of(base_url)) as (reader, writer):
+        writer.write(whole[: -len(body)])
+        await nothing_within(reader, 0.3)
+        writer.write(body)
+        answer = await read_answer(reader)
+        assert answer.status == 201 and answer.json()["data"]["content"] == "no continue for 1.0"
+        await assert_eof(reader)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("first", [False, True], ids=["after-a-request-of-this-layer", "first-on-its-connection"])
+async def test_an_http10_request_to_a_tornado_path_expecting_100_continue_gets_no_interim_answer(
+    alice: Client, base_url: str, first: bool
+) -> None:
+    # The SSE stream is served by Tornado's HTTP/1.1 connection, which answers any 100-continue.
+    cursor = await cursor_of(alice)
+    whole = request("GET", f"/api/events?cursor={cursor}", token=alice.token, body=b"{}", version="HTTP/1.0",
+                    Expect="100-continue")
+    async with connect(port_of(base_url)) as (reader, writer):
+        if not first:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_answer(reader)).status == 200
+        writer.write(whole[:-2])
+        await nothing_within(reader, 0.3)
+        writer.write(whole[-2:])
+        start, headers = await read_head(reader)
+        assert start.code == 200 and headers["Content-Type"].startswith("text/event-stream")
+    await eventually(lambda: not alice.ctx.connections)
+
+
 # -- pipelining ------------------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,6 @@ import tornado.testing
 import tornado.websocket
 
 import run
-
 from chatserver import jsonutil
 from handlers.app import build_context, make_app, make_http_server
 from handlers.base import AppContext
@@ -601,7 +600,7 @@ async def test_a_request_whose_client_leaves_before_its_body_is_no_longer_in_fli
     url = urlparse(bob.base_url)
     target = path.format(cursor=ctx.broadcaster.cursor())
     for _ in range(20):
-        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        _, writer = await asyncio.open_connection(url.hostname, url.port)
         writer.write(
             f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bob.token}\r\nContent-Length: 2\r\n\r\n"
             .encode()
