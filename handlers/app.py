@@ -23,7 +23,7 @@ from chatserver.store import AsyncStore, SQLiteStore
 from chatserver.throttle import Throttle
 from handlers import fastpoll, http1, ops, realtime, rest, web
 from handlers.base import AppContext, NotFoundHandler, log_request
-from handlers.pings import PingSweep
+from handlers.pings import HeartbeatSweep, PingSweep
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 
@@ -49,6 +49,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
     c = {"ctx": ctx}
     # One ping timer for every WebSocket (Tornado's websocket_ping_interval would run a task per connection).
     pings = PingSweep(ctx.config.ws_ping_interval, ctx.config.ws_ping_timeout)
+    heartbeats = HeartbeatSweep(ctx.config.sse_heartbeat)  # and one for every SSE stream's keep-alive comment
     dialog = r"([^/]+)"
     routes: list[Any] = [
         (r"/api/auth/login", rest.LoginHandler, c),
@@ -61,7 +62,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
         (rf"/api/messages/dialog/{dialog}", rest.DialogMessagesHandler, c),
         (r"/api/messages/([^/]+)", rest.MessageHandler, c),
         (r"/api/poll", realtime.PollHandler, c),
-        (r"/api/events", realtime.EventStreamHandler, c),
+        (r"/api/events", realtime.EventStreamHandler, {**c, "heartbeats": heartbeats}),
         (r"/ws", realtime.EventSocket, {**c, "pings": pings}),
         (r"/healthz", ops.HealthHandler, c),
         (r"/readyz", ops.ReadyHandler, c),

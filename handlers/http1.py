@@ -843,6 +843,10 @@ class Exchange(tornado.httputil.HTTPConnection):
     def set_max_body_size(self, max_body_size: int) -> None:
         self.max_body_size = max_body_size
 
+    def close(self) -> None:
+        """End the connection now, dropping what is not sent (a stream cut off for not reading its events)."""
+        self.conn._abort()
+
     def detach(self) -> tornado.iostream.IOStream:
         raise NotImplementedError("upgrades are handed to Tornado's HTTP/1.1 server before they reach a handler")
 

@@ -25,7 +25,7 @@ from chatserver.errors import BadRequest, ChatError, Forbidden, Unauthorized
 from chatserver.models import check_id
 from handlers.base import ApiHandler, AppContext, JsonErrors
 from handlers.outbox import Outbox
-from handlers.pings import PingSweep
+from handlers.pings import HeartbeatSweep, PingSweep
 
 log = logging.getLogger(__name__)
 
@@ -426,8 +426,9 @@ class EventStreamHandler(ApiHandler):
 
     transport = "sse"
 
-    def initialize(self, ctx: AppContext) -> None:
+    def initialize(self, ctx: AppContext, heartbeats: HeartbeatSweep) -> None:
         super().initialize(ctx)
+        self._heartbeats = heartbeats
         self.joined: frozenset[str] = frozenset()
         self._outbox: Outbox | None = None
         self._done: asyncio.Future[None] | None = None
@@ -459,11 +460,11 @@ class EventStreamHandler(ApiHandler):
         broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections.labels(self.transport).inc()
-        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+        self._heartbeats.add(self)
         try:
             await self._done
         finally:
-            heartbeat.cancel()
+            self._heartbeats.discard(self)
             broadcaster.unsubscribe(self)
             self._outbox.close()
             self.ctx.connections.discard(self)
@@ -493,15 +494,21 @@ class EventStreamHandler(ApiHandler):
     def _count_delivery(self) -> None:
         self.ctx.metrics.events_delivered.labels(self.transport).inc()
 
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.ctx.config.sse_heartbeat)
-            if self._outbox is not None:
-                self._outbox.push(b": keepalive\n\n")
+    def send_heartbeat(self) -> None:
+        """From the server's one HeartbeatSweep, every `sse_heartbeat` seconds: a comment line."""
+        if self._outbox is not None:
+            self._outbox.push(b": keepalive\n\n")
 
     def _cut_off(self) -> None:
+        log.info("closing an SSE stream of %s: it stopped reading its events", self.user_id)
         self.ctx.metrics.slow_clients_closed.inc()
-        self._stop()
+        # As a WebSocket's: forgotten at once, and its connection ended now with what it did not take (nothing
+        # else would end it: its answer never finishes leaving). The client resumes from its cursor.
+        self.ctx.broadcaster.unsubscribe(self)
+        close = getattr(self.request.connection, "close", None)  # Tornado's HTTP1Connection, http1.Exchange
+        if close is not None:
+            close()
+        self.on_connection_close()
 
     def _stop(self) -> None:
         if self._done is not None and not self._done.done():
