@@ -90,10 +90,13 @@ def make_http_server(app: tornado.web.Application, config: Config) -> tornado.ht
     Connections are handlers/http1.py's; WebSocket upgrades and the SSE stream are handed to Tornado's HTTP/1.1
     server. Common long-polls are answered by handlers/fastpoll.py's lean path; every other request by `app`.
     """
-    ctx = app.settings.get("chatserver_ctx")
-    return http1.Server(
-        fastpoll.LeanRouter(app, ctx) if isinstance(ctx, AppContext) else app,
+    found = app.settings.get("chatserver_ctx")
+    ctx = found if isinstance(found, AppContext) else None
+    server = http1.Server(
+        fastpoll.LeanRouter(app, ctx) if ctx is not None else app,
         handover_paths=("/ws", "/api/events"),
+        max_connections=config.max_connections,
+        on_refused=ctx.metrics.count_refused_connection if ctx is not None else None,
         max_header_size=16 * 1024,
         # Bodies over max_body_size get a JSON 413 from the handler; this is the hard stop behind it.
         max_body_size=max(config.max_body_size * 2, 1024 * 1024),
@@ -101,3 +104,6 @@ def make_http_server(app: tornado.web.Application, config: Config) -> tornado.ht
         body_timeout=30,
         decompress_request=False,
     )
+    if ctx is not None:
+        ctx.metrics.connections_open.set_function(server.open_connections)
+    return server

@@ -27,16 +27,22 @@ is Tornado's from the start: a peek at its first bytes tells, before any of them
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import logging
 import os
 import re
 import socket
 import sys
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, TypeGuard, cast
 
 import tornado.httpserver
 import tornado.httputil
+import tornado.ioloop
 import tornado.iostream
+import tornado.netutil
 from tornado.http1connection import parse_int
 from tornado.httputil import _normalize_header
 
@@ -61,8 +67,31 @@ SWEEP_INTERVAL = 1.0
 READ_AHEAD = 64 * 1024
 HANDOVER_WAIT = 10.0  # at most this long for an answer still being sent before a connection goes to Tornado
 
+# Connections accepted at most at a time (as Tornado's accept loop), and how long accepting pauses when the
+# process has no file descriptor for one more; a refusal or pause is logged at most once per LOG_INTERVAL.
+ACCEPT_BATCH = 128
+ACCEPT_PAUSE = 0.1
+LOG_INTERVAL = 10.0
+
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Payload Too Large",
-            431: "Request Header Fields Too Large"}
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+def refusal(status: int, message: str, extra: str = "") -> bytes:
+    """A whole answer of this layer's own: the JSON error, and the end of the connection."""
+    body = error_body(message)
+    return (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Cache-Control: no-store\r\n{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode() + body
+
+
+# What accept() reports of one connection (Linux passes a new connection's pending network error on; a firewall
+# may refuse one): that connection is skipped, the others are accepted as usual.
+_ONE_CONNECTIONS_ERRORS = frozenset((
+    errno.EPROTO, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN,
+    errno.EHOSTUNREACH, errno.ENONET, errno.EPERM,
+))
+_LIMIT_ANSWER = refusal(503, "the server is at its connection limit; retry later", "Retry-After: 1\r\n")
 
 
 class Server(tornado.httpserver.HTTPServer):
@@ -70,9 +99,17 @@ class Server(tornado.httpserver.HTTPServer):
 
     `add_sockets`, `stop` and `close_all_connections` work as Tornado's (run.py and the tests use them); a
     connection handed to Tornado is served by the base class as if it had accepted it.
+
+    Accepting is this class's own (`socket.accept` from the loop's reader on each listening socket), with two
+    bounds Tornado's accept loop lacks. Past `max_connections` open connections, a new one is answered at once
+    with a JSON 503 and closed. And when the process is out of file descriptors (EMFILE, ENFILE), accepting
+    pauses for ACCEPT_PAUSE seconds, the waiting connections staying in the listen backlog, instead of failing
+    again at once in a busy loop. Each refusal and pause is counted (`on_refused(reason)`, "limit" or "emfile")
+    and logged at most once per LOG_INTERVAL.
     """
 
-    def initialize(self, *args: Any, handover_paths: tuple[str, ...] = (), **kwargs: Any) -> None:
+    def initialize(self, *args: Any, handover_paths: tuple[str, ...] = (), max_connections: int = 0,
+                   on_refused: Callable[[str], None] | None = None, **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
         self.handover_paths = frozenset(handover_paths)
         self._handover_prefixes = tuple(p + c for p in handover_paths for c in "?/")
@@ -86,10 +123,108 @@ class Server(tornado.httpserver.HTTPServer):
         # Every connection's reads land here first: asyncio calls get_buffer and buffer_updated back to back.
         self.receive_buffer = memoryview(bytearray(READ_AHEAD))
         self._sweeper: asyncio.TimerHandle | None = None
+        self.max_connections = max_connections  # 0: no limit
+        self._listeners: dict[int, socket.socket] = {}
+        self._listen_loop: asyncio.AbstractEventLoop | None = None
+        self._resume: asyncio.TimerHandle | None = None  # while accepting is paused
+        self._starting: set[socket.socket] = set()  # accepted, given to asyncio, not yet a Connection
+        self.tornado_streams = 0  # open connections served by Tornado (its streams count themselves)
+        self._refusals = _Refusals(on_refused)
 
-    def _handle_connection(self, connection: socket.socket, address: Any) -> None:
+    # -- accepting -------------------------------------------------------------------------------------
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        loop = cast(Any, tornado.ioloop.IOLoop.current()).asyncio_loop  # the loop this server runs on
+        self._listen_loop = loop
+        for sock in sockets:
+            sock.setblocking(False)
+            self._listeners[sock.fileno()] = sock
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def stop(self) -> None:
+        loop = self._listen_loop
+        for fd, sock in self._listeners.items():
+            if loop is not None and self._resume is None:
+                loop.remove_reader(fd)
+            sock.close()
+        self._listeners.clear()
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        super().stop()
+
+    def open_connections(self) -> int:
+        """The client connections open now, of every kind (each holds a file descriptor)."""
+        return len(self._unread) + len(self.front) + len(self._starting) + self.tornado_streams
+
+    def _accept(self, listener: socket.socket) -> None:
+        # At most ACCEPT_BATCH at a time, so that a flood of connections does not starve the rest of the loop.
+        for _ in range(ACCEPT_BATCH):
+            try:
+                connection, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # none left waiting
+            except ConnectionAbortedError:
+                continue  # gone while in the backlog
+            except OSError as exc:
+                if exc.errno in _ONE_CONNECTIONS_ERRORS:
+                    continue
+                self._pause_accepting(exc)
+                return
+            if self.max_connections and self.open_connections() >= self.max_connections:
+                self._refuse_over_limit(connection)
+                continue
+            try:
+                self._handle_accepted(connection, address)
+            except Exception:
+                log.exception("could not take an accepted connection")
+                connection.close()
+
+    def _pause_accepting(self, error: OSError) -> None:
+        """No descriptor for a new connection (EMFILE, ENFILE), or another failure of the listener itself (out of
+        memory, say): stop accepting for a moment rather than fail again at once; the connections wait in the
+        backlog meanwhile."""
+        loop = self._listen_loop
+        if loop is None or self._resume is not None:
+            return
+        for fd in self._listeners:
+            loop.remove_reader(fd)
+        self._resume = loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+        descriptors = error.errno in (errno.EMFILE, errno.ENFILE)
+        self._refusals.count(
+            "emfile" if descriptors else "error",
+            f"cannot accept connections ({'out of file descriptors: ' if descriptors else ''}"
+            f"{error.strerror or repr(error)}); accepting pauses for {ACCEPT_PAUSE}s at a time; "
+            f"{self.open_connections()} connections open",
+        )
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        loop = self._listen_loop
+        assert loop is not None
+        for fd, sock in self._listeners.items():
+            loop.add_reader(fd, self._accept, sock)
+
+    def _refuse_over_limit(self, connection: socket.socket) -> None:
+        """Beyond max_connections: a 503 at once, and the end of the connection."""
+        try:
+            connection.setblocking(False)
+            connection.send(_LIMIT_ANSWER)  # a fresh socket's buffer takes it whole
+            # What the client sent already is read and dropped: closed with it unread, the kernel would send a
+            # reset, which can destroy the answer before the client reads it.
+            for _ in range(4):
+                if not connection.recv(65536):
+                    break
+        except OSError:
+            pass  # nothing (more) to read, or the client is gone already
+        finally:
+            connection.close()
+        self._refusals.count("limit", f"connection refused: {self.max_connections} connections are open "
+                                      "(max_connections)")
+
+    def _handle_accepted(self, connection: socket.socket, address: Any) -> None:
         if self.ssl_options is not None or self.xheaders or self.conn_params.decompress:
-            super()._handle_connection(connection, address)
+            self._serve_with_tornado(connection, address)
             return
         loop = asyncio.get_running_loop()
         if not self._peek:
@@ -99,6 +234,24 @@ class Server(tornado.httpserver.HTTPServer):
         connection.setblocking(False)
         loop.add_reader(connection.fileno(), self._first_bytes, connection)
         self._keep_sweeping()
+
+    def _serve_with_tornado(self, connection: socket.socket, address: Any) -> None:
+        """Tornado's HTTP/1.1 server takes the connection from its first byte, as its TCPServer would hand it."""
+        try:
+            stream: tornado.iostream.IOStream
+            if self.ssl_options is not None:
+                connection = tornado.netutil.ssl_wrap_socket(
+                    connection, self.ssl_options, server_side=True, do_handshake_on_connect=False)
+                stream = _CountedSSLStream(self, connection, max_buffer_size=self.max_buffer_size,
+                                           read_chunk_size=self.read_chunk_size)
+            else:
+                stream = _CountedStream(self, connection, max_buffer_size=self.max_buffer_size,
+                                        read_chunk_size=self.read_chunk_size)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; a port scan's closed socket, say
+            log.info("could not take an accepted connection: %r", exc)
+            connection.close()
+            return
+        self.handle_stream(stream, address)
 
     def _first_bytes(self, connection: socket.socket) -> None:
         """The connection's first bytes have come: Tornado's if they start a request for a hand-over path."""
@@ -117,16 +270,23 @@ class Server(tornado.httpserver.HTTPServer):
             connection.close()
             return
         if start.startswith(self._tornado_starts):
-            super()._handle_connection(connection, entry[0])
+            self._serve_with_tornado(connection, entry[0])
         else:
             self._take(connection, *entry)  # also a closed one: the protocol sees its end
 
     def _take(self, connection: socket.socket, address: Any, accepted: float) -> None:
         """The connection is ours: its wait for a first request counts from `accepted`, not from now."""
         loop = asyncio.get_running_loop()
+        self._starting.add(connection)
         task = loop.create_task(
             loop.connect_accepted_socket(lambda: Connection(self, address, accepted), connection))
-        task.add_done_callback(_accepted)
+        task.add_done_callback(functools.partial(self._taken, connection))
+
+    def _taken(self, connection: socket.socket, task: asyncio.Task[Any]) -> None:
+        self._starting.discard(connection)  # a Connection now (in `front`), or failed
+        if not task.cancelled() and task.exception() is not None:
+            log.info("could not take an accepted connection: %r", task.exception())
+            connection.close()
 
     def _drop_unread(self, connection: socket.socket) -> None:
         self._unread.pop(connection, None)
@@ -196,9 +356,53 @@ class _IgnoredExpectation(tornado.httputil.HTTPMessageDelegate):
         self.delegate.on_connection_close()
 
 
-def _accepted(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.info("could not take an accepted connection: %r", task.exception())
+class _Refusals:
+    """Counts refused connections and accept pauses by reason; logs each reason at most once per LOG_INTERVAL,
+    with how many there were since its last line (a flood of them is one line, not one each)."""
+
+    def __init__(self, on_refused: Callable[[str], None] | None) -> None:
+        self._on_refused = on_refused
+        self._unlogged: dict[str, int] = {}
+        self._next_line: dict[str, float] = {}
+
+    def count(self, reason: str, message: str) -> None:
+        if self._on_refused is not None:
+            self._on_refused(reason)
+        unlogged = self._unlogged.get(reason, 0) + 1
+        now = time.monotonic()
+        if now < self._next_line.get(reason, 0.0):
+            self._unlogged[reason] = unlogged
+            return
+        self._unlogged[reason] = 0
+        self._next_line[reason] = now + LOG_INTERVAL
+        more = f" ({unlogged - 1} more since the last such line)" if unlogged > 1 else ""
+        log.warning("%s%s", message, more)
+
+
+class _Counted:
+    """A Tornado stream of a connection this server counts: `close_fd` (once per stream) uncounts it."""
+
+    def _count(self, server: Server) -> None:
+        self._counted_by = server
+        server.tornado_streams += 1
+
+    def close_fd(self) -> None:
+        try:
+            super().close_fd()  # type: ignore[misc]
+        finally:
+            self._counted_by.tornado_streams -= 1
+
+
+class _CountedStream(_Counted, tornado.iostream.IOStream):
+    def __init__(self, server: Server, sock: socket.socket, **kwargs: Any) -> None:
+        super().__init__(sock, **kwargs)
+        self._count(server)
+
+
+class _CountedSSLStream(_Counted, tornado.iostream.SSLIOStream):
+    def __init__(self, server: Server, sock: socket.socket, **kwargs: Any) -> None:
+        super().__init__(sock, **kwargs)
+        self._count(server)
 
 
 class _Headers(tornado.httputil.HTTPHeaders):
@@ -652,12 +856,7 @@ class Connection(asyncio.BufferedProtocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None and not exchange.write_finished:
             exchange.connection_closed(delegate_finished=False)
-        body = error_body(message)
-        self._write(
-            f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json; charset=utf-8\r\n"
-            f"Cache-Control: no-store\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
+        self._write(refusal(status, message))
         self._linger()
 
     def _linger(self) -> None:
@@ -762,8 +961,8 @@ class Connection(asyncio.BufferedProtocol):
         self.server.front.discard(self)
         transport.abort()  # closes our descriptor; the duplicate keeps the connection
         server = self.server
-        stream = tornado.iostream.IOStream(raw, max_buffer_size=server.max_buffer_size,
-                                           read_chunk_size=server.read_chunk_size)
+        stream = _CountedStream(server, raw, max_buffer_size=server.max_buffer_size,
+                                read_chunk_size=server.read_chunk_size)
         # What was read already is the start of what Tornado reads (IOStream has no public way to put it back).
         stream._read_buffer += data
         stream._read_buffer_size += len(data)
