@@ -454,6 +454,20 @@ _NORMALIZED: dict[str, str] = {}
 _NO_OPTIONS: frozenset[str] = frozenset()
 
 
+def transfer_encoding_problem(start_line: tornado.httputil.RequestStartLine, fields: dict[str, list[str]]
+                              ) -> str | None:
+    """What makes a request's Transfer-Encoding one that cannot be read (RFC 9112 6.1 and 6.3, and Tornado, which
+    reads only `chunked`), or None. Such a request is refused before it reaches Tornado."""
+    if start_line.version != "HTTP/1.1":
+        return "an HTTP/1.0 request may not have a Transfer-Encoding"
+    if "Content-Length" in fields:
+        return "a request may not have both Transfer-Encoding and Content-Length"
+    value = ",".join(fields["Transfer-Encoding"])
+    if value.lower() != "chunked":  # exactly what Tornado reads: no other coding, no list
+        return f"only a chunked Transfer-Encoding is supported: {value!r}"
+    return None
+
+
 def connection_options(values: list[str]) -> frozenset[str]:
     """The connection options of a request's Connection fields, lowercased: every field, split at commas."""
     if len(values) == 1 and "," not in values[0]:
@@ -660,6 +674,11 @@ class Connection(asyncio.BufferedProtocol):
             log.info("malformed HTTP request from %s: %s", self.context.remote_ip, redact(str(exc)))
             self._refuse(400, "malformed HTTP request")
             return False
+        if "Transfer-Encoding" in headers._as_list:
+            problem = transfer_encoding_problem(start_line, headers._as_list)
+            if problem is not None:
+                self._refuse(400, problem)  # here, as JSON: Tornado's refusal of it would be a bare 400
+                return False
         if self._for_tornado(start_line, headers):
             self._hand_over()
             return False

@@ -23,6 +23,7 @@ from chatserver import jsonutil
 from chatserver.broadcaster import EventRecord, Replay
 from chatserver.errors import BadRequest, ChatError, Forbidden, Unauthorized
 from chatserver.models import check_id
+from handlers import wsframes
 from handlers.base import ApiHandler, AppContext, JsonErrors
 from handlers.outbox import Outbox
 from handlers.pings import HeartbeatSweep, PingSweep
@@ -132,6 +133,10 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         self.set_status(426, "Upgrade Required")
         self.set_header("Sec-WebSocket-Version", "13")
         return None
+
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        """Tornado's protocol, reading the client's frames with handlers/wsframes.py's RFC 6455 checks."""
+        return wsframes.strict(super().get_websocket_protocol())
 
     def _detach_stream(self) -> tornado.iostream.IOStream:
         # Tornado's version also sets seven instance attributes (write, finish, ... raising "not supported"), which

@@ -463,6 +463,17 @@ REFUSALS = [
                  id="host-tornado-refuses"),
     pytest.param(b"GET /api/me HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400, "malformed HTTP request",
                  id="two-hosts"),
+    # A Transfer-Encoding this layer would hand to Tornado, whose own refusal is a bare 400 without a body.
+    pytest.param(b"POST /api/nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+                 b"0\r\n\r\n", 400, "a request may not have both Transfer-Encoding and Content-Length",
+                 id="transfer-encoding-and-content-length"),
+    pytest.param(b"POST /api/nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400,
+                 "only a chunked Transfer-Encoding is supported: 'gzip'", id="transfer-encoding-not-chunked"),
+    pytest.param(b"POST /api/nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
+                 "only a chunked Transfer-Encoding is supported: 'chunked,chunked'", id="transfer-encoding-twice"),
+    pytest.param(b"POST /api/nowhere HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
+                 "an HTTP/1.0 request may not have a Transfer-Encoding", id="transfer-encoding-in-http10"),
 ]
 
 
