@@ -700,7 +700,7 @@ class Connection(asyncio.BufferedProtocol):
             self._failed("headers_received")
             return False
         if result is not None:
-            asyncio.ensure_future(result).add_done_callback(self._headers_done)
+            asyncio.ensure_future(result).add_done_callback(functools.partial(self._headers_done, exchange))
             return False
         return self._start_body()
 
@@ -713,7 +713,12 @@ class Connection(asyncio.BufferedProtocol):
             return False
         return True
 
-    def _headers_done(self, future: asyncio.Future[Any]) -> None:
+    def _headers_done(self, exchange: Exchange, future: asyncio.Future[Any]) -> None:
+        # Its own exchange's: one answered at its headers may be followed by the next before this resolves.
+        if exchange is not self.exchange:
+            if not future.cancelled() and future.exception() is not None:
+                log.error("HTTP headers_received failed after its answer", exc_info=future.exception())
+            return
         if self._handler_done(future, HEADERS_WAIT, "headers_received") and self._start_body():
             self._run()
 
@@ -845,9 +850,11 @@ class Connection(asyncio.BufferedProtocol):
         if exchange is not self.exchange or self.state >= LINGERING:
             return
         if not exchange.read_finished:
-            # Answered before the body was read (a 413 at the headers, say): read and drop the rest, then close.
-            self._linger()
-            return
+            if self.state != HEADERS_WAIT or self.remaining:
+                # Answered before the body was read (a 413 at the headers, say): read and drop the rest, then close.
+                self._linger()
+                return
+            exchange.read_finished = True  # answered at the headers of a request without a body: nothing to drop
         if self._write_waiters is not None and not exchange.disconnect_on_finish:
             # The socket is full: the next request is read once the client takes this answer (resume_writing),
             # as Tornado does; else a client that pipelines and never reads has answers buffered without bound.
