@@ -10,8 +10,9 @@ What this layer owns, as Tornado's did: keep-alive (HTTP/1.1 by default, HTTP/1.
 (one request at a time, the next read once the answer is written and the socket has room for more),
 `Expect: 100-continue`, Content-Length bodies handed to the handler as they arrive with its flow control,
 chunked and fixed-length answers, the bounds (header block size, body size, the idle wait for a request, the
-wait for a body), write flow control (a handler's `flush()` waits while the socket is full), and telling a
-handler that its client went away.
+wait for a body, the wait for a closing connection's last bytes), write flow control (a handler's `flush()`
+waits while the socket is full), and telling a handler that its client went away. Beyond Tornado's: accepting
+(the number of connections, and a pause when the process is out of file descriptors: see `Server`).
 Refusals come as JSON like every other error (400 for a malformed request, 413 for a body over the hard
 limit, 431 for a header block over its limit, 408 for a request that stalls past its timeout), and the
 connection then closes without losing the answer to
