@@ -88,7 +88,7 @@ def refusal(status: int, message: str, extra: str = "") -> bytes:
 
 # What accept() reports of one connection (Linux passes a new connection's pending network error on; a firewall
 # may refuse one): that connection is skipped, the others are accepted as usual.
-_ONE_CONNECTIONS_ERRORS = frozenset((
+_ONE_CONNECTION_ERRORS = frozenset((
     errno.EPROTO, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN,
     errno.EHOSTUNREACH, errno.ENONET, errno.EPERM,
 ))
@@ -105,8 +105,8 @@ class Server(tornado.httpserver.HTTPServer):
     bounds Tornado's accept loop lacks. Past `max_connections` open connections, a new one is answered at once
     with a JSON 503 and closed. And when the process is out of file descriptors (EMFILE, ENFILE), accepting
     pauses for ACCEPT_PAUSE seconds, the waiting connections staying in the listen backlog, instead of failing
-    again at once in a busy loop. Each refusal and pause is counted (`on_refused(reason)`, "limit" or "emfile")
-    and logged at most once per LOG_INTERVAL.
+    again at once in a busy loop. Each refusal and pause is counted (`on_refused(reason)`: "limit", "emfile", or
+    "error" for another failure of accept) and logged at most once per LOG_INTERVAL.
     """
 
     def initialize(self, *args: Any, handover_paths: tuple[str, ...] = (), max_connections: int = 0,
@@ -168,7 +168,7 @@ class Server(tornado.httpserver.HTTPServer):
             except ConnectionAbortedError:
                 continue  # gone while in the backlog
             except OSError as exc:
-                if exc.errno in _ONE_CONNECTIONS_ERRORS:
+                if exc.errno in _ONE_CONNECTION_ERRORS:
                     continue
                 self._pause_accepting(exc)
                 return
