@@ -21,6 +21,7 @@ import errno
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -222,6 +223,30 @@ class StopSignal:
         await self._event.wait()
 
 
+# Descriptors kept for what is not a client connection: the listener, the database and its journal, the broker,
+# the log, the loop's own.
+RESERVED_DESCRIPTORS = 64
+
+
+def raise_descriptor_limit(max_connections: int) -> None:
+    """The soft limit on open files raised to the hard one (a soft limit of 1024 is common, and meant for programs
+    that open a few files); a warning where `max_connections` does not fit under it, since a process out of
+    descriptors pauses accepting rather than refusing with an answer."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.info("could not raise the limit on open files from %d to %d: %s", soft, hard, exc)
+    if soft != resource.RLIM_INFINITY and max_connections + RESERVED_DESCRIPTORS > soft:
+        log.warning(
+            "max_connections is %d but this process may open only %d files: past about %d connections it "
+            "cannot accept more (raise LimitNOFILE=, or lower max_connections)",
+            max_connections, soft, max(soft - RESERVED_DESCRIPTORS, 0),
+        )
+
+
 def connection_status(ctx: AppContext) -> str:
     """The connection counts for systemd's status line and the shutdown log."""
     counts = collections.Counter(getattr(c, "transport", "other") for c in ctx.connections)
@@ -247,6 +272,7 @@ def tune_gc() -> None:
 async def serve(config: Config, *, demo: bool, environ: dict[str, str]) -> None:
     loop = asyncio.get_running_loop()
     stop = StopSignal(loop)
+    raise_descriptor_limit(config.max_connections)
     notifier = systemd.Notifier.from_environ(environ)
     try:
         ctx = await build_context(config)

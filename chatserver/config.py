@@ -85,6 +85,7 @@ class Config:
     ws_ping_interval: float = attrs.field(default=20.0, validator=_positive)
     ws_ping_timeout: float = attrs.field(default=20.0, validator=_positive)
     client_buffer_limit: int = attrs.field(default=1024 * 1024, validator=_positive)
+    max_connections: int = attrs.field(default=10000, validator=_positive)
     sse_heartbeat: float = attrs.field(default=15.0, validator=_positive)
     amqp_prefetch: int = attrs.field(default=64, validator=_positive)
     cluster_exchange: str = ""

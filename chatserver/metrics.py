@@ -68,6 +68,15 @@ class Metrics:
             "chatserver_cluster_events", "Events relayed between server processes by outcome", ["outcome"],
             registry=r,
         )
+        self.connections_open = Gauge(
+            "chatserver_connections_open",
+            "Client connections open now, of every kind (what max_connections bounds)", registry=r,
+        )
+        self.connections_refused = Counter(
+            "chatserver_connections_refused",
+            "Connections refused at max_connections (limit); accepting paused for want of a file descriptor "
+            "(emfile) or for another failure of the listener (error)", ["reason"], registry=r,
+        )
         self.request_latency = LoopHistogram(
             "chatserver_request_seconds", "HTTP request latency", ["method", "handler"], registry=r
         )
@@ -77,10 +86,16 @@ class Metrics:
         self.connections.labels("longpoll").set_function(lambda: self.parked_polls)  # a parked poll is one
         for reason in ("restarted", "expired"):
             self.resets.labels(reason)
+        for reason in ("limit", "emfile", "error"):
+            self.connections_refused.labels(reason)
         for outcome in ("accepted", "duplicate", "rejected"):
             self.chat3_events.labels(outcome)
         for outcome in ("sent", "received", "dropped", "invalid"):
             self.cluster_events.labels(outcome)
+
+    def count_refused_connection(self, reason: str) -> None:
+        """A connection refused, or accepting paused ("limit", "emfile", "error"): for the HTTP listener."""
+        self.connections_refused.labels(reason).inc()
 
     def observe_broadcaster(self, broadcaster: Broadcaster) -> None:
         """Export the broadcaster's own counts (`chatserver_events_published_total` and the rest)."""

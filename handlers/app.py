@@ -26,7 +26,7 @@ from chatserver.store import Store, open_store
 from chatserver.throttle import Throttle
 from handlers import fastpoll, http1, ops, realtime, rest, web
 from handlers.base import AppContext, NotFoundHandler, log_request
-from handlers.pings import PingSweep
+from handlers.pings import HeartbeatSweep, PingSweep
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 
@@ -68,6 +68,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
     c = {"ctx": ctx}
     # One ping timer for every WebSocket (Tornado's websocket_ping_interval would run a task per connection).
     pings = PingSweep(ctx.config.ws_ping_interval, ctx.config.ws_ping_timeout)
+    heartbeats = HeartbeatSweep(ctx.config.sse_heartbeat)  # and one for every SSE stream's keep-alive comment
     dialog = r"([^/]+)"
     routes: list[Any] = [
         (r"/api/auth/login", rest.LoginHandler, c),
@@ -80,7 +81,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
         (rf"/api/messages/dialog/{dialog}", rest.DialogMessagesHandler, c),
         (r"/api/messages/([^/]+)", rest.MessageHandler, c),
         (r"/api/poll", realtime.PollHandler, c),
-        (r"/api/events", realtime.EventStreamHandler, c),
+        (r"/api/events", realtime.EventStreamHandler, {**c, "heartbeats": heartbeats}),
         (r"/ws", realtime.EventSocket, {**c, "pings": pings}),
         (r"/healthz", ops.HealthHandler, c),
         (r"/readyz", ops.ReadyHandler, c),
@@ -108,10 +109,13 @@ def make_http_server(app: tornado.web.Application, config: Config) -> tornado.ht
     Connections are handlers/http1.py's; WebSocket upgrades and the SSE stream are handed to Tornado's HTTP/1.1
     server. Common long-polls are answered by handlers/fastpoll.py's lean path; every other request by `app`.
     """
-    ctx = app.settings.get("chatserver_ctx")
-    return http1.Server(
-        fastpoll.LeanRouter(app, ctx) if isinstance(ctx, AppContext) else app,
+    found = app.settings.get("chatserver_ctx")
+    ctx = found if isinstance(found, AppContext) else None
+    server = http1.Server(
+        fastpoll.LeanRouter(app, ctx) if ctx is not None else app,
         handover_paths=("/ws", "/api/events"),
+        max_connections=config.max_connections,
+        on_refused=ctx.metrics.count_refused_connection if ctx is not None else None,
         max_header_size=16 * 1024,
         # Bodies over max_body_size get a JSON 413 from the handler; this is the hard stop behind it.
         max_body_size=max(config.max_body_size * 2, 1024 * 1024),
@@ -119,3 +123,6 @@ def make_http_server(app: tornado.web.Application, config: Config) -> tornado.ht
         body_timeout=30,
         decompress_request=False,
     )
+    if ctx is not None:
+        ctx.metrics.connections_open.set_function(server.open_connections)
+    return server

@@ -267,7 +267,7 @@ class ApiHandler(JsonHandler):
         self._body = bytearray()
         limit = self.ctx.config.max_body_size
         length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        if length is not None and length.isascii() and length.isdecimal() and int(length) > limit:
             # Answered before a byte of the body is read; finishing early makes Tornado close the connection
             # rather than read the rest.
             raise TooLarge(f"the body is larger than {limit} bytes")

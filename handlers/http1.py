@@ -10,8 +10,9 @@ What this layer owns, as Tornado's did: keep-alive (HTTP/1.1 by default, HTTP/1.
 (one request at a time, the next read once the answer is written and the socket has room for more),
 `Expect: 100-continue`, Content-Length bodies handed to the handler as they arrive with its flow control,
 chunked and fixed-length answers, the bounds (header block size, body size, the idle wait for a request, the
-wait for a body), write flow control (a handler's `flush()` waits while the socket is full), and telling a
-handler that its client went away.
+wait for a body, the wait for a closing connection's last bytes), write flow control (a handler's `flush()`
+waits while the socket is full), and telling a handler that its client went away. Beyond Tornado's: accepting
+(the number of connections, and a pause when the process is out of file descriptors: see `Server`).
 Refusals come as JSON like every other error (400 for a malformed request, 413 for a body over the hard
 limit, 431 for a header block over its limit, 408 for a request that stalls past its timeout), and the
 connection then closes without losing the answer to
@@ -27,16 +28,22 @@ is Tornado's from the start: a peek at its first bytes tells, before any of them
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import logging
 import os
 import re
 import socket
 import sys
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, TypeGuard, cast
 
 import tornado.httpserver
 import tornado.httputil
+import tornado.ioloop
 import tornado.iostream
+import tornado.netutil
 from tornado.http1connection import parse_int
 from tornado.httputil import _normalize_header
 
@@ -61,8 +68,31 @@ SWEEP_INTERVAL = 1.0
 READ_AHEAD = 64 * 1024
 HANDOVER_WAIT = 10.0  # at most this long for an answer still being sent before a connection goes to Tornado
 
+# Connections accepted at most at a time (as Tornado's accept loop), and how long accepting pauses when the
+# process has no file descriptor for one more; a refusal or pause is logged at most once per LOG_INTERVAL.
+ACCEPT_BATCH = 128
+ACCEPT_PAUSE = 0.1
+LOG_INTERVAL = 10.0
+
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Payload Too Large",
-            431: "Request Header Fields Too Large"}
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+def refusal(status: int, message: str, extra: str = "") -> bytes:
+    """A whole answer of this layer's own: the JSON error, and the end of the connection."""
+    body = error_body(message)
+    return (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Cache-Control: no-store\r\n{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode() + body
+
+
+# What accept() reports of one connection (Linux passes a new connection's pending network error on; a firewall
+# may refuse one): that connection is skipped, the others are accepted as usual.
+_ONE_CONNECTION_ERRORS = frozenset((
+    errno.EPROTO, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN,
+    errno.EHOSTUNREACH, errno.ENONET, errno.EPERM,
+))
+_LIMIT_ANSWER = refusal(503, "the server is at its connection limit; retry later", "Retry-After: 1\r\n")
 
 
 class Server(tornado.httpserver.HTTPServer):
@@ -70,9 +100,17 @@ class Server(tornado.httpserver.HTTPServer):
 
     `add_sockets`, `stop` and `close_all_connections` work as Tornado's (run.py and the tests use them); a
     connection handed to Tornado is served by the base class as if it had accepted it.
+
+    Accepting is this class's own (`socket.accept` from the loop's reader on each listening socket), with two
+    bounds Tornado's accept loop lacks. Past `max_connections` open connections, a new one is answered at once
+    with a JSON 503 and closed. And when the process is out of file descriptors (EMFILE, ENFILE), accepting
+    pauses for ACCEPT_PAUSE seconds, the waiting connections staying in the listen backlog, instead of failing
+    again at once in a busy loop. Each refusal and pause is counted (`on_refused(reason)`: "limit", "emfile", or
+    "error" for another failure of accept) and logged at most once per LOG_INTERVAL.
     """
 
-    def initialize(self, *args: Any, handover_paths: tuple[str, ...] = (), **kwargs: Any) -> None:
+    def initialize(self, *args: Any, handover_paths: tuple[str, ...] = (), max_connections: int = 0,
+                   on_refused: Callable[[str], None] | None = None, **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
         self.handover_paths = frozenset(handover_paths)
         self._handover_prefixes = tuple(p + c for p in handover_paths for c in "?/")
@@ -80,25 +118,141 @@ class Server(tornado.httpserver.HTTPServer):
         # read (a peek tells): no asyncio transport to build and drop, no descriptor to duplicate.
         self._tornado_starts = tuple(f"GET {p}{c}".encode() for p in handover_paths for c in "? /")
         self._peek = max((len(start) for start in self._tornado_starts), default=0)
-        self._unread: dict[socket.socket, tuple[Any, float]] = {}  # accepted, first bytes awaited: (address, due)
+        # Accepted, first bytes awaited: (address, when it was accepted).
+        self._unread: dict[socket.socket, tuple[Any, float]] = {}
         self.front: set[Connection] = set()
         # Every connection's reads land here first: asyncio calls get_buffer and buffer_updated back to back.
         self.receive_buffer = memoryview(bytearray(READ_AHEAD))
         self._sweeper: asyncio.TimerHandle | None = None
+        self.max_connections = max_connections  # 0: no limit
+        self._listeners: dict[int, socket.socket] = {}
+        self._listen_loop: asyncio.AbstractEventLoop | None = None
+        self._resume: asyncio.TimerHandle | None = None  # while accepting is paused
+        self._starting: set[socket.socket] = set()  # accepted, given to asyncio, not yet a Connection
+        self.tornado_streams = 0  # open connections served by Tornado (its streams count themselves)
+        self._refusals = _Refusals(on_refused)
 
-    def _handle_connection(self, connection: socket.socket, address: Any) -> None:
+    # -- accepting -------------------------------------------------------------------------------------
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        loop = cast(Any, tornado.ioloop.IOLoop.current()).asyncio_loop  # the loop this server runs on
+        self._listen_loop = loop
+        for sock in sockets:
+            sock.setblocking(False)
+            self._listeners[sock.fileno()] = sock
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def stop(self) -> None:
+        loop = self._listen_loop
+        for fd, sock in self._listeners.items():
+            if loop is not None and self._resume is None:
+                loop.remove_reader(fd)
+            sock.close()
+        self._listeners.clear()
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        super().stop()
+
+    def open_connections(self) -> int:
+        """The client connections open now, of every kind (each holds a file descriptor)."""
+        return len(self._unread) + len(self.front) + len(self._starting) + self.tornado_streams
+
+    def _accept(self, listener: socket.socket) -> None:
+        # At most ACCEPT_BATCH at a time, so that a flood of connections does not starve the rest of the loop.
+        for _ in range(ACCEPT_BATCH):
+            try:
+                connection, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # none left waiting
+            except ConnectionAbortedError:
+                continue  # gone while in the backlog
+            except OSError as exc:
+                if exc.errno in _ONE_CONNECTION_ERRORS:
+                    continue
+                self._pause_accepting(exc)
+                return
+            if self.max_connections and self.open_connections() >= self.max_connections:
+                self._refuse_over_limit(connection)
+                continue
+            try:
+                self._handle_accepted(connection, address)
+            except Exception:
+                log.exception("could not take an accepted connection")
+                connection.close()
+
+    def _pause_accepting(self, error: OSError) -> None:
+        """No descriptor for a new connection (EMFILE, ENFILE), or another failure of the listener itself (out of
+        memory, say): stop accepting for a moment rather than fail again at once; the connections wait in the
+        backlog meanwhile."""
+        loop = self._listen_loop
+        if loop is None or self._resume is not None:
+            return
+        for fd in self._listeners:
+            loop.remove_reader(fd)
+        self._resume = loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+        descriptors = error.errno in (errno.EMFILE, errno.ENFILE)
+        self._refusals.count(
+            "emfile" if descriptors else "error",
+            f"cannot accept connections ({'out of file descriptors: ' if descriptors else ''}"
+            f"{error.strerror or repr(error)}); accepting pauses for {ACCEPT_PAUSE}s at a time; "
+            f"{self.open_connections()} connections open",
+        )
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        loop = self._listen_loop
+        assert loop is not None
+        for fd, sock in self._listeners.items():
+            loop.add_reader(fd, self._accept, sock)
+
+    def _refuse_over_limit(self, connection: socket.socket) -> None:
+        """Beyond max_connections: a 503 at once, and the end of the connection."""
+        try:
+            connection.setblocking(False)
+            connection.send(_LIMIT_ANSWER)  # a fresh socket's buffer takes it whole
+            # What the client sent already is read and dropped: closed with it unread, the kernel would send a
+            # reset, which can destroy the answer before the client reads it.
+            for _ in range(4):
+                if not connection.recv(65536):
+                    break
+        except OSError:
+            pass  # nothing (more) to read, or the client is gone already
+        finally:
+            connection.close()
+        self._refusals.count("limit", f"connection refused: {self.max_connections} connections are open "
+                                      "(max_connections)")
+
+    def _handle_accepted(self, connection: socket.socket, address: Any) -> None:
         if self.ssl_options is not None or self.xheaders or self.conn_params.decompress:
-            super()._handle_connection(connection, address)
+            self._serve_with_tornado(connection, address)
             return
         loop = asyncio.get_running_loop()
         if not self._peek:
-            self._take(connection, address)
+            self._take(connection, address, loop.time())
             return
-        timeout = self.conn_params.header_timeout
-        self._unread[connection] = (address, loop.time() + timeout if timeout else 0.0)
+        self._unread[connection] = (address, loop.time())
         connection.setblocking(False)
         loop.add_reader(connection.fileno(), self._first_bytes, connection)
         self._keep_sweeping()
+
+    def _serve_with_tornado(self, connection: socket.socket, address: Any) -> None:
+        """Tornado's HTTP/1.1 server takes the connection from its first byte, as its TCPServer would hand it."""
+        try:
+            stream: tornado.iostream.IOStream
+            if self.ssl_options is not None:
+                connection = tornado.netutil.ssl_wrap_socket(
+                    connection, self.ssl_options, server_side=True, do_handshake_on_connect=False)
+                stream = _CountedSSLStream(self, connection, max_buffer_size=self.max_buffer_size,
+                                           read_chunk_size=self.read_chunk_size)
+            else:
+                stream = _CountedStream(self, connection, max_buffer_size=self.max_buffer_size,
+                                        read_chunk_size=self.read_chunk_size)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; a port scan's closed socket, say
+            log.info("could not take an accepted connection: %r", exc)
+            connection.close()
+            return
+        self.handle_stream(stream, address)
 
     def _first_bytes(self, connection: socket.socket) -> None:
         """The connection's first bytes have come: Tornado's if they start a request for a hand-over path."""
@@ -117,19 +271,35 @@ class Server(tornado.httpserver.HTTPServer):
             connection.close()
             return
         if start.startswith(self._tornado_starts):
-            super()._handle_connection(connection, entry[0])
+            self._serve_with_tornado(connection, entry[0])
         else:
-            self._take(connection, entry[0])  # also a closed one: the protocol sees its end
+            self._take(connection, *entry)  # also a closed one: the protocol sees its end
 
-    def _take(self, connection: socket.socket, address: Any) -> None:
+    def _take(self, connection: socket.socket, address: Any, accepted: float) -> None:
+        """The connection is ours: its wait for a first request counts from `accepted`, not from now."""
         loop = asyncio.get_running_loop()
-        task = loop.create_task(loop.connect_accepted_socket(lambda: Connection(self, address), connection))
-        task.add_done_callback(_accepted)
+        self._starting.add(connection)
+        task = loop.create_task(
+            loop.connect_accepted_socket(lambda: Connection(self, address, accepted), connection))
+        task.add_done_callback(functools.partial(self._taken, connection))
+
+    def _taken(self, connection: socket.socket, task: asyncio.Task[Any]) -> None:
+        self._starting.discard(connection)  # a Connection now (in `front`), or failed
+        if not task.cancelled() and task.exception() is not None:
+            log.info("could not take an accepted connection: %r", task.exception())
+            connection.close()
 
     def _drop_unread(self, connection: socket.socket) -> None:
         self._unread.pop(connection, None)
         asyncio.get_running_loop().remove_reader(connection.fileno())
         connection.close()
+
+    def start_request(self, server_conn: object, request_conn: tornado.httputil.HTTPConnection
+                      ) -> tornado.httputil.HTTPMessageDelegate:
+        delegate = super().start_request(server_conn, request_conn)
+        if isinstance(request_conn, Exchange):
+            return delegate
+        return _IgnoredExpectation(delegate)  # a request on a connection handed to Tornado
 
     async def close_all_connections(self) -> None:
         for connection in list(self._unread):
@@ -153,14 +323,87 @@ class Server(tornado.httpserver.HTTPServer):
         now = asyncio.get_running_loop().time()
         for conn in [c for c in self.front if 0 < c.deadline <= now]:
             conn.timed_out()
-        for connection in [c for c, (_, due) in self._unread.items() if 0 < due <= now]:
-            self._drop_unread(connection)  # connected and never said a word within the idle timeout
+        timeout = self.conn_params.header_timeout
+        if timeout:
+            for connection in [c for c, (_, accepted) in self._unread.items() if accepted + timeout <= now]:
+                self._drop_unread(connection)  # connected and never said a word within the idle timeout
         self._keep_sweeping()
 
 
-def _accepted(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.info("could not take an accepted connection: %r", task.exception())
+class _IgnoredExpectation(tornado.httputil.HTTPMessageDelegate):
+    """A request's delegate on Tornado's HTTP1Connection, which answers `Expect: 100-continue` after the delegate's
+    headers_received whatever the request's version: an HTTP/1.0 request's expectation is dropped before that
+    (RFC 9110 10.1.1: a server MUST ignore it). Everything else is the delegate's."""
+
+    def __init__(self, delegate: tornado.httputil.HTTPMessageDelegate) -> None:
+        self.delegate = delegate
+
+    def headers_received(
+        self,
+        start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
+        headers: tornado.httputil.HTTPHeaders,
+    ) -> Any:
+        if isinstance(start_line, tornado.httputil.RequestStartLine) and start_line.version == "HTTP/1.0":
+            headers.pop("Expect", None)
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Any:
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        self.delegate.on_connection_close()
+
+
+class _Refusals:
+    """Counts refused connections and accept pauses by reason; logs each reason at most once per LOG_INTERVAL,
+    with how many there were since its last line (a flood of them is one line, not one each)."""
+
+    def __init__(self, on_refused: Callable[[str], None] | None) -> None:
+        self._on_refused = on_refused
+        self._unlogged: dict[str, int] = {}
+        self._next_line: dict[str, float] = {}
+
+    def count(self, reason: str, message: str) -> None:
+        if self._on_refused is not None:
+            self._on_refused(reason)
+        unlogged = self._unlogged.get(reason, 0) + 1
+        now = time.monotonic()
+        if now < self._next_line.get(reason, 0.0):
+            self._unlogged[reason] = unlogged
+            return
+        self._unlogged[reason] = 0
+        self._next_line[reason] = now + LOG_INTERVAL
+        more = f" ({unlogged - 1} more since the last such line)" if unlogged > 1 else ""
+        log.warning("%s%s", message, more)
+
+
+class _Counted:
+    """A Tornado stream of a connection this server counts: `close_fd` (once per stream) uncounts it."""
+
+    def _count(self, server: Server) -> None:
+        self._counted_by = server
+        server.tornado_streams += 1
+
+    def close_fd(self) -> None:
+        try:
+            super().close_fd()  # type: ignore[misc]
+        finally:
+            self._counted_by.tornado_streams -= 1
+
+
+class _CountedStream(_Counted, tornado.iostream.IOStream):
+    def __init__(self, server: Server, sock: socket.socket, **kwargs: Any) -> None:
+        super().__init__(sock, **kwargs)
+        self._count(server)
+
+
+class _CountedSSLStream(_Counted, tornado.iostream.SSLIOStream):
+    def __init__(self, server: Server, sock: socket.socket, **kwargs: Any) -> None:
+        super().__init__(sock, **kwargs)
+        self._count(server)
 
 
 class _Headers(tornado.httputil.HTTPHeaders):
@@ -209,6 +452,29 @@ def parse_headers(block: str) -> tornado.httputil.HTTPHeaders:
 
 
 _NORMALIZED: dict[str, str] = {}
+_NO_OPTIONS: frozenset[str] = frozenset()
+
+
+def transfer_encoding_problem(start_line: tornado.httputil.RequestStartLine, fields: dict[str, list[str]]
+                              ) -> str | None:
+    """What makes a request's Transfer-Encoding one that cannot be read (RFC 9112 6.1 and 6.3, and Tornado, which
+    reads only `chunked`), or None. Such a request is refused before it reaches Tornado."""
+    if start_line.version != "HTTP/1.1":
+        return "an HTTP/1.0 request may not have a Transfer-Encoding"
+    if "Content-Length" in fields:
+        return "a request may not have both Transfer-Encoding and Content-Length"
+    value = ",".join(fields["Transfer-Encoding"])
+    if value.lower() != "chunked":  # exactly what Tornado reads: no other coding, no list
+        return f"only a chunked Transfer-Encoding is supported: {value!r}"
+    return None
+
+
+def connection_options(values: list[str]) -> frozenset[str]:
+    """The connection options of a request's Connection fields, lowercased: every field, split at commas."""
+    if len(values) == 1 and "," not in values[0]:
+        return frozenset((values[0].strip().lower(),))
+    return frozenset(option.strip().lower() for value in values for option in value.split(","))
+
 _METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"))
 
 
@@ -239,8 +505,8 @@ class _Context:
         return self.remote_ip
 
 
-# A connection's states.
-HEAD, HEADERS_WAIT, BODY, BODY_WAIT, ANSWERING, LINGERING, HANDING, HANDED, CLOSED = range(9)
+# A connection's states. From LINGERING on, nothing it receives is read as a request.
+HEAD, HEADERS_WAIT, BODY, BODY_WAIT, ANSWERING, LINGERING, CLOSING, HANDING, HANDED, CLOSED = range(10)
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -271,7 +537,7 @@ class Connection(asyncio.BufferedProtocol):
         "transport",
     )
 
-    def __init__(self, server: Server, address: Any) -> None:
+    def __init__(self, server: Server, address: Any, accepted: float) -> None:
         self.server = server
         # The loop, looked up once: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
         self.loop = asyncio.get_running_loop()
@@ -283,7 +549,10 @@ class Connection(asyncio.BufferedProtocol):
         self.state = HEAD
         self.exchange: Exchange | None = None
         self.remaining = 0  # body bytes of the current request still to read
-        self.deadline = 0.0  # when the current wait (for a request or a body) times out; 0: no wait is bounded
+        # When the current wait (for a request or a body) times out; 0: no wait is bounded. The wait for the first
+        # request counts from the accept (a peek at the first bytes may have come between), not from now.
+        timeout = self.params.header_timeout
+        self.deadline = accepted + timeout if timeout else 0.0
         self.body_timeout = self.params.body_timeout
         self._running = False
         self._read_paused = False
@@ -296,16 +565,14 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
         self._closed = self.loop.create_future()
-        self._wait_for_request()
         self.server._connection_started(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.server.receive_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        state = self.state
-        if state == LINGERING or state >= HANDING:
-            return  # dropped: the request was refused, or the bytes are no longer ours
+        if self.state >= LINGERING:
+            return  # dropped: the request was refused, the connection is closing, or the bytes are no longer ours
         self.buffer += self.server.receive_buffer[:nbytes]
         self._run()
 
@@ -408,6 +675,11 @@ class Connection(asyncio.BufferedProtocol):
             log.info("malformed HTTP request from %s: %s", self.context.remote_ip, redact(str(exc)))
             self._refuse(400, "malformed HTTP request")
             return False
+        if "Transfer-Encoding" in headers._as_list:
+            problem = transfer_encoding_problem(start_line, headers._as_list)
+            if problem is not None:
+                self._refuse(400, problem)  # here, as JSON: Tornado's refusal of it would be a bare 400
+                return False
         if self._for_tornado(start_line, headers):
             self._hand_over()
             return False
@@ -429,7 +701,7 @@ class Connection(asyncio.BufferedProtocol):
             self._failed("headers_received")
             return False
         if result is not None:
-            asyncio.ensure_future(result).add_done_callback(self._headers_done)
+            asyncio.ensure_future(result).add_done_callback(functools.partial(self._headers_done, exchange))
             return False
         return self._start_body()
 
@@ -442,7 +714,12 @@ class Connection(asyncio.BufferedProtocol):
             return False
         return True
 
-    def _headers_done(self, future: asyncio.Future[Any]) -> None:
+    def _headers_done(self, exchange: Exchange, future: asyncio.Future[Any]) -> None:
+        # Its own exchange's: one answered at its headers may be followed by the next before this resolves.
+        if exchange is not self.exchange:
+            if not future.cancelled() and future.exception() is not None:
+                log.error("HTTP headers_received failed after its answer", exc_info=future.exception())
+            return
         if self._handler_done(future, HEADERS_WAIT, "headers_received") and self._start_body():
             self._run()
 
@@ -452,7 +729,8 @@ class Connection(asyncio.BufferedProtocol):
         if self.remaining > exchange.max_body_size and not exchange.write_finished:
             self._refuse(413, f"the body is larger than {exchange.max_body_size} bytes")
             return False
-        if self.remaining and not exchange.write_finished and exchange.headers.get("Expect") == "100-continue":
+        if (self.remaining and not exchange.write_finished and exchange.headers.get("Expect") == "100-continue"
+                and exchange.start_line.version == "HTTP/1.1"):  # RFC 9110 10.1.1: an HTTP/1.0 one is ignored
             self._write(b"HTTP/1.1 100 (Continue)\r\n\r\n")
         self.state = BODY
         if self.remaining and self.body_timeout:
@@ -517,16 +795,18 @@ class Connection(asyncio.BufferedProtocol):
 
     def _can_keep_alive(self, start_line: tornado.httputil.RequestStartLine,
                         headers: tornado.httputil.HTTPHeaders) -> bool:
-        """Tornado's rule: HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`."""
+        """HTTP/1.1 unless a `close` connection option; HTTP/1.0 only with a `keep-alive` option and no `close`
+        (RFC 9112 9.3 and 9.6: the options of every Connection field), and, as Tornado, only where the request's
+        end is known (a Content-Length, or a HEAD or GET)."""
         if self.params.no_keep_alive:
             return False
         fields = headers._as_list
-        connection = headers["Connection"].lower() if "Connection" in fields else None
+        options = connection_options(fields["Connection"]) if "Connection" in fields else _NO_OPTIONS
+        if "close" in options:
+            return False
         if start_line.version == "HTTP/1.1":
-            return connection != "close"
-        if "Content-Length" in fields or start_line.method in ("HEAD", "GET"):
-            return connection == "keep-alive"
-        return False
+            return True
+        return ("Content-Length" in fields or start_line.method in ("HEAD", "GET")) and "keep-alive" in options
 
     def _for_tornado(self, start_line: tornado.httputil.RequestStartLine,
                      headers: tornado.httputil.HTTPHeaders) -> bool:
@@ -571,9 +851,11 @@ class Connection(asyncio.BufferedProtocol):
         if exchange is not self.exchange or self.state >= LINGERING:
             return
         if not exchange.read_finished:
-            # Answered before the body was read (a 413 at the headers, say): read and drop the rest, then close.
-            self._linger()
-            return
+            if self.state != HEADERS_WAIT or self.remaining:
+                # Answered before the body was read (a 413 at the headers, say): read and drop the rest, then close.
+                self._linger()
+                return
+            exchange.read_finished = True  # answered at the headers of a request without a body: nothing to drop
         if self._write_waiters is not None and not exchange.disconnect_on_finish:
             # The socket is full: the next request is read once the client takes this answer (resume_writing),
             # as Tornado does; else a client that pipelines and never reads has answers buffered without bound.
@@ -601,12 +883,7 @@ class Connection(asyncio.BufferedProtocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None and not exchange.write_finished:
             exchange.connection_closed(delegate_finished=False)
-        body = error_body(message)
-        self._write(
-            f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json; charset=utf-8\r\n"
-            f"Cache-Control: no-store\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
+        self._write(refusal(status, message))
         self._linger()
 
     def _linger(self) -> None:
@@ -637,8 +914,8 @@ class Connection(asyncio.BufferedProtocol):
     def timed_out(self) -> None:
         if self.state == HEAD and not self.buffer and self.exchange is None:
             self._close_soon()  # an idle kept-alive connection: nothing to answer
-        elif self.state == LINGERING:
-            self._abort()
+        elif self.state in (LINGERING, CLOSING):
+            self._abort()  # what it still had to send did not leave in time
         elif self.state in (HEAD, BODY):
             log.info("timed out reading a request from %s", self.context.remote_ip)
             self._refuse(408, "the request did not arrive in time")
@@ -649,8 +926,11 @@ class Connection(asyncio.BufferedProtocol):
             self._abort()
 
     def _close_soon(self) -> None:
-        """Close once what is written has left (asyncio's close flushes)."""
-        self.deadline = 0.0
+        """Close, between requests, once what is written has left (asyncio's close flushes), but no later than the
+        idle timeout from now: a client that never takes the rest would hold the connection for ever (the sweep
+        aborts it then)."""
+        self.state = CLOSING
+        self.deadline = self.loop.time() + (self.params.header_timeout or LINGER)
         if self.transport is not None:
             self.transport.close()
 
@@ -665,7 +945,10 @@ class Connection(asyncio.BufferedProtocol):
         if self.state >= HANDING:
             self.server.front.discard(self)
             return
-        self._close_soon()
+        # The state stays: a request in progress hears of the end as a client that went away.
+        self.deadline = 0.0
+        if self.transport is not None:
+            self.transport.close()
         if self._closed is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._closed), LINGER)
@@ -705,8 +988,8 @@ class Connection(asyncio.BufferedProtocol):
         self.server.front.discard(self)
         transport.abort()  # closes our descriptor; the duplicate keeps the connection
         server = self.server
-        stream = tornado.iostream.IOStream(raw, max_buffer_size=server.max_buffer_size,
-                                           read_chunk_size=server.read_chunk_size)
+        stream = _CountedStream(server, raw, max_buffer_size=server.max_buffer_size,
+                                read_chunk_size=server.read_chunk_size)
         # What was read already is the start of what Tornado reads (IOStream has no public way to put it back).
         stream._read_buffer += data
         stream._read_buffer_size += len(data)
@@ -743,7 +1026,7 @@ class Exchange(tornado.httputil.HTTPConnection):
                          and not 100 <= code < 200 and "Content-Length" not in headers)
         if request.version == "HTTP/1.1" and self.disconnect_on_finish:
             headers["Connection"] = "close"
-        if request.version == "HTTP/1.0" and self.headers.get("Connection", "").lower() == "keep-alive":
+        if request.version == "HTTP/1.0" and not self.disconnect_on_finish:
             headers["Connection"] = "Keep-Alive"
         if self.chunking:
             headers["Transfer-Encoding"] = "chunked"
@@ -785,6 +1068,10 @@ class Exchange(tornado.httputil.HTTPConnection):
 
     def set_max_body_size(self, max_body_size: int) -> None:
         self.max_body_size = max_body_size
+
+    def close(self) -> None:
+        """End the connection now, dropping what is not sent (a stream cut off for not reading its events)."""
+        self.conn._abort()
 
     def detach(self) -> tornado.iostream.IOStream:
         raise NotImplementedError("upgrades are handed to Tornado's HTTP/1.1 server before they reach a handler")

@@ -23,9 +23,10 @@ from chatserver import jsonutil
 from chatserver.broadcaster import EventRecord, Replay
 from chatserver.errors import BadRequest, ChatError, Forbidden, Unauthorized
 from chatserver.models import check_id
+from handlers import wsframes
 from handlers.base import ApiHandler, AppContext, JsonErrors
 from handlers.outbox import Outbox
-from handlers.pings import PingSweep
+from handlers.pings import HeartbeatSweep, PingSweep
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,10 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         self.set_status(426, "Upgrade Required")
         self.set_header("Sec-WebSocket-Version", "13")
         return None
+
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        """Tornado's protocol, reading the client's frames with handlers/wsframes.py's RFC 6455 checks."""
+        return wsframes.strict(super().get_websocket_protocol())
 
     def _detach_stream(self) -> tornado.iostream.IOStream:
         # Tornado's version also sets seven instance attributes (write, finish, ... raising "not supported"), which
@@ -414,9 +419,10 @@ class PollHandler(ApiHandler):
             self._wake.set_result(None)
 
     def on_connection_close(self) -> None:
-        # The client went away: drop the waiter now, not at its timeout.
+        # The client went away: drop the waiter now, not at its timeout (and no longer in flight: super()).
         self._gone = True
         self._release()
+        super().on_connection_close()
 
     def shutdown(self) -> None:
         self._release()
@@ -431,8 +437,9 @@ class EventStreamHandler(ApiHandler):
 
     transport = "sse"
 
-    def initialize(self, ctx: AppContext) -> None:
+    def initialize(self, ctx: AppContext, heartbeats: HeartbeatSweep) -> None:
         super().initialize(ctx)
+        self._heartbeats = heartbeats
         self.joined: frozenset[str] = frozenset()
         self._outbox: Outbox | None = None
         self._done: asyncio.Future[None] | None = None
@@ -474,11 +481,11 @@ class EventStreamHandler(ApiHandler):
         broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections.labels(self.transport).inc()
-        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+        self._heartbeats.add(self)
         try:
             await self._done
         finally:
-            heartbeat.cancel()
+            self._heartbeats.discard(self)
             broadcaster.unsubscribe(self)
             self._outbox.close()
             self.ctx.connections.discard(self)
@@ -508,15 +515,21 @@ class EventStreamHandler(ApiHandler):
     def _count_delivery(self) -> None:
         self.ctx.metrics.events_delivered.labels(self.transport).inc()
 
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.ctx.config.sse_heartbeat)
-            if self._outbox is not None:
-                self._outbox.push(b": keepalive\n\n")
+    def send_heartbeat(self) -> None:
+        """From the server's one HeartbeatSweep, every `sse_heartbeat` seconds: a comment line."""
+        if self._outbox is not None:
+            self._outbox.push(b": keepalive\n\n")
 
     def _cut_off(self) -> None:
+        log.info("closing an SSE stream of %s: it stopped reading its events", self.user_id)
         self.ctx.metrics.slow_clients_closed.inc()
-        self._stop()
+        # As a WebSocket's: forgotten at once, and its connection ended now with what it did not take (nothing
+        # else would end it: its answer never finishes leaving). The client resumes from its cursor.
+        self.ctx.broadcaster.unsubscribe(self)
+        close = getattr(self.request.connection, "close", None)  # Tornado's HTTP1Connection, http1.Exchange
+        if close is not None:
+            close()
+        self.on_connection_close()
 
     def _stop(self) -> None:
         if self._done is not None and not self._done.done():
@@ -525,6 +538,7 @@ class EventStreamHandler(ApiHandler):
     def on_connection_close(self) -> None:
         self._gone = True
         self._stop()
+        super().on_connection_close()
 
     def shutdown(self) -> None:
         self._stop()

@@ -11,6 +11,7 @@ import logging
 import signal
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import tornado.httpclient
@@ -138,3 +139,35 @@ async def test_a_token_in_a_header_tornado_refuses_is_not_logged(tmp_path: Path)
     assert "Invalid header value" in server.stderr
     for part in token.split("."):
         assert part not in server.stderr
+
+
+# A digit to str.isdigit() but not an ASCII one: superscript two, circled one, Arabic-Indic zero, fullwidth zero.
+NON_ASCII_DIGITS = ["\u00b2", "\u2460", "\u0660", "\uff10"]
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("digit", NON_ASCII_DIGITS, ids=["superscript", "circled", "arabic-indic", "fullwidth"])
+async def test_a_cursor_with_a_non_ascii_digit_is_400_on_every_transport(
+    alice: Client, digit: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cursor = quote(f"{alice.ctx.broadcaster.epoch}.{digit}")
+    bearer = f"Bearer {alice.token}"
+    answers = [
+        # The common poll (a bearer header, nothing else) and one the full handler takes (a conditional header).
+        await fetch(alice, "GET", f"/api/poll?cursor={cursor}&timeout=0", Authorization=bearer),
+        await fetch(alice, "GET", f"/api/poll?cursor={cursor}&timeout=0",
+                    **{"Authorization": bearer, "If-None-Match": '"x"'}),
+        await fetch(alice, "GET", f"/api/events?cursor={cursor}", Authorization=bearer),
+        await fetch(alice, "GET", "/api/events",
+                    # A header is latin-1: of these digits, only the superscript two can be sent as itself.
+                    **{"Authorization": bearer, "Last-Event-ID": f"{alice.ctx.broadcaster.epoch}.\u00b2"}),
+    ]
+    for response in answers:
+        assert "cursor" in assert_json_error(response, 400)
+    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+        await tornado.websocket.websocket_connect(f"{alice.ws_url}/ws?token={alice.token}&cursor={cursor}")
+    assert refused.value.code == 400
+    assert "cursor" in jsonutil.loads(refused.value.response.body)["error"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    # The same connection pool keeps being served.
+    assert (await fetch(alice, "GET", "/api/me", Authorization=bearer)).code == 200

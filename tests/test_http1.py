@@ -222,6 +222,91 @@ async def test_http10_closes_after_the_answer_unless_asked_to_keep_alive(alice: 
         await assert_eof(reader)
 
 
+# RFC 9112 9.6: a "close" among the connection options, in one field or in any of several, ends the connection.
+CLOSE_OPTIONS = [
+    pytest.param("HTTP/1.1", ["close, foo"], id="close-in-a-list"),
+    pytest.param("HTTP/1.1", ["Foo", "close"], id="close-in-a-second-field"),
+    pytest.param("HTTP/1.1", ["upgrade ,CLOSE"], id="close-among-odd-spacing"),
+    pytest.param("HTTP/1.0", ["keep-alive, close"], id="http10-keep-alive-and-close"),
+    pytest.param("HTTP/1.0", ["keep-alive", "close"], id="http10-close-in-a-second-field"),
+]
+
+
+def with_connection_fields(raw: bytes, values: list[str]) -> bytes:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    fields = "".join(f"\r\nConnection: {value}" for value in values).encode()
+    return head + fields + b"\r\n\r\n" + body
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(("version", "values"), CLOSE_OPTIONS)
+async def test_a_close_connection_option_ends_the_connection_after_the_answer(
+    alice: Client, base_url: str, version: str, values: list[str]
+) -> None:
+    cursor = await cursor_of(alice)
+    for path in ("/api/me", f"/api/poll?cursor={cursor}&timeout=0"):  # a handler's answer, and the lean poll's
+        async with connect(port_of(base_url)) as (reader, writer):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # this layer's connection, not Tornado's
+            assert (await read_answer(reader)).status == 200
+            writer.write(with_connection_fields(request("GET", path, token=alice.token, version=version), values))
+            answer = await read_answer(reader)
+            assert answer.status == 200, answer
+            if version == "HTTP/1.1":
+                assert answer.headers["Connection"] == "close"
+            else:
+                assert "Connection" not in answer.headers
+            await assert_eof(reader)
+
+
+@pytest.mark.gen_test
+async def test_http10_keep_alive_in_a_list_of_options_keeps_the_connection(alice: Client, base_url: str) -> None:
+    async with connect(port_of(base_url)) as (reader, writer):
+        for _ in range(2):
+            writer.write(request("GET", "/api/me", token=alice.token, version="HTTP/1.0", Connection="Keep-Alive, foo"))
+            answer = await read_answer(reader)
+            assert_me(answer, alice)
+            assert answer.headers["Connection"] == "Keep-Alive"
+
+
+@pytest.mark.gen_test
+async def test_an_http10_request_expecting_100_continue_gets_no_interim_answer(
+    alice: Client, base_url: str, dialog_id: str
+) -> None:
+    # RFC 9110 10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0 request. The client sends
+    # its body after a while without one; the first thing it reads is the final answer.
+    body = jsonutil.dumps_bytes({"content": "no continue for 1.0"})
+    whole = request("POST", f"/api/messages/dialog/{dialog_id}", token=alice.token, body=body, version="HTTP/1.0",
+                    Expect="100-continue")
+    async with connect(port_of(base_url)) as (reader, writer):
+        writer.write(whole[: -len(body)])
+        await nothing_within(reader, 0.3)
+        writer.write(body)
+        answer = await read_answer(reader)
+        assert answer.status == 201 and answer.json()["data"]["content"] == "no continue for 1.0"
+        await assert_eof(reader)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("first", [False, True], ids=["after-a-request-of-this-layer", "first-on-its-connection"])
+async def test_an_http10_request_to_a_tornado_path_expecting_100_continue_gets_no_interim_answer(
+    alice: Client, base_url: str, first: bool
+) -> None:
+    # The SSE stream is served by Tornado's HTTP/1.1 connection, which answers any 100-continue.
+    cursor = await cursor_of(alice)
+    whole = request("GET", f"/api/events?cursor={cursor}", token=alice.token, body=b"{}", version="HTTP/1.0",
+                    Expect="100-continue")
+    async with connect(port_of(base_url)) as (reader, writer):
+        if not first:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_answer(reader)).status == 200
+        writer.write(whole[:-2])
+        await nothing_within(reader, 0.3)
+        writer.write(whole[-2:])
+        start, headers = await read_head(reader)
+        assert start.code == 200 and headers["Content-Type"].startswith("text/event-stream")
+    await eventually(lambda: not alice.ctx.connections)
+
+
 # -- pipelining ------------------------------------------------------------------------------------------------
 
 
@@ -342,6 +427,20 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent(
 
 
 @pytest.mark.gen_test
+async def test_a_request_without_a_body_refused_at_its_headers_keeps_its_connection(
+    alice: Client, base_url: str
+) -> None:
+    # A 401 from a handler that streams its body comes before the (empty) body is read: nothing is left to drop.
+    async with connect(port_of(base_url)) as (reader, writer):
+        for _ in range(2):
+            writer.write(request("GET", "/api/me"))
+            answer = await read_answer(reader)
+            assert answer.status == 401 and "Connection" not in answer.headers
+        writer.write(request("GET", "/api/me", token=alice.token))
+        assert_me(await read_answer(reader), alice)
+
+
+@pytest.mark.gen_test
 async def test_expect_100_continue_refused_at_the_headers_gets_no_continue_and_a_close(
     alice: Client, base_url: str, dialog_id: str
 ) -> None:
@@ -384,6 +483,17 @@ REFUSALS = [
                  id="host-tornado-refuses"),
     pytest.param(b"GET /api/me HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400, "malformed HTTP request",
                  id="two-hosts"),
+    # A Transfer-Encoding this layer would hand to Tornado, whose own refusal is a bare 400 without a body.
+    pytest.param(b"POST /api/nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+                 b"0\r\n\r\n", 400, "a request may not have both Transfer-Encoding and Content-Length",
+                 id="transfer-encoding-and-content-length"),
+    pytest.param(b"POST /api/nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400,
+                 "only a chunked Transfer-Encoding is supported: 'gzip'", id="transfer-encoding-not-chunked"),
+    pytest.param(b"POST /api/nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
+                 "only a chunked Transfer-Encoding is supported: 'chunked,chunked'", id="transfer-encoding-twice"),
+    pytest.param(b"POST /api/nowhere HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
+                 "an HTTP/1.0 request may not have a Transfer-Encoding", id="transfer-encoding-in-http10"),
 ]
 
 
@@ -434,22 +544,38 @@ class SmallServer(NamedTuple):
     port: int
 
 
-@pytest.fixture
-def small_server(io_loop: Any, ctx: AppContext, seed: dict[str, Any]) -> Iterator[SmallServer]:
-    """The application behind an http1.Server with a 1 s idle timeout and a 1 s body timeout."""
+def start_small_server(ctx: AppContext, idle_timeout: float = 1, *, handover: bool = False,
+                       send_buffer: int = 0) -> SmallServer:
+    """The application behind an http1.Server with a short idle timeout and a 1 s body timeout. `handover`: with
+    the production server's hand-over paths (a first request for one goes to Tornado, told by a peek);
+    `send_buffer`, where given, is the SO_SNDBUF its connections inherit."""
     server = http1.Server(
         make_app(ctx),
+        handover_paths=("/ws", "/api/events") if handover else (),
         max_header_size=16 * 1024,
         max_body_size=1024 * 1024,
-        idle_connection_timeout=1,
+        idle_connection_timeout=idle_timeout,
         body_timeout=1,
         decompress_request=False,
     )
     sock, port = tornado.testing.bind_unused_port()
+    if send_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)  # accepted sockets inherit it
     server.add_socket(sock)
-    yield SmallServer(server, port)
-    server.stop()
-    io_loop.run_sync(server.close_all_connections, timeout=10)
+    return SmallServer(server, port)
+
+
+async def stop_small_server(small: SmallServer) -> None:
+    small.server.stop()
+    await asyncio.wait_for(small.server.close_all_connections(), 10)
+
+
+@pytest.fixture
+def small_server(io_loop: Any, ctx: AppContext, seed: dict[str, Any]) -> Iterator[SmallServer]:
+    """A server of `start_small_server` with a 1 s idle timeout."""
+    small = start_small_server(ctx)
+    yield small
+    io_loop.run_sync(lambda: stop_small_server(small))
 
 
 @pytest.mark.gen_test
@@ -462,6 +588,27 @@ async def test_a_request_head_that_stalls_gets_408_after_the_idle_timeout(small_
         waited = loop.time() - started
     assert_refused(raw, 408, "the request did not arrive in time")
     assert waited >= 0.9, waited
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_wait_for_a_request_head_counts_from_the_connection_not_from_its_first_byte(
+    ctx: AppContext, seed: dict[str, Any]
+) -> None:
+    # One deadline from the accept: a first byte just before it does not buy a second idle timeout.
+    idle = 3.0
+    small = start_small_server(ctx, idle_timeout=idle, handover=True)
+    loop = asyncio.get_running_loop()
+    try:
+        async with connect(small.port) as (reader, writer):
+            started = loop.time()
+            await nothing_within(reader, idle - 0.5)
+            writer.write(b"G")
+            raw = await asyncio.wait_for(reader.read(), idle + http1.SWEEP_INTERVAL + 1.5)
+            waited = loop.time() - started
+        assert_refused(raw, 408, "the request did not arrive in time")
+        assert idle - 0.1 <= waited < idle + http1.SWEEP_INTERVAL + 0.8, waited
+    finally:
+        await stop_small_server(small)
 
 
 @pytest.mark.gen_test
@@ -503,6 +650,60 @@ async def test_a_client_that_takes_none_of_its_answers_is_cut_off_at_the_idle_ti
         await eventually(lambda: conn._write_waiters is not None, seconds=3)
         await eventually(lambda: not server.front, seconds=1 + http1.SWEEP_INTERVAL + 1.5)
         assert conn.state == http1.CLOSED
+
+
+@asynccontextmanager
+async def connect_raw(port: int, receive_buffer: int = 0) -> AsyncIterator[socket.socket]:
+    """A raw TCP connection that reads only when told to (a StreamReader reads ahead on its own)."""
+    sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), WAIT)
+        yield sock
+    finally:
+        sock.close()
+
+
+async def read_until_closed(sock: socket.socket) -> tuple[bytes, bool]:
+    """Everything the server sent until it ended the connection, and whether it ended it with a reset."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    while True:
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), WAIT)
+        except ConnectionResetError:
+            return data, True
+        if not chunk:
+            return data, False
+        data += chunk
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_client_that_never_reads_a_few_answers_is_cut_off_after_the_idle_timeout(
+    ctx: AppContext, seed: dict[str, Any]
+) -> None:
+    # Answers that fill the socket's buffers and leave less than a write buffer's worth (64 KiB) waiting in the
+    # server: every request is read and answered, the connection goes idle, and its close must not wait for a
+    # client that never takes the rest.
+    small = start_small_server(ctx, send_buffer=4096)
+    count = 150
+    health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    loop = asyncio.get_running_loop()
+    try:
+        async with connect_raw(small.port, receive_buffer=4096) as stuck:
+            await loop.sock_sendall(stuck, health * count)
+            # The idle timeout (1 s), then the deadline of the close (the idle timeout again), each seen by a sweep.
+            await asyncio.sleep(2 * (1 + http1.SWEEP_INTERVAL) + 0.5)
+            async with connect(small.port) as (reader, writer):  # meanwhile others are served
+                writer.write(health)
+                assert (await read_answer(reader)).status == 200
+            data, reset = await read_until_closed(stuck)
+        answered = data.count(b"HTTP/1.1 200 OK\r\n")
+        assert 0 < answered < count, (answered, reset)
+    finally:
+        await stop_small_server(small)
 
 
 @pytest.mark.gen_test
@@ -616,7 +817,8 @@ async def test_a_connection_opening_with_a_websocket_upgrade_is_tornados_before_
     # A peek at the first bytes sends it straight to Tornado: no asyncio transport built and dropped for it.
     taken: list[Any] = []
     take = http_server._take
-    monkeypatch.setattr(http_server, "_take", lambda conn, address: (taken.append(address), take(conn, address)))
+    monkeypatch.setattr(http_server, "_take", lambda conn, address, *rest: (taken.append(address),
+                                                                            take(conn, address, *rest)))
     key = base64.b64encode(os.urandom(16)).decode()
     async with connect(port_of(base_url)) as (reader, writer):
         await eventually(lambda: len(http_server._unread) == 1)  # accepted; nothing said yet

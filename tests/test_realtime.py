@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
+import logging
 import os
 import socket
 from typing import Any
@@ -19,10 +21,12 @@ import tornado.httpclient
 import tornado.testing
 import tornado.websocket
 
+import run
 from chatserver import jsonutil
 from handlers.app import build_context, close_context, make_app, make_http_server
 from handlers.base import AppContext
 from tests.conftest import Client
+from tests.test_ops import scrape
 
 
 async def eventually(condition: Any, seconds: float = 5.0) -> None:
@@ -526,6 +530,65 @@ async def test_client_that_stops_reading_is_cut_off_while_others_keep_receiving(
         stalled.close()
 
 
+async def raw_event_stream(client: Client, receive_buffer: int = 4096) -> socket.socket:
+    """An SSE stream whose answer's head is read and then nothing more: the slow or dead SSE client."""
+    url = urlparse(client.base_url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (url.hostname or "127.0.0.1", url.port or 80))
+    await loop.sock_sendall(sock, f"GET /api/events?token={client.token} HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n"
+                            .encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await asyncio.wait_for(loop.sock_recv(sock, 1), 5)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return sock
+
+
+async def read_until_closed(sock: socket.socket, seconds: float = 5.0) -> bytes:
+    """What the peer sends until it ends the connection (an EOF or a reset); each read waits at most `seconds`."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    while True:
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), seconds)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("settings", [{"client_buffer_limit": 64 * 1024, "message_rate": 0.0}])
+async def test_sse_client_that_stops_reading_is_cut_off_while_others_keep_receiving(
+    alice: Client, bob: Client, dialog_id: str, ctx: AppContext
+) -> None:
+    stalled = await raw_event_stream(bob)
+    healthy = SseReader(bob)
+    try:
+        await healthy.wait_for(1)  # ready
+        big = "x" * 9000
+        for i in range(400):
+            sent = await alice.post_message(dialog_id, f"{i} {big}")
+            assert message_ids(await healthy.wait_for(i + 2))[-1] == sent["messageId"]
+            if (await scrape(bob)).text.count("chatserver_slow_clients_closed_total 1.0"):
+                break
+        else:
+            raise AssertionError("the stalled SSE client was never cut off")
+        await eventually(lambda: len(ctx.connections) == 1)  # forgotten: the healthy stream is left
+        sent = await alice.post_message(dialog_id, "still flowing")
+        assert message_ids(await healthy.wait_for(i + 3))[-1] == sent["messageId"]
+        # Its connection is ended, not left open with what it did not read: reading now finds the end.
+        data = await read_until_closed(stalled)
+        assert b"still flowing" not in data
+    finally:
+        stalled.close()
+        healthy.close()
+
+
 @pytest.mark.gen_test(timeout=30)
 @pytest.mark.parametrize("settings", [{"ws_ping_interval": 0.3, "ws_ping_timeout": 0.6}])
 async def test_dead_peer_is_found_by_server_pings_and_dropped(bob: Client, ctx: AppContext) -> None:
@@ -605,6 +668,30 @@ async def test_sse_sends_heartbeat_comments(bob: Client) -> None:
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("settings", [{"sse_heartbeat": 0.2}])
+async def test_every_open_sse_stream_gets_heartbeats_and_a_closed_one_leaves_no_trace(
+    bob: Client, ctx: AppContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    loop = asyncio.get_running_loop()
+    streams = [await raw_event_stream(bob, receive_buffer=65536) for _ in range(3)]
+    received = [b""] * len(streams)
+
+    async def heartbeats(index: int, count: int) -> None:
+        while received[index].count(b": keepalive\n\n") < count:
+            received[index] += await asyncio.wait_for(loop.sock_recv(streams[index], 4096), 5)
+
+    try:
+        await asyncio.gather(*(heartbeats(i, 2) for i in range(3)))
+        streams[0].close()
+        await eventually(lambda: len(ctx.connections) == 2)
+        await asyncio.gather(*(heartbeats(i, 4) for i in (1, 2)))
+    finally:
+        for sock in streams:
+            sock.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.gen_test
 async def test_sse_refuses_bad_token_and_foreign_typing_dialog(carol: Client, dialog_id: str) -> None:
     status, body = await carol.call("GET", "/api/events", token="bad")
     assert status == 401 and body["success"] is False
@@ -627,3 +714,27 @@ async def test_a_new_dialog_reaches_every_member_live_and_then_carries_messages(
     # Carol joined nothing: delivery is per user, and the dialog born after she connected is hers too.
     assert (await carol_ws.next_of("message:new"))["data"] == sent
     await bob_ws.nothing_within(0.3)
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("path", ["/api/poll?cursor={cursor}&timeout=0", "/api/events?cursor={cursor}"])
+async def test_a_request_whose_client_leaves_before_its_body_is_no_longer_in_flight(
+    bob: Client, ctx: AppContext, path: str
+) -> None:
+    # Headers that promise a body, then the end of the connection: the handler is started and never finished.
+    url = urlparse(bob.base_url)
+    target = path.format(cursor=ctx.broadcaster.cursor())
+    for _ in range(20):
+        _, writer = await asyncio.open_connection(url.hostname, url.port)
+        writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bob.token}\r\nContent-Length: 2\r\n\r\n"
+            .encode()
+        )
+        await eventually(lambda: len(ctx.requests) == 1)
+        writer.close()
+        await eventually(lambda: not ctx.requests)
+    gc.collect()
+    assert not ctx.requests and not ctx.connections
+    # Shutdown has nothing to wait for.
+    loop = asyncio.get_running_loop()
+    assert await run.finish_in_flight(ctx, loop.time() + 1)
