@@ -246,9 +246,8 @@ class ChatService:
         message = Message.from_request(
             body, dialog_id=dialog_id, sender_id=user_id, max_content_length=self.config.max_content_length
         )
-        return await self.accept_message(message, sender_is_member=True)
         self.throttle.admit_write(user_id)
-        return await self.accept_message(message)
+        return await self.accept_message(message, sender_is_member=True)
 
     async def editable_message(self, user_id: str, message_id: str) -> Message:
         """The message, if the user may edit it: NotFound, or Forbidden for a non-member or another sender."""
@@ -265,7 +264,6 @@ class ChatService:
     async def edit_message(self, user_id: str, message_id: str, body: dict[str, Any]) -> Message:
         stored = await self.editable_message(user_id, message_id)
         content = require_str(body, "content", max_length=self.config.max_content_length, allow_nul=True)
-        content = require_str(body, "content", max_length=self.config.max_content_length)
         self.throttle.admit_write(user_id)
         return (await self.accept_update(stored.edited(content))).message
 

@@ -150,7 +150,7 @@ NON_ASCII_DIGITS = ["\u00b2", "\u2460", "\u0660", "\uff10"]
 async def test_a_cursor_with_a_non_ascii_digit_is_400_on_every_transport(
     alice: Client, digit: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cursor = quote(f"{alice.ctx.broadcaster.epoch}.{digit}")
+    cursor = quote(f"{alice.ctx.broadcaster.log_id}.{digit}")
     bearer = f"Bearer {alice.token}"
     answers = [
         # The common poll (a bearer header, nothing else) and one the full handler takes (a conditional header).
@@ -160,7 +160,7 @@ async def test_a_cursor_with_a_non_ascii_digit_is_400_on_every_transport(
         await fetch(alice, "GET", f"/api/events?cursor={cursor}", Authorization=bearer),
         await fetch(alice, "GET", "/api/events",
                     # A header is latin-1: of these digits, only the superscript two can be sent as itself.
-                    **{"Authorization": bearer, "Last-Event-ID": f"{alice.ctx.broadcaster.epoch}.\u00b2"}),
+                    **{"Authorization": bearer, "Last-Event-ID": f"{alice.ctx.broadcaster.log_id}.\u00b2"}),
     ]
     for response in answers:
         assert "cursor" in assert_json_error(response, 400)

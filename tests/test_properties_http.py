@@ -115,6 +115,12 @@ options = st.lists(st.sampled_from(["close", "CLOSE", "Close", "keep-alive", "Ke
                    min_size=1, max_size=3)
 
 
+@pytest.fixture
+def store_kind() -> str:
+    """The HTTP layer's properties do not depend on the store: one is enough."""
+    return "sqlite"
+
+
 @st.composite
 def heads(draw: st.DrawFn, token: str, cursor: str, endpoints: list[Endpoint] = ENDPOINTS) -> Head:
     endpoint = draw(st.sampled_from(endpoints))
