@@ -91,6 +91,15 @@ def error_body(message: str) -> bytes:
     return jsonutil.dumps_bytes({"success": False, "error": message})
 
 
+def implemented_methods(handler_class: type[tornado.web.RequestHandler]) -> tuple[str, ...]:
+    """The methods a handler class implements: what the `Allow` header of its 405 lists (RFC 9110 10.2.1)."""
+    base = tornado.web.RequestHandler
+    return tuple(
+        method for method in base.SUPPORTED_METHODS
+        if getattr(handler_class, method.lower(), None) is not getattr(base, method.lower(), None)
+    )
+
+
 def redact(text: str) -> str:
     """The URI (or a whole log line) with every credential in it replaced: a log must never hold one.
 
@@ -197,6 +206,13 @@ class JsonErrors(tornado.web.RequestHandler):
 
     ctx: AppContext
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Only what the class implements, unless it names its own: any other method is a 405 before prepare()
+        # looks at a token or a dialog.
+        if "SUPPORTED_METHODS" not in cls.__dict__:
+            cls.SUPPORTED_METHODS = implemented_methods(cls)
+
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.service = ctx.service
@@ -226,6 +242,8 @@ class JsonErrors(tornado.web.RequestHandler):
             message = error.log_message % error.args if error.args else error.log_message
         if status_code == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="chatserver"')
+        elif status_code == 405:
+            self.set_header("Allow", ", ".join(self.SUPPORTED_METHODS))
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.finish(error_body(message))
@@ -295,6 +313,8 @@ class ApiHandler(JsonHandler):
 
 class NotFoundHandler(JsonHandler):
     """Any path without a route: a JSON 404, not Tornado's HTML page."""
+
+    SUPPORTED_METHODS = tornado.web.RequestHandler.SUPPORTED_METHODS
 
     def prepare(self) -> None:
         raise tornado.web.HTTPError(404, "no such endpoint")
