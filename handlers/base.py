@@ -249,8 +249,8 @@ class JsonErrors(tornado.web.RequestHandler):
         self.finish(error_body(message))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, ChatError) or (isinstance(value, tornado.web.HTTPError) and value.status_code < 500):
-            return  # an expected answer to bad input, already in the access log with its status
+        if isinstance(value, ChatError | tornado.web.HTTPError):
+            return  # an answer the code chose (bad input, shutting down), already in the access log with its status
         # Not Tornado's own line: it prints the request's URI, and with it a `?token=`.
         log.error("uncaught exception in %s %s", self.request.method, redact(self.request.uri or ""),
                   exc_info=(typ, value, tb))
