@@ -26,6 +26,8 @@ from handlers.base import AppContext, NotFoundHandler, log_request
 from handlers.pings import HeartbeatSweep, PingSweep
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
+# The OpenAPI document of every route below: a test holds the two to each other (tests/test_openapi.py).
+OPENAPI_DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
 
 
 def build_context(config: Config, *, store: SQLiteStore | None = None) -> AppContext:
@@ -67,6 +69,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
         (r"/healthz", ops.HealthHandler, c),
         (r"/readyz", ops.ReadyHandler, c),
         (r"/metrics", ops.MetricsHandler, c),
+        (r"/api/openapi.json", ops.OpenApiHandler, {**c, "document": OPENAPI_DOCUMENT.read_bytes()}),
         (r"/()", web.WebFileHandler, {"path": str(WEB_ROOT), "default_filename": "index.html"}),
         (r"/static/(.*)", web.WebFileHandler, {"path": str(WEB_ROOT)}),
     ]
