@@ -12,21 +12,16 @@ must exit 0 on SIGTERM.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import requests
 import schemathesis
 
-from chatserver.admin import add_user, ensure_demo
-from chatserver.store import SQLiteStore
-from tests.process import ALICE_PHONE, DEMO_PASSWORD, ROOT, ThreadedServer
+from handlers.app import OPENAPI_DOCUMENT
+from tests.conftest import Live
+from tests.process import ALICE_PHONE
 
-DOCUMENT = ROOT / "docs" / "openapi.json"
-CAROL_PHONE = "79000000000"
 # Per operation and phase: enough to reach every branch of the bodies and parameters, few enough for CI (the whole
 # run takes well under a minute on 2 cores).
 MAX_EXAMPLES = 12
@@ -34,45 +29,12 @@ SEED = 20251105
 ACCESS_LINE = re.compile(r" ([1-5][0-9]{2}) (?:GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS|TRACE|QUERY) /")
 
 
-@attrs.frozen
-class Live:
-    server: ThreadedServer
-    token: str
-    dialog_id: str
-    message_id: str
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    tmp: Path = tmp_path_factory.mktemp("fuzz")
-    store = SQLiteStore(tmp / "state" / "chatserver.db")
-    ensure_demo(store)
-    add_user(store, CAROL_PHONE, "Carol", DEMO_PASSWORD)
-    store.close()
-    server = ThreadedServer(tmp)
-    try:
-        login = {"phone": ALICE_PHONE, "password": DEMO_PASSWORD}
-        token = _call(server, "POST", "/api/auth/login", json=login)["token"]
-        dialog_id = _call(server, "GET", "/api/dialogs", token=token)[0]["dialogId"]
-        message = _call(server, "POST", f"/api/messages/dialog/{dialog_id}", token=token, json={"content": "seed"})
-        yield Live(server, token, dialog_id, message["messageId"])
-    finally:
-        server.close()
-
-
-def _call(server: ThreadedServer, method: str, path: str, *, token: str = "", **kwargs: Any) -> Any:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    response = requests.request(method, server.url + path, headers=headers, timeout=10, **kwargs)
-    assert response.status_code in (200, 201), (response.status_code, response.text)
-    return response.json()["data"]
-
-
 @pytest.fixture
 def api(live: Live) -> Any:
     config = schemathesis.Config.from_dict(
         {
             "seed": SEED,
-            "base-url": live.server.url,
+            "base-url": live.url,
             "request-timeout": 10,
             # /api/events never ends: its first event (ready) is read and checked, then the stream is closed.
             "max-stream-events": 1,
@@ -100,7 +62,7 @@ def api(live: Live) -> Any:
             ],
         }
     )
-    return schemathesis.openapi.from_path(DOCUMENT, config=config)
+    return schemathesis.openapi.from_path(OPENAPI_DOCUMENT, config=config)
 
 
 schema = schemathesis.pytest.from_fixture("api")
@@ -112,9 +74,9 @@ def test_every_operation_answers_as_documented(case: schemathesis.Case) -> None:
 
 
 def test_the_server_still_serves_logged_no_traceback_and_stops_cleanly(live: Live) -> None:
-    response = requests.get(live.server.url + "/healthz", timeout=5)
+    response = requests.get(live.url + "/healthz", timeout=5)
     assert response.status_code == 200
-    assert _call(live.server, "GET", "/api/me", token=live.token)["phone"] == ALICE_PHONE
+    assert live.call("GET", "/api/me")["phone"] == ALICE_PHONE
     assert live.server.terminate() == 0
     stderr = live.server.process.stderr
     assert "Traceback" not in stderr and " ERROR " not in stderr, stderr[-5000:]
