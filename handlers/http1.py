@@ -16,13 +16,15 @@ waits while the socket is full), and telling a handler that its client went away
 Refusals come as JSON like every other error (400 for a malformed request, 413 for a body over the hard
 limit, 431 for a header block over its limit, 408 for a request that stalls past its timeout), and the
 connection then closes without losing the answer to
-a reset: the rest of the request is read and dropped for a moment first.
+a reset: the rest of the request is read and dropped for a moment first. A handler's answer given before the
+body is read ends the connection the same way, and says `Connection: close`.
 
 What is not a plain exchange is handed, with the bytes already read, to Tornado's own HTTP/1.1 server for the
 rest of the connection's life: a WebSocket upgrade (any `Upgrade` header), the hand-over paths (the SSE stream,
 the WebSocket endpoint), and a chunked request body. A connection whose first request is for a hand-over path
 is Tornado's from the start: a peek at its first bytes tells, before any of them is read. A listener with TLS,
-`xheaders` or request decompression is Tornado's entirely.
+`xheaders` or request decompression is Tornado's entirely. On Tornado's connections, too, a malformed `Host` is
+a JSON 400 and an answer before the body says `Connection: close` (_TornadoRequest, _TornadoExchange).
 """
 
 from __future__ import annotations
