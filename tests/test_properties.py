@@ -4,9 +4,9 @@ cursor, the answer is a success or a 4xx with the JSON error envelope, as docs/o
 
 Bodies: any JSON value, objects shaped like each endpoint's with any values in their fields, keys repeated, lone
 surrogates (escaped, or raw in invalid UTF-8), bytes that are not UTF-8, nesting far past any limit, numbers past
-any float, NaN and Infinity; sent with a length or chunked. Cursors: any text (raw in the URL, invalid UTF-8 included), and near misses of a real
-cursor (this epoch with digits of every script, other epochs) on the long-poll (both of its paths), the SSE stream
-(as `?cursor=` and as `Last-Event-ID`) and the WebSocket upgrade.
+any float, NaN and Infinity; sent with a length or chunked. Cursors: any text (raw in the URL, invalid UTF-8
+included), and near misses of a real cursor (this epoch with digits of every script, other epochs) on the
+long-poll (both of its paths), the SSE stream (as `?cursor=` and as `Last-Event-ID`) and the WebSocket upgrade.
 
 Runs are derandomized and bounded (a few hundred requests each), so CI sees the same examples every time.
 """

@@ -474,7 +474,7 @@ async def test_refused_upgrades_answer_a_json_error(bob: Client) -> None:
 
 @pytest.mark.gen_test
 async def test_an_http10_upgrade_without_a_host_is_refused_with_a_json_error(bob: Client) -> None:
-    # HTTP/1.0 lets a request omit Host, which RFC 6455 4.1 requires of an upgrade (Tornado refused it as bare text).
+    # HTTP/1.0 lets a request omit Host, which RFC 6455 4.1 requires of an upgrade: refused as JSON, like every refusal.
     url = urlparse(bob.base_url)
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
     writer.write(
