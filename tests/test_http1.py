@@ -488,6 +488,15 @@ REFUSALS = [
                  "only a chunked Transfer-Encoding is supported: 'chunked,chunked'", id="transfer-encoding-twice"),
     pytest.param(b"POST /api/nowhere HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
                  "an HTTP/1.0 request may not have a Transfer-Encoding", id="transfer-encoding-in-http10"),
+    # A Host that Tornado refuses, on a connection Tornado's own server reads (an upgrade, the stream, a chunked
+    # body): the same JSON refusal, not Tornado's bare 400.
+    pytest.param(b"GET /ws?token=x HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 400,
+                 "malformed HTTP request", id="upgrade-without-host"),
+    pytest.param(b"GET /api/events HTTP/1.1\r\n\r\n", 400, "malformed HTTP request", id="stream-without-host"),
+    pytest.param(b"GET /api/events?token=x HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "malformed HTTP request",
+                 id="stream-with-a-host-tornado-refuses"),
+    pytest.param(b"POST /api/me HTTP/1.1\r\nHost: x\r\nHost: y\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                 400, "malformed HTTP request", id="chunked-with-two-hosts"),
 ]
 
 
