@@ -21,7 +21,7 @@ import tornado.websocket
 
 from chatserver import jsonutil
 from chatserver.broadcaster import EventRecord, Replay
-from chatserver.errors import BadRequest, ChatError, Forbidden, Unauthorized
+from chatserver.errors import BadRequest, ChatError, Forbidden
 from chatserver.models import check_id
 from handlers.base import ApiHandler, AppContext, JsonErrors
 from handlers.outbox import Outbox
@@ -35,15 +35,15 @@ POLL_DEFAULT_TIMEOUT = 25.0
 POLL_MAX_TIMEOUT = 60.0
 
 
-def _token(handler: tornado.web.RequestHandler) -> str:
-    """The bearer token from the Authorization header, else from `?token=` (browsers' WebSocket and SSE)."""
+async def _authenticate_stream(handler: ApiHandler | EventSocket) -> str:
+    """The user of a WebSocket or SSE request: a bearer token in the Authorization header, else `?ticket=` (what
+    browsers send, PROTOCOL section 12), else `?token=`."""
     scheme, _, token = handler.request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    token = handler.get_query_argument("token", "")
-    if not token:
-        raise Unauthorized("missing token")
-    return token
+        return await handler.service.authenticate(token.strip())
+    return await handler.service.authenticate_stream(
+        ticket=handler.get_query_argument("ticket", None), token=handler.get_query_argument("token", None)
+    )
 
 
 def websocket_frame(payload: bytes) -> bytes:
@@ -99,7 +99,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
 
     async def prepare(self) -> None:
         # Refused before the upgrade: 401 for a bad token, 400 for a bad cursor (never logged: see redact()).
-        self.user_id = await self.service.authenticate(_token(self))
+        self.user_id = await _authenticate_stream(self)
         self._cursor = self.get_query_argument("cursor", None) or None
         if self._cursor is not None:
             self.ctx.broadcaster.parse_cursor(self._cursor)
@@ -433,7 +433,7 @@ class EventStreamHandler(ApiHandler):
         self._gone = False
 
     async def authenticate(self) -> str:
-        return await self.service.authenticate(_token(self))
+        return await _authenticate_stream(self)
 
     async def get(self) -> None:
         broadcaster = self.ctx.broadcaster
