@@ -10,16 +10,25 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import secrets
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, Route, WebSocketRoute, expect, sync_playwright
+from playwright.sync_api import Browser, Route, WebSocketRoute, expect, sync_playwright
 
-from tests.browserkit import ALICE_PHONE, BOB_PHONE, ChatPage, ServerProcess, chromium_path, launch_chromium
+from tests.browserkit import (
+    ALICE_PHONE,
+    BOB_PHONE,
+    ChatPage,
+    ServerProcess,
+    chromium_path,
+    demo_dialog,
+    exchange_typing_and_messages,
+    launch_chromium,
+    unique,
+    wait_until,
+)
 from tests.conftest import require_service
 
 XSS = "<img src=x onerror=alert(1)>"
@@ -52,7 +61,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def open_page(browser: Browser, server: ServerProcess) -> Iterator[OpenPage]:
-    """Opens logged-in pages; at the end checks that none of them broke the CSP, threw, or showed a dialog."""
+    """Opens logged-in pages; at the end checks that none of them broke the CSP, threw, showed a dialog, or put
+    its token in a URL it requested or on the console."""
     pages: list[ChatPage] = []
 
     def open_(phone: str, *, block_websocket: list[str] | None = None, block_sse: list[str] | None = None) -> ChatPage:
@@ -79,25 +89,11 @@ def open_page(browser: Browser, server: ServerProcess) -> Iterator[OpenPage]:
     for page in pages:
         page.context.close()
     for page in pages:
+        assert page.urls, "no request was recorded"
+        assert not page.leaks(), page.leaks()  # the token is in no URL (tickets are) and not on the console
         assert not page.errors, page.errors
         assert not page.dialogs, page.dialogs
         assert not page.csp_violations(), page.csp_violations()
-
-
-def unique(label: str) -> str:
-    return f"{label} {secrets.token_hex(3)}"
-
-
-def wait_until(page: Page, condition: Callable[[], bool], timeout: float) -> None:
-    """Wait for something the test sees from Python (a route handler ran), keeping Playwright's events flowing."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not reached within {timeout}s"
-        page.wait_for_timeout(50)
-
-
-def demo_dialog(server: ServerProcess, token: str) -> str:
-    return str(next(d["dialogId"] for d in server.api("GET", "/api/dialogs", token=token) if d["title"] == "Demo"))
 
 
 def test_receiver_sees_message_without_reload_and_sender_sees_it_once(open_page: OpenPage) -> None:
@@ -120,26 +116,6 @@ def test_receiver_sees_message_without_reload_and_sender_sees_it_once(open_page:
     alice.page.wait_for_timeout(300)
     expect(alice.messages_with(text)).to_have_count(1)
     expect(bob.messages_with(text)).to_have_count(1)
-
-
-def exchange_typing_and_messages(alice: ChatPage, bob: ChatPage) -> None:
-    """Typing both ways, then a message each way: each shows once on the other page, none left pending."""
-    alice.page.fill("#composer-input", "…")
-    expect(bob.page.locator("#typing")).to_have_text("typing…", timeout=2000)
-    alice.page.fill("#composer-input", "")
-    expect(bob.page.locator("#typing")).to_have_text("", timeout=2000)
-    bob.page.fill("#composer-input", "…")
-    expect(alice.page.locator("#typing")).to_have_text("typing…", timeout=2000)
-    bob.page.fill("#composer-input", "")
-
-    incoming = unique("to the page behind the proxy")
-    bob.send(incoming)
-    expect(alice.messages_with(incoming)).to_have_count(1, timeout=2000)
-    outgoing = unique("and back")
-    alice.send(outgoing)
-    expect(bob.messages_with(outgoing)).to_have_count(1, timeout=2000)
-    expect(alice.page.locator("#messages .message.pending")).to_have_count(0, timeout=2000)
-    expect(alice.messages_with(outgoing)).to_have_count(1)
 
 
 def test_blocked_websocket_and_sse_fall_back_to_long_poll(open_page: OpenPage, server: ServerProcess) -> None:

@@ -1398,7 +1398,7 @@ class TabGroup {
       }
       if (dropped) {
         this.client._syncTyping();
-        this.heartbeat();
+        this.client._statusChanged();
       }
     } else if (!this.claim && now - this.lastHeard > this.client.options.tabTimeout) {
       this._claim();
@@ -1435,7 +1435,8 @@ class TabGroup {
         const known = this.peers.get(message.from);
         this.peers.set(message.from, { dialogId: message.dialogId, visible: message.visible, seen: performance.now() });
         if (!known || known.dialogId !== message.dialogId) client._syncTyping();
-        if (!known || performance.now() - this.lastBeat > client.options.tabPing / 2) this.heartbeat();
+        if (!known) client._statusChanged(); // one more tab: the count changed (and a heartbeat goes out)
+        else if (performance.now() - this.lastBeat > client.options.tabPing / 2) this.heartbeat();
         break;
       }
       case "event":
@@ -1444,7 +1445,7 @@ class TabGroup {
       case "bye":
         if (this.peers.delete(message.from)) {
           client._syncTyping();
-          this.heartbeat();
+          client._statusChanged();
         }
         if (message.from === this.leaderId) {
           if (message.cursor) client.cursor = message.cursor;
