@@ -17,6 +17,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -164,6 +165,9 @@ class ChatPage:
         """The long-lived token the page keeps (what must never be in a URL or on the console)."""
         return str(self.page.evaluate("JSON.parse(localStorage.getItem('chatserver.session')).token"))
 
+    def session_user(self) -> str:
+        return str(self.page.evaluate("JSON.parse(localStorage.getItem('chatserver.session')).user.userId"))
+
     def leaks(self) -> list[str]:
         """URLs the page requested and console lines that hold its token (there must be none)."""
         assert self.token, "the page has not logged in"
@@ -234,6 +238,33 @@ def exchange_typing_and_messages(alice: ChatPage, bob: ChatPage) -> None:
     expect(bob.messages_with(outgoing)).to_have_count(1, timeout=2000)
     expect(alice.page.locator("#messages .message.pending")).to_have_count(0, timeout=2000)
     expect(alice.messages_with(outgoing)).to_have_count(1)
+
+
+def fill_dialog(db: Path, dialog_id: str, sender_id: str, count: int, label: str) -> list[str]:
+    """`count` messages from `sender_id` in a dialog the server knows, written straight into its SQLite file in the
+    store's own schema (as bench/store_bench.py fills one): thousands in a second, where POSTs would take minutes.
+    The server reads them back as history (they were never live events). Returns their texts, oldest first."""
+    base = int(time.time() * 1000) - 3_600_000  # an hour ago, one message per millisecond
+    texts = [f"{label} #{n:05d}" for n in range(count)]
+    rows = []
+    for n, text in enumerate(texts):
+        millis = base + n
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000)) + f".{millis % 1000:03d}Z"
+        rows.append((f"msg_{secrets.token_hex(8)}", dialog_id, sender_id, text, "text", "{}", stamp, stamp, None))
+    with contextlib.closing(sqlite3.connect(db, timeout=10, isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT INTO messages (message_id, dialog_id, sender_id, content, type, meta, created_at, updated_at, "
+            "client_message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        conn.execute(
+            "UPDATE dialogs SET last_seq = (SELECT max(seq) FROM messages WHERE dialog_id = ?), "
+            "activity_at = max(activity_at, ?) WHERE dialog_id = ?",
+            (dialog_id, rows[-1][6], dialog_id),
+        )
+        conn.execute("COMMIT")
+    return texts
 
 
 class StockSquid:

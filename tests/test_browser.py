@@ -25,6 +25,7 @@ from tests.browserkit import (
     chromium_path,
     demo_dialog,
     exchange_typing_and_messages,
+    fill_dialog,
     launch_chromium,
     unique,
     wait_until,
@@ -65,8 +66,19 @@ def open_page(browser: Browser, server: ServerProcess) -> Iterator[OpenPage]:
     its token in a URL it requested or on the console."""
     pages: list[ChatPage] = []
 
-    def open_(phone: str, *, block_websocket: list[str] | None = None, block_sse: list[str] | None = None) -> ChatPage:
+    def open_(
+        phone: str,
+        *,
+        block_websocket: list[str] | None = None,
+        block_sse: list[str] | None = None,
+        init_script: str = "",
+        permissions: tuple[str, ...] = (),
+    ) -> ChatPage:
         context = browser.new_context(viewport={"width": 1280, "height": 800})
+        if init_script:
+            context.add_init_script(init_script)
+        if permissions:
+            context.grant_permissions(list(permissions), origin=server.base_url)
         if block_websocket is not None:
             # The corporate proxy: the upgrade never reaches the server; the page sees its socket close at once.
             def refuse(ws: WebSocketRoute) -> None:
@@ -687,3 +699,114 @@ def test_sends_refused_for_the_rate_are_sent_again_after_retry_after_and_arrive_
     finally:
         alice.context.close()
         bob.context.close()
+
+
+def test_a_dialog_of_10000_messages_keeps_the_message_list_bounded(open_page: OpenPage, server: ServerProcess) -> None:
+    alice, bob = server.login(ALICE_PHONE), server.login(BOB_PHONE)
+    title = unique("Ten thousand")
+    dialog = server.api("POST", "/api/dialogs", {"title": title, "memberIds": [bob["user"]["userId"]]}, alice["token"])
+    texts = fill_dialog(server.db, dialog["dialogId"], alice["user"]["userId"], 10_000, title)
+    page = open_page(BOB_PHONE)
+    page.open_dialog(title)
+    nodes = page.page.locator("#messages .message")
+    expect(nodes).to_have_count(50)
+    assert page.message_texts() == texts[-50:]
+    scroller = page.page.locator("#message-scroll")
+    first_text = page.page.locator("#messages .message .text").first
+    last_text = page.page.locator("#messages .message .text").last
+
+    def shown_is_one_stretch() -> list[str]:
+        shown = page.message_texts()
+        start = texts.index(shown[0])
+        assert shown == texts[start:start + len(shown)], "the list has a gap or a duplicate"
+        return shown
+
+    # Up through 1,000 messages: older pages come in, the newest go out; never more than 200 nodes.
+    most = 0
+    for _ in range(20):
+        oldest = first_text.text_content()
+        scroller.evaluate("node => { node.scrollTop = 0; }")
+        expect(first_text).not_to_have_text(str(oldest), timeout=3000)
+        most = max(most, nodes.count())
+        shown_is_one_stretch()
+    assert most == 200, most
+    shown = shown_is_one_stretch()
+    assert texts.index(shown[0]) == 10_000 - 50 - 20 * 50
+    assert page.page.evaluate("document.querySelectorAll('#messages li').length") <= 200
+
+    # And back down: the newer pages come back in order, up to the newest; still never more than 200.
+    for _ in range(40):
+        if last_text.text_content() == texts[-1]:
+            break
+        newest = last_text.text_content()
+        scroller.evaluate("node => { node.scrollTop = node.scrollHeight; }")
+        expect(last_text).not_to_have_text(str(newest), timeout=3000)
+        assert nodes.count() <= 200
+        shown_is_one_stretch()
+    assert page.message_texts()[-1] == texts[-1]
+
+    # At the newest again, the list is live: a new message arrives at the end, and the list stays bounded.
+    scroller.evaluate("node => { node.scrollTop = node.scrollHeight; }")
+    latest = unique("after ten thousand")
+    server.api("POST", f"/api/messages/dialog/{dialog['dialogId']}", {"content": latest}, alice["token"])
+    expect(page.messages_with(latest)).to_have_count(1, timeout=3000)
+    assert page.message_texts()[-1] == latest
+    assert nodes.count() <= 200
+
+
+NOTIFICATION_SPY = """
+    // Records the notifications the page raises (headless Chromium shows none).
+    window.__notifications = [];
+    const Real = window.Notification;
+    window.Notification = class extends Real {
+        constructor(title, options) {
+            super(title, options);
+            window.__notifications.push({ title, body: options && options.body });
+        }
+    };
+"""
+HIDE = """(hidden) => {
+    // Headless Chromium shows every page: this is what the browser does when the tab goes to the background.
+    Object.defineProperty(document, "visibilityState", { value: hidden ? "hidden" : "visible", configurable: true });
+    Object.defineProperty(document, "hidden", { value: hidden, configurable: true });
+    document.dispatchEvent(new Event("visibilitychange"));
+}"""
+
+
+def test_a_hidden_tab_notifies_of_new_messages_and_counts_unread_in_its_title(
+    open_page: OpenPage, server: ServerProcess
+) -> None:
+    page = open_page(BOB_PHONE, init_script=NOTIFICATION_SPY, permissions=("notifications",))
+    page.open_dialog("Demo")
+    alice = server.login(ALICE_PHONE)
+    dialog_id = demo_dialog(server, alice["token"])
+    other = server.api("POST", "/api/dialogs", {"title": unique("Side"), "memberIds": [page.session_user()]},
+                       alice["token"])
+    expect(page.dialog_row(other["title"])).to_have_count(1, timeout=3000)
+    # Other tests leave messages unread in other dialogs: the count starts from theirs.
+    base = sum(d["unreadCount"] for d in server.api("GET", "/api/dialogs", token=page.token))
+
+    def titled(unread: int) -> str:
+        return f"({unread}) chatserver" if unread else "chatserver"
+
+    expect(page.page).to_have_title(titled(base))
+
+    seen = unique("while Bob looks")
+    server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": seen}, alice["token"])
+    expect(page.messages_with(seen)).to_have_count(1, timeout=3000)
+
+    page.page.evaluate(HIDE, True)
+    texts = [unique("in the open dialog"), unique("in another dialog")]
+    server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": texts[0]}, alice["token"])
+    expect(page.page).to_have_title(titled(base + 1), timeout=3000)
+    server.api("POST", f"/api/messages/dialog/{other['dialogId']}", {"content": texts[1]}, alice["token"])
+    expect(page.page).to_have_title(titled(base + 2), timeout=3000)
+    page.page.wait_for_function("() => window.__notifications.length === 2", timeout=3000)
+    raised = page.page.evaluate("window.__notifications")
+    assert raised == [{"title": "Demo", "body": texts[0]}, {"title": other["title"], "body": texts[1]}], raised
+
+    page.page.evaluate(HIDE, False)  # back: the open dialog is read, the other one still counts
+    expect(page.page).to_have_title(titled(base + 1), timeout=3000)
+    server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": unique("seen again")}, alice["token"])
+    page.page.wait_for_timeout(500)
+    assert page.page.evaluate("window.__notifications.length") == 2  # nothing raised while the tab is looked at

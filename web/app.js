@@ -676,10 +676,11 @@ async function loadNewer() {
   const dialogId = openId;
   loadingNewer = true;
   try {
-    const page = await client.listMessages(dialogId, { limit: PAGE_SIZE, after: newest.dataset.messageId });
+    // One more than a page: whether any are left after it is then known without another request.
+    const page = await client.listMessages(dialogId, { limit: PAGE_SIZE + 1, after: newest.dataset.messageId });
     if (openId !== dialogId) return;
     appendPage(page);
-    if (page.length < PAGE_SIZE) {
+    if (page.length <= PAGE_SIZE) {
       hasNewer = false; // the newest are on screen again, and so are the unconfirmed sends
       for (const pending of client.pendingIn(dialogId)) placeMessage(pending);
     }
@@ -761,9 +762,10 @@ function onMessage(message) {
       placeMessage(message); // an own send confirmed: it moves to the server's position, the view stays
     } else {
       const stick = mine || nearBottom();
-      if (placeMessage(message) && stick) {
-        scrollToBottom();
-        pageOut("top");
+      if (placeMessage(message)) {
+        if (stick) scrollToBottom();
+        // Read at the bottom: the oldest go; read further up: this one goes again, until scrolled down to.
+        pageOut(stick ? "top" : "bottom");
       }
     }
     if (!mine) {
