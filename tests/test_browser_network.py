@@ -258,10 +258,15 @@ def test_websocket_attempts_behind_squid_are_bounded_by_the_retry_period(
     text = unique("after the WebSocket attempts")
     server.api("POST", f"/api/messages/dialog/{demo_dialog(server, bob['token'])}", {"content": text}, bob["token"])
     page.wait_for_function(f"() => window.received.includes({text!r})", timeout=3000)
-    default = page.evaluate(
-        "async () => new (await import('/static/chatclient.js')).ChatClient({ token: 't' }).options.webSocketRetry"
+    defaults = page.evaluate(
+        """async () => {
+            const client = new (await import("/static/chatclient.js")).ChatClient({ token: "t" });
+            const waits = Array.from({ length: 40 }, (_, attempt) => client._backoff(attempt));
+            return { retry: client.options.webSocketRetry, longest: Math.max(...waits), last: waits[39] };
+        }"""
     )
-    assert default == 300_000  # the period the page uses: once per 5 minutes
+    assert defaults["retry"] == 300_000  # the period the page uses: once per 5 minutes
+    assert 5_000 <= defaults["last"] <= defaults["longest"] <= 10_000  # the backoff is capped at 10 s, jittered
     print(f"\nWebSocket attempts in {window:.0f}s with a {period:.0f}s period: {len(attempts)}, gaps {gaps}")
 
 

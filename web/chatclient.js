@@ -159,7 +159,8 @@ export class ChatClient {
       if (document.visibilityState === "visible") this.retryNow();
       if (this._tabs) this._tabs.announce();
     };
-    this._onPageHide = () => this._tabs && this._tabs.leave();
+    // A page put in the back-forward cache may come back: it keeps its place (and the others take over meanwhile).
+    this._onPageHide = (event) => this._tabs && !event.persisted && this._tabs.leave();
     this._running = false;
     this._stop = null; // AbortController of everything started by start()
     this._failures = 0; // consecutive failed attempts to reach the server (poll backoff)
@@ -636,14 +637,13 @@ export class ChatClient {
     clearTimeout(session.timers.silence);
     clearInterval(session.timers.heartbeat);
     if (!this._running || !this.holdsConnection) return;
-    // Refused on the way while the server answered plain HTTP a moment ago (the ticket): a proxy that does
-    // not let WebSockets through. Not tried again for `webSocketRetry`, here or after a reload.
+    // A socket that failed before `ready` makes the next attempt back off further. If the server answered its
+    // ticket request a moment before, plain HTTP gets through where WebSocket does not (a proxy that refuses
+    // CONNECT or strips Upgrade): WebSocket is not tried again for `webSocketRetry`, here or after a reload.
     const online = typeof navigator === "undefined" || navigator.onLine !== false;
-    const refused = !session.ready && session.ticketed && !session.failedByUs && online;
-    if (refused) {
-      this._wsFailures += 1;
-      this._rememberBlocked(Date.now() + this.options.webSocketRetry);
-    }
+    const failed = !session.ready && !session.failedByUs;
+    if (failed) this._wsFailures += 1;
+    if (failed && session.ticketed && online) this._rememberBlocked(Date.now() + this.options.webSocketRetry);
     if (session.probe) {
       if (this._probe === session) this._probe = null;
       if (!this._ws) this._scheduleProbe();
@@ -666,7 +666,7 @@ export class ChatClient {
       }, wait);
       return;
     }
-    if (!refused) this._wsFailures += 1;
+    if (session.ready) this._wsFailures += 1; // went silent, or the quick retry is spent
     this._startFallback();
     this._scheduleProbe();
   }
