@@ -40,6 +40,13 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 START_TIMEOUT = 15.0
+# page.evaluate(SET_VISIBILITY, hidden): what the browser does when the tab goes to the background or comes back
+# (headless Chromium shows every page, so its visibility is set by hand).
+SET_VISIBILITY = """(hidden) => {
+    Object.defineProperty(document, "visibilityState", { value: hidden ? "hidden" : "visible", configurable: true });
+    Object.defineProperty(document, "hidden", { value: hidden, configurable: true });
+    document.dispatchEvent(new Event("visibilitychange"));
+}"""
 
 
 def chromium_path() -> str | None:

@@ -20,6 +20,7 @@ from playwright.sync_api import Browser, Route, WebSocketRoute, expect, sync_pla
 from tests.browserkit import (
     ALICE_PHONE,
     BOB_PHONE,
+    SET_VISIBILITY,
     ChatPage,
     ServerProcess,
     chromium_path,
@@ -765,12 +766,6 @@ NOTIFICATION_SPY = """
         }
     };
 """
-HIDE = """(hidden) => {
-    // Headless Chromium shows every page: this is what the browser does when the tab goes to the background.
-    Object.defineProperty(document, "visibilityState", { value: hidden ? "hidden" : "visible", configurable: true });
-    Object.defineProperty(document, "hidden", { value: hidden, configurable: true });
-    document.dispatchEvent(new Event("visibilitychange"));
-}"""
 
 
 def test_a_hidden_tab_notifies_of_new_messages_and_counts_unread_in_its_title(
@@ -795,7 +790,7 @@ def test_a_hidden_tab_notifies_of_new_messages_and_counts_unread_in_its_title(
     server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": seen}, alice["token"])
     expect(page.messages_with(seen)).to_have_count(1, timeout=3000)
 
-    page.page.evaluate(HIDE, True)
+    page.page.evaluate(SET_VISIBILITY, True)
     texts = [unique("in the open dialog"), unique("in another dialog")]
     server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": texts[0]}, alice["token"])
     expect(page.page).to_have_title(titled(base + 1), timeout=3000)
@@ -805,7 +800,7 @@ def test_a_hidden_tab_notifies_of_new_messages_and_counts_unread_in_its_title(
     raised = page.page.evaluate("window.__notifications")
     assert raised == [{"title": "Demo", "body": texts[0]}, {"title": other["title"], "body": texts[1]}], raised
 
-    page.page.evaluate(HIDE, False)  # back: the open dialog is read, the other one still counts
+    page.page.evaluate(SET_VISIBILITY, False)  # back: the open dialog is read, the other one still counts
     expect(page.page).to_have_title(titled(base + 1), timeout=3000)
     server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": unique("seen again")}, alice["token"])
     page.page.wait_for_timeout(500)

@@ -22,6 +22,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 from tests.browserkit import (
     ALICE_PHONE,
     BOB_PHONE,
+    SET_VISIBILITY,
     ChatPage,
     ServerProcess,
     StockSquid,
@@ -283,7 +284,8 @@ def test_pages_recover_within_seconds_of_the_server_return_and_retry_now_reconne
 
         server.stop()
         expect(reconnect).to_have_text(re.compile(r"^Reconnecting in \d+ s - Retry now$"), timeout=8000)
-        alice.page.wait_for_timeout(3000)  # an outage of some seconds: the backoff has grown
+        # A restart's outage (the process takes about a second to start, too): the backoff has grown meanwhile.
+        alice.page.wait_for_timeout(1500)
         server.start()
         back = time.monotonic()
         expect(alice.connection()).to_have_attribute("data-state", LIVE, timeout=3000)
@@ -311,6 +313,19 @@ def test_pages_recover_within_seconds_of_the_server_return_and_retry_now_reconne
         expect(alice.connection()).to_have_attribute("data-state", LIVE, timeout=2000)
         assert time.monotonic() - clicked < 2
         expect(reconnect).to_be_hidden()
+
+        # The same outage again, and the tab coming back into view retries at once.
+        alice.context.route(outage, lambda route: route.abort())
+        alice.context.set_offline(True)
+        expect(alice.connection()).to_have_attribute("data-state", "offline", timeout=5000)
+        alice.context.set_offline(False)
+        alice.page.evaluate(SET_VISIBILITY, True)
+        wait_until(alice.page, lambda: int(seconds.text_content() or "0") >= 3, 20)
+        alice.context.unroute(outage)
+        shown = time.monotonic()
+        alice.page.evaluate(SET_VISIBILITY, False)
+        expect(alice.connection()).to_have_attribute("data-state", LIVE, timeout=2000)
+        assert time.monotonic() - shown < 2
         check_clean(alice)
     finally:
         server.stop()
@@ -319,6 +334,11 @@ def test_pages_recover_within_seconds_of_the_server_return_and_retry_now_reconne
 def test_a_message_sent_offline_takes_the_servers_position(
     browser: Browser, contexts: list[BrowserContext], server: ServerProcess
 ) -> None:
+    alice_login = server.login(ALICE_PHONE)
+    dialog_id = demo_dialog(server, alice_login["token"])
+    for n in range(30):  # enough history to scroll in
+        server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": unique(f"earlier {n}")},
+                   alice_login["token"])
     alice = ChatPage(person(browser, contexts), server.base_url).login(ALICE_PHONE)
     bob = ChatPage(person(browser, contexts), server.base_url).login(BOB_PHONE)
     for page in (alice, bob):
@@ -334,9 +354,24 @@ def test_a_message_sent_offline_takes_the_servers_position(
     for text in meanwhile:
         bob.send(text)
         expect(bob.messages_with(text)).to_have_count(1, timeout=3000)
+    # Alice reads further up meanwhile: what she looks at must not move when her message finds its place.
+    first_on_screen = """() => {
+        const top = document.getElementById("message-scroll").getBoundingClientRect().top;
+        const node = [...document.querySelectorAll("#messages .message")].find(
+            (n) => n.getBoundingClientRect().bottom > top + 1);
+        return [node.querySelector(".text").textContent, Math.round(node.getBoundingClientRect().top)];
+    }"""
+    alice.page.locator("#message-scroll").evaluate("node => { node.scrollTop = node.scrollHeight / 2; }")
+    alice.page.wait_for_timeout(200)
+    anchor = alice.page.evaluate(first_on_screen)
     # Bob's messages arrive at Alice's page after she is back; her pending send stays below them meanwhile.
     alice.context.set_offline(False)
     expect(alice.message_node(written)).not_to_have_class(re.compile("pending"), timeout=8000)
+    for text in meanwhile:
+        expect(alice.messages_with(text)).to_have_count(1, timeout=5000)
+    alice.page.wait_for_timeout(200)
+    assert alice.page.evaluate(first_on_screen) == anchor
+    alice.page.locator("#message-scroll").evaluate("node => { node.scrollTop = node.scrollHeight; }")
     expect(bob.messages_with(written)).to_have_count(1, timeout=5000)
     for text in meanwhile:
         expect(alice.messages_with(text)).to_have_count(1, timeout=5000)

@@ -26,7 +26,7 @@ const DEFAULTS = {
   connectTimeout: 10000, // from `new WebSocket` (or `new EventSource`) to its `ready` event
   sseSilence: 45000, // an SSE stream with no event this long is reopened from the cursor (a liveness check)
   pollTimeout: 25, // seconds the server may park a poll
-  backoffBase: 1000, // first retry within this many ms
+  backoffBase: 500, // first retry within this many ms
   backoffCap: 10000, // and never a longer wait than this
   webSocketRetry: 300000, // after a WebSocket failed where plain HTTP got through: its next try no sooner
   shareTabs: true, // one connection for all the tabs of this user on this origin (needs BroadcastChannel)
