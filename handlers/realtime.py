@@ -82,7 +82,8 @@ def _count_resets(ctx: AppContext, replay: Replay) -> None:
 
 
 class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
-    """`GET /ws?token=&cursor=`: events of every dialog of the user, and join/leave/typing/ping frames."""
+    """`GET /ws?ticket=&cursor=` (or `?token=`): events of every dialog of the user, and join/leave/typing/ping
+    frames."""
 
     transport = "websocket"
     _upgraded = False
@@ -98,7 +99,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         self._tls = False
 
     async def prepare(self) -> None:
-        # Refused before the upgrade: 401 for a bad token, 400 for a bad cursor (never logged: see redact()).
+        # Refused before the upgrade: 401 for a bad token or ticket, 400 for a bad cursor (never logged: see redact()).
         self.user_id = await _authenticate_stream(self)
         self._cursor = self.get_query_argument("cursor", None) or None
         if self._cursor is not None:

@@ -214,6 +214,10 @@ def test_the_leader_tab_closed_mid_stream_loses_nothing(
         wait_until(others[0].page, lambda: len(posted) >= 10, 10)
         expect(others[0].messages_with(posted[5])).to_have_count(1, timeout=3000)  # the stream is flowing
         leader.page.close()
+        closed = time.monotonic()
+        wait_until(others[0].page, lambda: any(t.connection().get_attribute("data-role") == "leader" for t in others),
+                   8)
+        print(f"\na new leader {time.monotonic() - closed:.2f}s after the leader tab closed")
     finally:
         writer.join(timeout=30)
     assert posted == texts
