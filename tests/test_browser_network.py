@@ -62,7 +62,8 @@ def browser(squid: StockSquid) -> Iterator[Browser]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = ServerProcess(Path(tmp_path_factory.mktemp("proxied-server")))
+    # The message rate is off: these tests post faster than a person (they test the network, not throttling).
+    process = ServerProcess(Path(tmp_path_factory.mktemp("proxied-server")), {"CHATSERVER_MESSAGE_RATE": "0"})
     process.start()
     try:
         yield process
@@ -278,7 +279,7 @@ def test_websocket_attempts_behind_squid_are_bounded_by_the_retry_period(
 def test_pages_recover_within_seconds_of_the_server_return_and_retry_now_reconnects_at_once(
     browser: Browser, contexts: list[BrowserContext], tmp_path: Path
 ) -> None:
-    server = ServerProcess(tmp_path)
+    server = ServerProcess(tmp_path, {"CHATSERVER_MESSAGE_RATE": "0"})
     server.start()
     try:
         alice = ChatPage(person(browser, contexts), server.base_url).login(ALICE_PHONE)
