@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect
 
@@ -141,7 +141,9 @@ class ServerProcess:
 class ChatPage:
     """One user's tab: a browser context of its own, logged in through the login form."""
 
-    def __init__(self, context: BrowserContext, base_url: str) -> None:
+    def __init__(
+        self, context: BrowserContext, base_url: str, wait_until: Literal["commit", "load"] = "load"
+    ) -> None:
         self.context = context
         self.page: Page = context.new_page()
         self.console: list[str] = []
@@ -154,7 +156,7 @@ class ChatPage:
         self.page.on("dialog", self._on_dialog)
         self.page.on("request", lambda request: self.urls.append(request.url))
         self.page.on("websocket", lambda socket: self.urls.append(socket.url))
-        self.page.goto(base_url + "/")
+        self.page.goto(base_url + "/", wait_until=wait_until)
 
     def _on_dialog(self, dialog: Any) -> None:
         self.dialogs.append(f"{dialog.type}: {dialog.message}")

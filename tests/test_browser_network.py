@@ -151,8 +151,8 @@ def test_eight_tabs_of_one_user_share_one_connection_load_at_once_and_all_receiv
     wait_for_connections(first.page, server, 1)
     tabs = [first]
     started = time.monotonic()
-    for _ in range(7):
-        tabs.append(ChatPage(context, server.base_url))  # signed in from the session the first tab saved
+    for _ in range(7):  # opened one after the other without waiting for each to load, as a person opens tabs
+        tabs.append(ChatPage(context, server.base_url, wait_until="commit"))  # signed in by the saved session
     for tab in tabs:
         expect(tab.page.locator("#chat-view")).to_be_visible(timeout=5000)
         expect(tab.dialog_row("Demo")).to_have_count(1, timeout=5000)
