@@ -38,6 +38,7 @@ from chatserver.models import (
 )
 from chatserver.store import AsyncStore, SQLiteStore
 from chatserver.throttle import Throttle
+from chatserver.tickets import StreamTickets
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class ChatService:
         broadcaster: Broadcaster,
         config: Config,
         tokens: TokenSigner,
+        tickets: StreamTickets,
         *,
         membership_cache_size: int = 10000,
         user_cache_size: int = 100000,
@@ -76,6 +78,7 @@ class ChatService:
         self.broadcaster = broadcaster
         self.config = config
         self.tokens = tokens
+        self.tickets = tickets
         self._members: LRU[str, frozenset[str]] = LRU(membership_cache_size)
         # Users known to exist (never deleted, so never stale).
         self._users: LRU[str, bool] = LRU(user_cache_size)
@@ -107,12 +110,26 @@ class ChatService:
         older backup, another one sharing the secret): it authenticates nobody. Users are never deleted, so a
         user found once is remembered and later requests cost no store call.
         """
-        user_id = self.tokens.verify(token)
+        return await self._existing_user(self.tokens.verify(token))
+
+    async def _existing_user(self, user_id: str) -> str:
         if user_id not in self._users:
             if await self.db.run(SQLiteStore.get_user, user_id) is None:
                 raise Unauthorized("the token's user does not exist")
             self._users.put(user_id, True)
         return user_id
+
+    def issue_stream_ticket(self, user_id: str) -> tuple[str, int]:
+        """A ticket for one `/ws` or `/api/events` request of this (authenticated) user, and its lifetime in seconds."""
+        return self.tickets.issue(user_id), self.tickets.ttl
+
+    async def authenticate_stream(self, *, ticket: str | None, token: str | None) -> str:
+        """The user of a stream request: by its ticket (used up here) where it has one, else by its token."""
+        if ticket:
+            return await self._existing_user(self.tickets.redeem(ticket))
+        if not token:
+            raise Unauthorized("missing ticket or token: ask POST /api/stream-ticket for a ticket")
+        return await self.authenticate(token)
 
     def authenticate_known(self, token: str) -> str:
         """`authenticate` without the store, for paths that cannot wait: Unauthorized also where the user is not

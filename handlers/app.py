@@ -21,6 +21,7 @@ from chatserver.metrics import Metrics
 from chatserver.service import ChatService
 from chatserver.store import AsyncStore, SQLiteStore
 from chatserver.throttle import Throttle
+from chatserver.tickets import StreamTickets
 from handlers import fastpoll, http1, ops, realtime, rest, web
 from handlers.base import AppContext, NotFoundHandler, log_request
 from handlers.pings import HeartbeatSweep, PingSweep
@@ -37,7 +38,12 @@ def build_context(config: Config, *, store: SQLiteStore | None = None) -> AppCon
     broadcaster = Broadcaster(config.history_size)
     throttle = Throttle(config, time.monotonic)
     service = ChatService(
-        AsyncStore(sqlite), broadcaster, config, TokenSigner(secret, config.token_ttl), throttle=throttle
+        AsyncStore(sqlite),
+        broadcaster,
+        config,
+        TokenSigner(secret, config.token_ttl),
+        StreamTickets(secret),
+        throttle=throttle,
     )
     metrics = Metrics()
     metrics.observe_broadcaster(broadcaster)
@@ -56,6 +62,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
     routes: list[Any] = [
         (r"/api/auth/login", rest.LoginHandler, c),
         (r"/api/me", rest.MeHandler, c),
+        (r"/api/stream-ticket", rest.StreamTicketHandler, c),
         (r"/api/users", rest.UsersHandler, c),
         (r"/api/dialogs", rest.DialogsHandler, c),
         (rf"/api/dialogs/{dialog}", rest.DialogHandler, c),

@@ -40,10 +40,10 @@ STATUS = {
     "too_many_requests": 429,
 }
 # A value ends at '&', or at whitespace where a whole log line is redacted (run.py's log formatter).
-_SECRET_PARAM = re.compile(r"(?i)\b(token|access_token|password)=[^&\s]*")
+_SECRET_PARAM = re.compile(r"(?i)\b(token|access_token|ticket|password)=[^&\s]*")
 # A query parameter whose name is percent-encoded (`?%74oken=`): Tornado decodes names, so it may be a secret too.
 _ENCODED_PARAM = re.compile(r"(?<=[?&])([^=&\s]*%[^=&\s]*)=[^&\s]*")
-_SECRET_NAMES = frozenset(("token", "access_token", "password"))
+_SECRET_NAMES = frozenset(("token", "access_token", "ticket", "password"))
 _SCHEMES = ("bearer", "basic", "digest", "negotiate", "ntlm", "token")
 # A credential after its scheme, as Tornado logs a header value it refuses (`'Bearer <token>\x00'`, repr-escaped),
 # whatever separates the two (`Bearer,<token>`).

@@ -22,7 +22,7 @@ import tornado.websocket
 
 from chatserver import jsonutil
 from chatserver.broadcaster import EventRecord, Replay
-from chatserver.errors import BadRequest, ChatError, Forbidden, Unauthorized
+from chatserver.errors import BadRequest, ChatError, Forbidden
 from chatserver.models import check_id
 from handlers import wsframes
 from handlers.base import ApiHandler, AppContext, JsonErrors
@@ -38,15 +38,15 @@ POLL_DEFAULT_TIMEOUT = 25.0
 POLL_MAX_TIMEOUT = 60.0
 
 
-def _token(handler: tornado.web.RequestHandler) -> str:
-    """The bearer token from the Authorization header, else from `?token=` (browsers' WebSocket and SSE)."""
+async def _authenticate_stream(handler: ApiHandler | EventSocket) -> str:
+    """The user of a WebSocket or SSE request: a bearer token in the Authorization header, else `?ticket=` (what
+    browsers send, PROTOCOL section 12), else `?token=`."""
     scheme, _, token = handler.request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    token = handler.get_query_argument("token", "")
-    if not token:
-        raise Unauthorized("missing token")
-    return token
+        return await handler.service.authenticate(token.strip())
+    return await handler.service.authenticate_stream(
+        ticket=handler.get_query_argument("ticket", None), token=handler.get_query_argument("token", None)
+    )
 
 
 def _is_websocket_key(key: str) -> bool:
@@ -93,7 +93,8 @@ def _count_resets(ctx: AppContext, replay: Replay) -> None:
 
 
 class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
-    """`GET /ws?token=&cursor=`: events of every dialog of the user, and join/leave/typing/ping frames."""
+    """`GET /ws?ticket=&cursor=` (or `?token=`): events of every dialog of the user, and join/leave/typing/ping
+    frames."""
 
     transport = "websocket"
     _upgraded = False
@@ -109,8 +110,8 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         self._tls = False
 
     async def prepare(self) -> None:
-        # Refused before the upgrade: 401 for a bad token, 400 for a bad cursor (never logged: see redact()).
-        self.user_id = await self.service.authenticate(_token(self))
+        # Refused before the upgrade: 401 for a bad token or ticket, 400 for a bad cursor (never logged: see redact()).
+        self.user_id = await _authenticate_stream(self)
         self._cursor = self.get_query_argument("cursor", None) or None
         if self._cursor is not None:
             self.ctx.broadcaster.parse_cursor(self._cursor)
@@ -459,7 +460,7 @@ class EventStreamHandler(ApiHandler):
         self._gone = False
 
     async def authenticate(self) -> str:
-        return await self.service.authenticate(_token(self))
+        return await _authenticate_stream(self)
 
     async def get(self) -> None:
         broadcaster = self.ctx.broadcaster

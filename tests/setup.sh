@@ -6,9 +6,11 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt
 
-# Debian packages: Chromium for the browser tests, RabbitMQ for the listener tests.
+# Debian packages: Chromium for the browser tests, squid (its stock configuration) as the corporate proxy in front of
+# it, RabbitMQ for the listener tests.
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+[ -x /usr/sbin/squid ] || need+=(squid)
 command -v rabbitmq-server >/dev/null 2>&1 || need+=(rabbitmq-server)
 # systemd-analyze checks the units in .ci/run.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
