@@ -27,7 +27,7 @@ _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
     digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32)
-    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${b64url(salt)}${b64url(digest)}"
 
 
 def verify_password(password: str, stored: str) -> bool:
@@ -35,10 +35,10 @@ def verify_password(password: str, stored: str) -> bool:
         scheme, n, r, p, salt, digest = stored.split("$")
         if scheme != "scrypt":
             return False
-        actual = hashlib.scrypt(password.encode("utf-8"), salt=_unb64(salt), n=int(n), r=int(r), p=int(p), dklen=32)
+        actual = hashlib.scrypt(password.encode("utf-8"), salt=unb64url(salt), n=int(n), r=int(r), p=int(p), dklen=32)
     except (ValueError, UnicodeEncodeError):
         return False
-    return hmac.compare_digest(actual, _unb64(digest))
+    return hmac.compare_digest(actual, unb64url(digest))
 
 
 # What a token looks like, for whoever must find one in text it did not parse (log redaction): a base64url body, a
@@ -78,7 +78,7 @@ class TokenSigner:
         self._verified: LRU[str, tuple[str, int]] = LRU(cache_size)
 
     def issue(self, user_id: str) -> str:
-        body = _b64(f"{user_id}.{int(self._clock()) + self._ttl}".encode())
+        body = b64url(f"{user_id}.{int(self._clock()) + self._ttl}".encode())
         return f"{body}.{self._sign(body)}"
 
     def verify(self, token: str) -> str:
@@ -107,14 +107,14 @@ class TokenSigner:
         if not dot or not hmac.compare_digest(signature.encode(), self._sign(body).encode()):
             raise Unauthorized("invalid token")
         try:
-            user_id, _, expiry = _unb64(body).decode("utf-8").rpartition(".")
+            user_id, _, expiry = unb64url(body).decode("utf-8").rpartition(".")
             expires_at = int(expiry)
         except ValueError:
             raise Unauthorized("invalid token") from None
         return user_id, expires_at
 
     def _sign(self, body: str) -> str:
-        return _b64(hmac.new(self._key, body.encode("ascii", "replace"), hashlib.sha256).digest())
+        return b64url(hmac.new(self._key, body.encode("ascii", "replace"), hashlib.sha256).digest())
 
 
 def load_or_create_secret(state_dir: Path) -> str:
@@ -140,11 +140,12 @@ def load_or_create_secret(state_dir: Path) -> str:
     return path.read_text(encoding="ascii").strip()
 
 
-def _b64(raw: bytes) -> str:
+def b64url(raw: bytes) -> str:
+    """Unpadded base64url, as tokens and stream tickets are written."""
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-def _unb64(text: str) -> bytes:
+def unb64url(text: str) -> bytes:
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (ValueError, UnicodeEncodeError) as exc:

@@ -42,6 +42,7 @@ from chatserver.models import (
 )
 from chatserver.store import Store, StoreUnavailable
 from chatserver.throttle import Throttle
+from chatserver.tickets import StreamTickets
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class ChatService:
         feed: LogFeed,
         config: Config,
         tokens: TokenSigner,
+        tickets: StreamTickets,
         *,
         cache_size: int = 10000,
         user_cache_size: int = 100000,
@@ -90,6 +92,7 @@ class ChatService:
         self.membership: Membership = feed.membership
         self.config = config
         self.tokens = tokens
+        self.tickets = tickets
         # Users known to exist (never deleted, so never stale).
         self._users: LRU[str, bool] = LRU(user_cache_size)
         # The last typing state each user announced in each dialog, and when.
@@ -120,12 +123,26 @@ class ChatService:
         older backup, another one sharing the secret): it authenticates nobody. Users are never deleted, so a
         user found once is remembered and later requests cost no store call.
         """
-        user_id = self.tokens.verify(token)
+        return await self._existing_user(self.tokens.verify(token))
+
+    async def _existing_user(self, user_id: str) -> str:
         if user_id not in self._users:
             if await self.store.read(queries.get_user, user_id) is None:
                 raise Unauthorized("the token's user does not exist")
             self._users.put(user_id, True)
         return user_id
+
+    def issue_stream_ticket(self, user_id: str) -> tuple[str, int]:
+        """A ticket for one `/ws` or `/api/events` request of this (authenticated) user, and its lifetime in seconds."""
+        return self.tickets.issue(user_id), self.tickets.ttl
+
+    async def authenticate_stream(self, *, ticket: str | None, token: str | None) -> str:
+        """The user of a stream request: by its ticket (used up here) where it has one, else by its token."""
+        if ticket:
+            return await self._existing_user(self.tickets.redeem(ticket))
+        if not token:
+            raise Unauthorized("missing ticket or token: ask POST /api/stream-ticket for a ticket")
+        return await self.authenticate(token)
 
     def authenticate_known(self, token: str) -> str:
         """`authenticate` without the store, for paths that cannot wait: Unauthorized also where the user is not

@@ -24,11 +24,14 @@ from chatserver.metrics import Metrics
 from chatserver.service import ChatService
 from chatserver.store import Store, open_store
 from chatserver.throttle import Throttle
+from chatserver.tickets import StreamTickets
 from handlers import fastpoll, http1, ops, realtime, rest, web
 from handlers.base import AppContext, NotFoundHandler, log_request
 from handlers.pings import HeartbeatSweep, PingSweep
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
+# The OpenAPI document of every route below: a test holds the two to each other (tests/test_openapi.py).
+OPENAPI_DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
 
 
 async def build_context(config: Config, *, store: Store | None = None) -> AppContext:
@@ -45,7 +48,7 @@ async def build_context(config: Config, *, store: Store | None = None) -> AppCon
                    retention=config.event_retention, prune_interval=config.log_prune_interval)
     throttle = Throttle(config, time.monotonic)
     service = ChatService(store, broadcaster, feed, config, TokenSigner(secret, config.token_ttl),
-                          throttle=throttle)
+                          StreamTickets(secret), throttle=throttle)
     peers = Peers(service, feed)
     peers.attach_store(store)
     feed.start()
@@ -73,6 +76,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
     routes: list[Any] = [
         (r"/api/auth/login", rest.LoginHandler, c),
         (r"/api/me", rest.MeHandler, c),
+        (r"/api/stream-ticket", rest.StreamTicketHandler, c),
         (r"/api/users", rest.UsersHandler, c),
         (r"/api/dialogs", rest.DialogsHandler, c),
         (rf"/api/dialogs/{dialog}", rest.DialogHandler, c),
@@ -86,6 +90,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
         (r"/healthz", ops.HealthHandler, c),
         (r"/readyz", ops.ReadyHandler, c),
         (r"/metrics", ops.MetricsHandler, c),
+        (r"/api/openapi.json", ops.OpenApiHandler, {**c, "document": OPENAPI_DOCUMENT.read_bytes()}),
         (r"/()", web.WebFileHandler, {"path": str(WEB_ROOT), "default_filename": "index.html"}),
         (r"/static/(.*)", web.WebFileHandler, {"path": str(WEB_ROOT)}),
     ]

@@ -41,10 +41,10 @@ STATUS = {
     "too_many_requests": 429,
 }
 # A value ends at '&', or at whitespace where a whole log line is redacted (run.py's log formatter).
-_SECRET_PARAM = re.compile(r"(?i)\b(token|access_token|password)=[^&\s]*")
+_SECRET_PARAM = re.compile(r"(?i)\b(token|access_token|ticket|password)=[^&\s]*")
 # A query parameter whose name is percent-encoded (`?%74oken=`): Tornado decodes names, so it may be a secret too.
 _ENCODED_PARAM = re.compile(r"(?<=[?&])([^=&\s]*%[^=&\s]*)=[^&\s]*")
-_SECRET_NAMES = frozenset(("token", "access_token", "password"))
+_SECRET_NAMES = frozenset(("token", "access_token", "ticket", "password"))
 _SCHEMES = ("bearer", "basic", "digest", "negotiate", "ntlm", "token")
 # A credential after its scheme, as Tornado logs a header value it refuses (`'Bearer <token>\x00'`, repr-escaped),
 # whatever separates the two (`Bearer,<token>`).
@@ -94,6 +94,15 @@ class AppContext:
 def error_body(message: str) -> bytes:
     """PROTOCOL section 2's error envelope, as every refusal carries it (handlers, and handlers/http1.py's own)."""
     return jsonutil.dumps_bytes({"success": False, "error": message})
+
+
+def implemented_methods(handler_class: type[tornado.web.RequestHandler]) -> tuple[str, ...]:
+    """The methods a handler class implements: what the `Allow` header of its 405 lists (RFC 9110 10.2.1)."""
+    base = tornado.web.RequestHandler
+    return tuple(
+        method for method in base.SUPPORTED_METHODS
+        if getattr(handler_class, method.lower(), None) is not getattr(base, method.lower(), None)
+    )
 
 
 def redact(text: str) -> str:
@@ -202,6 +211,13 @@ class JsonErrors(tornado.web.RequestHandler):
 
     ctx: AppContext
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Only what the class implements, unless it names its own: any other method is a 405 before prepare()
+        # looks at a token or a dialog.
+        if "SUPPORTED_METHODS" not in cls.__dict__:
+            cls.SUPPORTED_METHODS = implemented_methods(cls)
+
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.service = ctx.service
@@ -231,13 +247,15 @@ class JsonErrors(tornado.web.RequestHandler):
             message = error.log_message % error.args if error.args else error.log_message
         if status_code == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="chatserver"')
+        elif status_code == 405:
+            self.set_header("Allow", ", ".join(self.SUPPORTED_METHODS))
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.finish(error_body(message))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, ChatError) or (isinstance(value, tornado.web.HTTPError) and value.status_code < 500):
-            return  # an expected answer to bad input, already in the access log with its status
+        if isinstance(value, ChatError | tornado.web.HTTPError):
+            return  # an answer the code chose (bad input, shutting down), already in the access log with its status
         # Not Tornado's own line: it prints the request's URI, and with it a `?token=`.
         log.error("uncaught exception in %s %s", self.request.method, redact(self.request.uri or ""),
                   exc_info=(typ, value, tb))
@@ -300,6 +318,8 @@ class ApiHandler(JsonHandler):
 
 class NotFoundHandler(JsonHandler):
     """Any path without a route: a JSON 404, not Tornado's HTML page."""
+
+    SUPPORTED_METHODS = tornado.web.RequestHandler.SUPPORTED_METHODS
 
     def prepare(self) -> None:
         raise tornado.web.HTTPError(404, "no such endpoint")

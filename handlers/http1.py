@@ -16,13 +16,15 @@ waits while the socket is full), and telling a handler that its client went away
 Refusals come as JSON like every other error (400 for a malformed request, 413 for a body over the hard
 limit, 431 for a header block over its limit, 408 for a request that stalls past its timeout), and the
 connection then closes without losing the answer to
-a reset: the rest of the request is read and dropped for a moment first.
+a reset: the rest of the request is read and dropped for a moment first. A handler's answer given before the
+body is read ends the connection the same way, and says `Connection: close`.
 
 What is not a plain exchange is handed, with the bytes already read, to Tornado's own HTTP/1.1 server for the
 rest of the connection's life: a WebSocket upgrade (any `Upgrade` header), the hand-over paths (the SSE stream,
 the WebSocket endpoint), and a chunked request body. A connection whose first request is for a hand-over path
 is Tornado's from the start: a peek at its first bytes tells, before any of them is read. A listener with TLS,
-`xheaders` or request decompression is Tornado's entirely.
+`xheaders` or request decompression is Tornado's entirely. On Tornado's connections, too, a malformed `Host` is
+a JSON 400 and an answer before the body says `Connection: close` (_TornadoRequest, _TornadoExchange).
 """
 
 from __future__ import annotations
@@ -296,10 +298,10 @@ class Server(tornado.httpserver.HTTPServer):
 
     def start_request(self, server_conn: object, request_conn: tornado.httputil.HTTPConnection
                       ) -> tornado.httputil.HTTPMessageDelegate:
-        delegate = super().start_request(server_conn, request_conn)
         if isinstance(request_conn, Exchange):
-            return delegate
-        return _IgnoredExpectation(delegate)  # a request on a connection handed to Tornado
+            return super().start_request(server_conn, request_conn)
+        exchange = _TornadoExchange(request_conn)  # a request on a connection handed to Tornado
+        return _TornadoRequest(super().start_request(server_conn, exchange), exchange)
 
     async def close_all_connections(self) -> None:
         for connection in list(self._unread):
@@ -330,31 +332,86 @@ class Server(tornado.httpserver.HTTPServer):
         self._keep_sweeping()
 
 
-class _IgnoredExpectation(tornado.httputil.HTTPMessageDelegate):
-    """A request's delegate on Tornado's HTTP1Connection, which answers `Expect: 100-continue` after the delegate's
-    headers_received whatever the request's version: an HTTP/1.0 request's expectation is dropped before that
-    (RFC 9110 10.1.1: a server MUST ignore it). Everything else is the delegate's."""
+class _TornadoExchange(tornado.httputil.HTTPConnection):
+    """What a handler writes its answer to on a connection Tornado's server reads: Tornado's HTTP1Connection, except
+    that an answer begun before the request's body is read says `Connection: close`. Tornado ends the connection
+    after such an answer without saying so (RFC 9112 9.6), and a client that kept it for its next request would
+    have that request cut off."""
 
-    def __init__(self, delegate: tornado.httputil.HTTPMessageDelegate) -> None:
-        self.delegate = delegate
+    def __init__(self, connection: tornado.httputil.HTTPConnection) -> None:
+        self.connection = connection
+        self.read_finished = False  # set by _TornadoRequest once Tornado has read the whole body
+
+    def write_headers(self, start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
+                      headers: tornado.httputil.HTTPHeaders, chunk: bytes | None = None) -> Any:
+        if not self.read_finished:
+            headers["Connection"] = "close"
+        return self.connection.write_headers(start_line, headers, chunk)
+
+    def write(self, chunk: bytes) -> Any:
+        return self.connection.write(chunk)
+
+    def finish(self) -> None:
+        self.connection.finish()
+
+    def set_close_callback(self, callback: Any) -> None:
+        self.connection.set_close_callback(callback)
+
+    def __getattr__(self, name: str) -> Any:
+        # The rest of HTTP1Connection as it is: detach() for a WebSocket, context, set_body_timeout, ...
+        return getattr(self.connection, name)
+
+
+class _TornadoRequest(tornado.httputil.HTTPMessageDelegate):
+    """A request's delegate on Tornado's HTTP1Connection (an upgrade, a stream, a chunked body, and what follows them
+    on their connection), in front of the application's:
+
+    - Tornado answers `Expect: 100-continue` after the delegate's headers_received whatever the request's version:
+      an HTTP/1.0 request's expectation is dropped before that (RFC 9110 10.1.1: a server MUST ignore it).
+    - A `Host` that Tornado's HTTPServerRequest refuses (missing on HTTP/1.1, malformed, repeated) would get its bare
+      400 without a body: it gets this layer's JSON refusal instead, and the connection ends.
+    - The exchange learns when the body has been read (Tornado calls finish() then, and only then).
+    """
+
+    def __init__(self, delegate: tornado.httputil.HTTPMessageDelegate, exchange: _TornadoExchange) -> None:
+        self.delegate: tornado.httputil.HTTPMessageDelegate | None = delegate
+        self.exchange = exchange
 
     def headers_received(
         self,
         start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
         headers: tornado.httputil.HTTPHeaders,
     ) -> Any:
-        if isinstance(start_line, tornado.httputil.RequestStartLine) and start_line.version == "HTTP/1.0":
+        assert isinstance(start_line, tornado.httputil.RequestStartLine) and self.delegate is not None
+        if start_line.version == "HTTP/1.0":
             headers.pop("Expect", None)
+        try:
+            tornado.httputil.HTTPServerRequest(start_line=start_line, headers=headers)
+        except tornado.httputil.HTTPInputError as exc:
+            context = getattr(self.exchange.connection, "context", None)
+            log.info("malformed HTTP request from %s: %s", getattr(context, "remote_ip", None), redact(str(exc)))
+            self.delegate = None
+            body = error_body("malformed HTTP request")
+            answer = tornado.httputil.HTTPHeaders({"Content-Type": "application/json; charset=utf-8",
+                                                   "Cache-Control": "no-store", "Content-Length": str(len(body))})
+            # Finished before the body is read: Tornado ends the connection once the answer is out.
+            self.exchange.write_headers(tornado.httputil.ResponseStartLine("HTTP/1.1", 400, "Bad Request"), answer,
+                                        body)
+            self.exchange.finish()
+            return None
         return self.delegate.headers_received(start_line, headers)
 
     def data_received(self, chunk: bytes) -> Any:
-        return self.delegate.data_received(chunk)
+        return None if self.delegate is None else self.delegate.data_received(chunk)
 
     def finish(self) -> None:
-        self.delegate.finish()
+        self.exchange.read_finished = True
+        if self.delegate is not None:
+            self.delegate.finish()
 
     def on_connection_close(self) -> None:
-        self.delegate.on_connection_close()
+        if self.delegate is not None:
+            self.delegate.on_connection_close()
 
 
 class _Refusals:
@@ -846,12 +903,16 @@ class Connection(asyncio.BufferedProtocol):
                 future.set_exception(error)
                 future.exception()
 
+    def body_unread(self) -> bool:
+        """Whether the current request has body bytes still to read (or is past its headers and reading them)."""
+        return self.state != HEADERS_WAIT or self.remaining > 0
+
     def _answered(self, exchange: Exchange) -> None:
         """The answer is written (maybe still leaving the socket buffer): the next request, or the end."""
         if exchange is not self.exchange or self.state >= LINGERING:
             return
         if not exchange.read_finished:
-            if self.state != HEADERS_WAIT or self.remaining:
+            if self.body_unread():
                 # Answered before the body was read (a 413 at the headers, say): read and drop the rest, then close.
                 self._linger()
                 return
@@ -1024,6 +1085,8 @@ class Exchange(tornado.httputil.HTTPConnection):
         # Tornado's framing: chunked when HTTP/1.1 has a body of unknown length.
         self.chunking = (request.version == "HTTP/1.1" and request.method != "HEAD" and code not in (204, 304)
                          and not 100 <= code < 200 and "Content-Length" not in headers)
+        if not self.read_finished and self.conn.body_unread():
+            self.disconnect_on_finish = True  # answered before the body is read: the connection ends (_answered)
         if request.version == "HTTP/1.1" and self.disconnect_on_finish:
             headers["Connection"] = "close"
         if request.version == "HTTP/1.0" and not self.disconnect_on_finish:

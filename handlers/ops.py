@@ -1,4 +1,5 @@
-"""Operations endpoints of PROTOCOL section 7: liveness, readiness and Prometheus metrics. No auth."""
+"""Operations endpoints of PROTOCOL section 7: liveness, readiness and Prometheus metrics; and the OpenAPI document
+of every route (docs/openapi.json). No auth."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from chatserver import queries
-from handlers.base import JsonHandler
+from handlers.base import AppContext, JsonHandler
 
 READINESS_TIMEOUT = 2.0
 
@@ -46,3 +47,14 @@ class MetricsHandler(JsonHandler):
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(generate_latest(self.ctx.metrics.registry))
+
+
+class OpenApiHandler(JsonHandler):
+    """`GET /api/openapi.json`: docs/openapi.json as it is (no envelope), so that tools can read it."""
+
+    def initialize(self, ctx: AppContext, document: bytes) -> None:  # type: ignore[override]
+        super().initialize(ctx)
+        self.document = document
+
+    def get(self) -> None:
+        self.finish(self.document)

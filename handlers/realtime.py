@@ -8,6 +8,7 @@ beyond its open connection: the cursor is the client's, and any transport resume
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
 import struct
@@ -21,7 +22,7 @@ import tornado.websocket
 
 from chatserver import jsonutil
 from chatserver.broadcaster import EventRecord, Replay
-from chatserver.errors import BadRequest, ChatError, Forbidden, Unauthorized
+from chatserver.errors import BadRequest, ChatError, Forbidden
 from chatserver.models import check_id
 from handlers import wsframes
 from handlers.base import ApiHandler, AppContext, JsonErrors
@@ -31,20 +32,29 @@ from handlers.pings import HeartbeatSweep, PingSweep
 log = logging.getLogger(__name__)
 
 SLOW_CLIENT_CLOSE = 4008
+WEBSOCKET_VERSION = "13"
 _NONE_JOINED: frozenset[str] = frozenset()
 POLL_DEFAULT_TIMEOUT = 25.0
 POLL_MAX_TIMEOUT = 60.0
 
 
-def _token(handler: tornado.web.RequestHandler) -> str:
-    """The bearer token from the Authorization header, else from `?token=` (browsers' WebSocket and SSE)."""
+async def _authenticate_stream(handler: ApiHandler | EventSocket) -> str:
+    """The user of a WebSocket or SSE request: a bearer token in the Authorization header, else `?ticket=` (what
+    browsers send, PROTOCOL section 12), else `?token=`."""
     scheme, _, token = handler.request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    token = handler.get_query_argument("token", "")
-    if not token:
-        raise Unauthorized("missing token")
-    return token
+        return await handler.service.authenticate(token.strip())
+    return await handler.service.authenticate_stream(
+        ticket=handler.get_query_argument("ticket", None), token=handler.get_query_argument("token", None)
+    )
+
+
+def _is_websocket_key(key: str) -> bool:
+    """Whether a `Sec-WebSocket-Key` is what RFC 6455 4.1 asks of a client: 16 bytes in base64."""
+    try:
+        return len(base64.b64decode(key.strip(), validate=True)) == 16
+    except ValueError:  # binascii.Error: not base64
+        return False
 
 
 def websocket_frame(payload: bytes) -> bytes:
@@ -83,7 +93,8 @@ def _count_resets(ctx: AppContext, replay: Replay) -> None:
 
 
 class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
-    """`GET /ws?token=&cursor=`: events of every dialog of the user, and join/leave/typing/ping frames."""
+    """`GET /ws?ticket=&cursor=` (or `?token=`): events of every dialog of the user, and join/leave/typing/ping
+    frames."""
 
     transport = "websocket"
     _upgraded = False
@@ -99,8 +110,8 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         self._tls = False
 
     async def prepare(self) -> None:
-        # Refused before the upgrade: 401 for a bad token, 400 for a bad cursor (never logged: see redact()).
-        self.user_id = await self.service.authenticate(_token(self))
+        # Refused before the upgrade: 401 for a bad token or ticket, 400 for a bad cursor (never logged: see redact()).
+        self.user_id = await _authenticate_stream(self)
         self._cursor = self.get_query_argument("cursor", None) or None
         if self._cursor is not None:
             await self.service.check_cursor(self._cursor)
@@ -115,24 +126,33 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         # check_origin), made here first so that its refusal is JSON too.
         if self._check_cross_origin(self.check_origin) is not None:
             raise Forbidden("a WebSocket from this origin is not allowed here (see trusted_origins)")
+        if "Host" not in headers:  # HTTP/1.0 allows a request without one; RFC 6455 4.1 does not
+            raise BadRequest("a WebSocket upgrade needs a 'Host' header")
+        if not _is_websocket_key(headers.get("Sec-WebSocket-Key", "")):
+            raise BadRequest("'Sec-WebSocket-Key' must be 16 bytes in base64 (RFC 6455 4.1)")
+        # The only version WebSocketHandler.get_websocket_protocol speaks; refused here so that the 426 is JSON too.
+        if headers.get("Sec-WebSocket-Version") != WEBSOCKET_VERSION:
+            raise tornado.web.HTTPError(426, f"this server speaks WebSocket version {WEBSOCKET_VERSION} (RFC 6455)")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if status_code == 426:  # RFC 6455 4.4: name the version this server speaks
+            self.set_header("Sec-WebSocket-Version", WEBSOCKET_VERSION)
+        super().write_error(status_code, **kwargs)
 
     def check_origin(self, origin: str) -> bool:
         if origin.rstrip("/") in self.ctx.config.origins:
             return True
         return super().check_origin(origin)  # same host as the request
 
-    def get(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
-        """Tornado's WebSocketHandler.get without its checks of Upgrade, Connection and origin, which prepare()
-        made already (as JSON errors). Its suspended frame would hold the request's headers (and a map over them)
-        for the socket's whole life; returning the protocol's coroutine leaves no frame of ours behind."""
+    def get(self, *args: Any, **kwargs: Any) -> Awaitable[None]:
+        """Tornado's WebSocketHandler.get without its checks of Upgrade, Connection, origin and version, which
+        prepare() made already (as JSON errors). Its suspended frame would hold the request's headers (and a map over
+        them) for the socket's whole life; returning the protocol's coroutine leaves no frame of ours behind."""
         self.open_args = args
         self.open_kwargs = kwargs
         self.ws_connection = self.get_websocket_protocol()
-        if self.ws_connection:
-            return self.ws_connection.accept_connection(self)
-        self.set_status(426, "Upgrade Required")
-        self.set_header("Sec-WebSocket-Version", "13")
-        return None
+        assert self.ws_connection is not None  # prepare() refused every other version
+        return self.ws_connection.accept_connection(self)
 
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
         """Tornado's protocol, reading the client's frames with handlers/wsframes.py's RFC 6455 checks."""
@@ -446,7 +466,7 @@ class EventStreamHandler(ApiHandler):
         self._gone = False
 
     async def authenticate(self) -> str:
-        return await self.service.authenticate(_token(self))
+        return await _authenticate_stream(self)
 
     async def get(self) -> None:
         broadcaster = self.ctx.broadcaster

@@ -25,6 +25,14 @@ class MeHandler(ApiHandler):
         self.reply((await self.service.current_user(self.user_id)).to_json())
 
 
+class StreamTicketHandler(ApiHandler):
+    """`POST /api/stream-ticket` (PROTOCOL section 12): a one-use, 30-second ticket for `/ws` or `/api/events`."""
+
+    async def post(self) -> None:
+        ticket, ttl = self.service.issue_stream_ticket(self.user_id)
+        self.reply({"ticket": ticket, "expiresIn": ttl}, 201)
+
+
 class UsersHandler(ApiHandler):
     """`GET /api/users?ids=` or `?phone=` (extension): names of people the caller shares a dialog with; a lookup
     by exact phone."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import tornado.web
 
-from handlers.base import error_body
+from handlers.base import error_body, implemented_methods
 
 # A Host header we are willing to echo into connect-src; anything else gets 'self' alone.
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
@@ -61,6 +61,8 @@ class WebFileHandler(tornado.web.StaticFileHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # Refusals (404, 403 outside web/, 405) are JSON like every other error of the server, not an HTML page.
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(implemented_methods(type(self))))
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.finish(error_body(self._reason))

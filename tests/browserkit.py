@@ -7,17 +7,24 @@ Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import pwd
 import re
+import secrets
 import shutil
+import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect
 
@@ -33,6 +40,13 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 START_TIMEOUT = 15.0
+# page.evaluate(SET_VISIBILITY, hidden): what the browser does when the tab goes to the background or comes back
+# (headless Chromium shows every page, so its visibility is set by hand).
+SET_VISIBILITY = """(hidden) => {
+    Object.defineProperty(document, "visibilityState", { value: hidden ? "hidden" : "visible", configurable: true });
+    Object.defineProperty(document, "hidden", { value: hidden, configurable: true });
+    document.dispatchEvent(new Event("visibilitychange"));
+}"""
 
 
 def chromium_path() -> str | None:
@@ -40,8 +54,13 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def launch_chromium(playwright: Playwright) -> Browser:
-    return playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
+def launch_chromium(playwright: Playwright, proxy_port: int | None = None) -> Browser:
+    """Headless Chromium; with `proxy_port`, every request goes through that HTTP proxy, loopback included."""
+    args = list(CHROMIUM_ARGS)
+    if proxy_port is not None:
+        # Chromium never proxies loopback unless told to with `<-loopback>`.
+        args += [f"--proxy-server=http://127.0.0.1:{proxy_port}", "--proxy-bypass-list=<-loopback>"]
+    return playwright.chromium.launch(executable_path=chromium_path(), args=args, headless=True)
 
 
 def free_port() -> int:
@@ -122,16 +141,22 @@ class ServerProcess:
 class ChatPage:
     """One user's tab: a browser context of its own, logged in through the login form."""
 
-    def __init__(self, context: BrowserContext, base_url: str) -> None:
+    def __init__(
+        self, context: BrowserContext, base_url: str, wait_until: Literal["commit", "load"] = "load"
+    ) -> None:
         self.context = context
         self.page: Page = context.new_page()
         self.console: list[str] = []
         self.errors: list[str] = []
         self.dialogs: list[str] = []
+        self.urls: list[str] = []  # every URL the page requested, WebSocket URLs included
+        self.token = ""
         self.page.on("console", lambda message: self.console.append(f"{message.type}: {message.text}"))
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
         self.page.on("dialog", self._on_dialog)
-        self.page.goto(base_url + "/")
+        self.page.on("request", lambda request: self.urls.append(request.url))
+        self.page.on("websocket", lambda socket: self.urls.append(socket.url))
+        self.page.goto(base_url + "/", wait_until=wait_until)
 
     def _on_dialog(self, dialog: Any) -> None:
         self.dialogs.append(f"{dialog.type}: {dialog.message}")
@@ -142,7 +167,20 @@ class ChatPage:
         self.page.fill("#login-password", password)
         self.page.click("#login-submit")
         expect(self.page.locator("#chat-view")).to_be_visible(timeout=5000)
+        self.token = self.session_token()
         return self
+
+    def session_token(self) -> str:
+        """The long-lived token the page keeps (what must never be in a URL or on the console)."""
+        return str(self.page.evaluate("JSON.parse(localStorage.getItem('chatserver.session')).token"))
+
+    def session_user(self) -> str:
+        return str(self.page.evaluate("JSON.parse(localStorage.getItem('chatserver.session')).user.userId"))
+
+    def leaks(self) -> list[str]:
+        """URLs the page requested and console lines that hold its token (there must be none)."""
+        assert self.token, "the page has not logged in"
+        return [line for line in self.urls + self.console if self.token in line]
 
     def dialog_row(self, title: str) -> Any:
         return self.page.locator("#dialogs .dialog", has=self.page.locator(".dialog-name", has_text=title))
@@ -173,3 +211,166 @@ class ChatPage:
 
     def csp_violations(self) -> list[str]:
         return [line for line in self.console if "Content Security Policy" in line]
+
+
+def unique(label: str) -> str:
+    return f"{label} {secrets.token_hex(3)}"
+
+
+def wait_until(page: Page, condition: Callable[[], bool], timeout: float) -> None:
+    """Wait for something the test sees from Python (a route handler ran), keeping Playwright's events flowing."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached within {timeout}s"
+        page.wait_for_timeout(50)
+
+
+def demo_dialog(server: ServerProcess, token: str) -> str:
+    return str(next(d["dialogId"] for d in server.api("GET", "/api/dialogs", token=token) if d["title"] == "Demo"))
+
+
+def exchange_typing_and_messages(alice: ChatPage, bob: ChatPage) -> None:
+    """Typing both ways, then a message each way: each shows once on the other page, none left pending."""
+    alice.page.fill("#composer-input", "…")
+    expect(bob.page.locator("#typing")).to_have_text("typing…", timeout=2000)
+    alice.page.fill("#composer-input", "")
+    expect(bob.page.locator("#typing")).to_have_text("", timeout=2000)
+    bob.page.fill("#composer-input", "…")
+    expect(alice.page.locator("#typing")).to_have_text("typing…", timeout=2000)
+    bob.page.fill("#composer-input", "")
+
+    incoming = unique("to the page behind the proxy")
+    bob.send(incoming)
+    expect(alice.messages_with(incoming)).to_have_count(1, timeout=2000)
+    outgoing = unique("and back")
+    alice.send(outgoing)
+    expect(bob.messages_with(outgoing)).to_have_count(1, timeout=2000)
+    expect(alice.page.locator("#messages .message.pending")).to_have_count(0, timeout=2000)
+    expect(alice.messages_with(outgoing)).to_have_count(1)
+
+
+def fill_dialog(db: Path, dialog_id: str, sender_id: str, count: int, label: str) -> list[str]:
+    """`count` messages from `sender_id` in a dialog the server knows, written straight into its SQLite file in the
+    store's own schema (as bench/store_bench.py fills one): thousands in a second, where POSTs would take minutes.
+    The server reads them back as history (they were never live events). Returns their texts, oldest first."""
+    base = int(time.time() * 1000) - 3_600_000  # an hour ago, one message per millisecond
+    texts = [f"{label} #{n:05d}" for n in range(count)]
+    rows = []
+    for n, text in enumerate(texts):
+        millis = base + n
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000)) + f".{millis % 1000:03d}Z"
+        rows.append((f"msg_{secrets.token_hex(8)}", dialog_id, sender_id, text, "text", "{}", stamp, stamp, None))
+    with contextlib.closing(sqlite3.connect(db, timeout=10, isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT INTO messages (message_id, dialog_id, sender_id, content, type, meta, created_at, updated_at, "
+            "client_message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        conn.execute(
+            "UPDATE dialogs SET last_seq = (SELECT max(seq) FROM messages WHERE dialog_id = ?), "
+            "activity_at = max(activity_at, ?) WHERE dialog_id = ?",
+            (dialog_id, rows[-1][6], dialog_id),
+        )
+        conn.execute("COMMIT")
+    return texts
+
+
+class StockSquid:
+    """Debian's squid with the configuration Debian ships, as a corporate proxy in front of the browser.
+
+    The configuration is /etc/squid/squid.conf as installed, ACLs untouched: `http_access deny CONNECT
+    !SSL_ports` refuses a tunnel to any port but 443, so a browser's ws:// WebSocket (a CONNECT through the proxy)
+    is refused with 403, while plain HTTP requests and streamed responses pass; `http_access allow localhost`
+    lets 127.0.0.1 in, and `http_access deny to_localhost` is commented out in Debian's file, so loopback
+    destinations are reachable with no change. What the fixture changes, and nothing else:
+
+    - `http_port 3128` becomes `http_port 127.0.0.1:<free port>`;
+    - `coredump_dir /var/spool/squid` becomes `coredump_dir <temp>/spool`;
+    - appended: `pid_filename <temp>/squid.pid`, `cache_log stdio:<temp>/cache.log`,
+      `access_log stdio:<temp>/access.log squid` (the stock paths under /var are the system squid's).
+
+    The stock file has no `cache_dir` (memory only). The temp folder is made under /tmp and given to user `proxy`,
+    whom squid runs as. Squid runs in the foreground (`-N`) in a process group of its own, which `stop()` kills
+    (its pinger helper included). Needs root (to become `proxy`) and /usr/sbin/squid.
+    """
+
+    STOCK_CONFIG = Path("/etc/squid/squid.conf")
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="chatserver-squid-"))
+        self.port = free_port()
+        self.access_log = self.dir / "access.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("squid") is not None and StockSquid.STOCK_CONFIG.exists() and os.geteuid() == 0
+
+    def config(self) -> str:
+        stock = self.STOCK_CONFIG.read_text()
+        changed, ports = re.subn(r"(?m)^http_port 3128$", f"http_port 127.0.0.1:{self.port}", stock)
+        changed, dumps = re.subn(r"(?m)^coredump_dir /var/spool/squid$", f"coredump_dir {self.dir}/spool", changed)
+        assert ports == 1 and dumps == 1, "Debian's squid.conf is not the one this fixture knows"
+        return changed + (
+            f"\npid_filename {self.dir}/squid.pid\n"
+            f"cache_log stdio:{self.dir}/cache.log\n"
+            f"access_log stdio:{self.access_log} squid\n"
+        )
+
+    def start(self) -> None:
+        (self.dir / "spool").mkdir()
+        (self.dir / "squid.conf").write_text(self.config())
+        proxy = pwd.getpwnam("proxy")
+        for path in (self.dir, self.dir / "spool", self.dir / "squid.conf"):
+            os.chown(path, proxy.pw_uid, proxy.pw_gid)
+        self.proc = subprocess.Popen(
+            ["squid", "-N", "-f", str(self.dir / "squid.conf")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"squid exited with {self.proc.returncode}:\n{self.cache_log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)  # polling for the listener, bounded by the deadline
+        self.stop()
+        raise AssertionError(f"squid did not listen within {START_TIMEOUT}s:\n{self.cache_log()}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # squid's own shutdown waits 30 s for its clients
+            self.proc.wait(timeout=10)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def cache_log(self) -> str:
+        path = self.dir / "cache.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_lines(self) -> list[str]:
+        """access.log so far: `time elapsed client code/status bytes method URL ...`, one line per transaction,
+        written when the transaction ends (a stream still open is not there yet); squid strips query strings."""
+        return self.access_log.read_text(errors="replace").splitlines() if self.access_log.exists() else []
+
+    def refused_connects(self, port: int) -> list[float]:
+        """When squid refused a CONNECT to 127.0.0.1:<port> (a WebSocket attempt), as Unix times."""
+        found = []
+        for line in self.log_lines():
+            fields = line.split()
+            if len(fields) >= 7 and fields[3] == "TCP_DENIED/403" and fields[5] == "CONNECT" \
+                    and fields[6] == f"127.0.0.1:{port}":
+                found.append(float(fields[0]))
+        return found
+
+    def passed(self, port: int, path: str) -> int:
+        """How many requests for http://127.0.0.1:<port><path>... squid carried (any status it did not make up)."""
+        prefix = f"http://127.0.0.1:{port}{path}"
+        return sum(
+            1 for line in self.log_lines()
+            if len(line.split()) >= 7 and line.split()[6].startswith(prefix) and "HIER_DIRECT" in line
+        )

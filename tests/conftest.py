@@ -17,17 +17,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
+import requests
 import tornado.httpclient
 import tornado.httpserver
 import tornado.websocket
 
 from chatserver import jsonutil
-from chatserver.admin import add_dialog, add_user
+from chatserver.admin import DEMO_PASSWORD, add_dialog, add_user, ensure_demo
 from chatserver.config import Config, load_config
+from chatserver.store import open_store
 from handlers.app import build_context, close_context, make_app, make_http_server
 from handlers.base import AppContext
 from tests import pg
+from tests.process import ThreadedServer
 
 ALICE_PHONE, BOB_PHONE, CAROL_PHONE = "79111111111", "79777777777", "79000000000"
 PASSWORD = "demo-password"
@@ -224,6 +228,55 @@ def carol(base_url: str, ctx: AppContext, seed: dict[str, Any], http_server: Any
 @pytest.fixture
 def dialog_id(seed: dict[str, Any]) -> str:
     return str(seed["dialog"].dialog_id)
+
+
+@attrs.frozen
+class Live:
+    """A server process on a real port, for synchronous clients (schemathesis, Hypothesis): the demo users Alice
+    (whose `token` this is) and Bob in the dialog "Demo" with one message of Alice's, and Carol in no dialog."""
+
+    server: ThreadedServer
+    token: str
+    dialog_id: str
+    message_id: str
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def call(self, method: str, path: str, *, token: str | None = None, **kwargs: Any) -> Any:
+        """A call that must succeed: its `data`."""
+        headers = {"Authorization": f"Bearer {self.token if token is None else token}"}
+        response = requests.request(method, self.url + path, headers=headers, timeout=10, **kwargs)
+        assert response.status_code in (200, 201), (response.status_code, response.text)
+        return response.json()["data"]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    tmp = tmp_path_factory.mktemp("live")
+
+    async def seed() -> None:
+        store = open_store(str(tmp / "state" / "chatserver.db"))  # where ServerProcess's state folder keeps it
+        await store.start()
+        try:
+            await ensure_demo(store)
+            await add_user(store, CAROL_PHONE, "Carol", DEMO_PASSWORD)
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+    server = ThreadedServer(tmp)
+    try:
+        login = requests.post(server.url + "/api/auth/login", json={"phone": ALICE_PHONE, "password": DEMO_PASSWORD},
+                              timeout=10)
+        assert login.status_code == 200, login.text
+        seeded = Live(server, login.json()["data"]["token"], "", "")
+        dialog_id = seeded.call("GET", "/api/dialogs")[0]["dialogId"]
+        message = seeded.call("POST", f"/api/messages/dialog/{dialog_id}", json={"content": "seed"})
+        yield attrs.evolve(seeded, dialog_id=dialog_id, message_id=message["messageId"])
+    finally:
+        server.close()
 
 
 def require_service(name: str, reachable: bool) -> None:

@@ -3,7 +3,7 @@
 `ServerProcess.start` runs run.py with a fresh state folder and a clean environment (no inherited
 CHATSERVER_*, NOTIFY_SOCKET, WATCHDOG_*, LISTEN_* or JOURNAL_STREAM), collects every line it writes to stderr,
 and returns once it logs the address it listens on. Every wait is bounded; a process still running at the end
-of a test is killed.
+of a test is killed. `ThreadedServer` drives one from a loop in a thread of its own, for synchronous clients.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import shlex
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,41 @@ class ServerProcess:
                 await asyncio.sleep(0.05)
 
         await asyncio.wait_for(seen(), timeout)
+
+
+class ThreadedServer:
+    """A ServerProcess for synchronous clients (requests, schemathesis, Hypothesis): its loop runs in a thread of its
+    own, and every call into it waits with a bound."""
+
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="server-process", daemon=True)
+        self._thread.start()
+        try:
+            self.process: ServerProcess = self.run(ServerProcess.start(tmp_path, *args, env=env), START_TIMEOUT + 5)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.url = self.process.url
+
+    def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def terminate(self, timeout: float = 15) -> int:
+        """SIGTERM, and the exit code once the process is gone and its stderr read to the end."""
+        self.process.signal(signal.SIGTERM)
+        return int(self.run(self.process.exit_code(timeout), timeout + 10))
+
+    def close(self) -> None:
+        try:
+            self.run(self.process.close())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
 
 
 def listening_socket() -> socket.socket:

@@ -6,9 +6,11 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt
 
-# Debian packages: Chromium for the browser tests, RabbitMQ for the listener tests, PostgreSQL for the second store.
+# Debian packages: Chromium for the browser tests, squid (its stock configuration) as the corporate proxy in front of
+# it, RabbitMQ for the listener tests, PostgreSQL for the second store.
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+[ -x /usr/sbin/squid ] || need+=(squid)
 command -v rabbitmq-server >/dev/null 2>&1 || need+=(rabbitmq-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
 # systemd-analyze checks the units in .ci/run.

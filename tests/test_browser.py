@@ -11,15 +11,27 @@ import itertools
 import json
 import re
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, Route, WebSocketRoute, expect, sync_playwright
+from playwright.sync_api import Browser, Route, WebSocketRoute, expect, sync_playwright
 
-from tests.browserkit import ALICE_PHONE, BOB_PHONE, ChatPage, ServerProcess, chromium_path, launch_chromium
+from tests.browserkit import (
+    ALICE_PHONE,
+    BOB_PHONE,
+    SET_VISIBILITY,
+    ChatPage,
+    ServerProcess,
+    chromium_path,
+    demo_dialog,
+    exchange_typing_and_messages,
+    fill_dialog,
+    launch_chromium,
+    unique,
+    wait_until,
+)
 from tests.conftest import require_service
 
 XSS = "<img src=x onerror=alert(1)>"
@@ -52,11 +64,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def open_page(browser: Browser, server: ServerProcess) -> Iterator[OpenPage]:
-    """Opens logged-in pages; at the end checks that none of them broke the CSP, threw, or showed a dialog."""
+    """Opens logged-in pages; at the end checks that none of them broke the CSP, threw, showed a dialog, or put
+    its token in a URL it requested or on the console."""
     pages: list[ChatPage] = []
 
-    def open_(phone: str, *, block_websocket: list[str] | None = None, block_sse: list[str] | None = None) -> ChatPage:
+    def open_(
+        phone: str,
+        *,
+        block_websocket: list[str] | None = None,
+        block_sse: list[str] | None = None,
+        init_script: str = "",
+        permissions: tuple[str, ...] = (),
+    ) -> ChatPage:
         context = browser.new_context(viewport={"width": 1280, "height": 800})
+        if init_script:
+            context.add_init_script(init_script)
+        if permissions:
+            context.grant_permissions(list(permissions), origin=server.base_url)
         if block_websocket is not None:
             # The corporate proxy: the upgrade never reaches the server; the page sees its socket close at once.
             def refuse(ws: WebSocketRoute) -> None:
@@ -79,25 +103,11 @@ def open_page(browser: Browser, server: ServerProcess) -> Iterator[OpenPage]:
     for page in pages:
         page.context.close()
     for page in pages:
+        assert page.urls, "no request was recorded"
+        assert not page.leaks(), page.leaks()  # the token is in no URL (tickets are) and not on the console
         assert not page.errors, page.errors
         assert not page.dialogs, page.dialogs
         assert not page.csp_violations(), page.csp_violations()
-
-
-def unique(label: str) -> str:
-    return f"{label} {secrets.token_hex(3)}"
-
-
-def wait_until(page: Page, condition: Callable[[], bool], timeout: float) -> None:
-    """Wait for something the test sees from Python (a route handler ran), keeping Playwright's events flowing."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not reached within {timeout}s"
-        page.wait_for_timeout(50)
-
-
-def demo_dialog(server: ServerProcess, token: str) -> str:
-    return str(next(d["dialogId"] for d in server.api("GET", "/api/dialogs", token=token) if d["title"] == "Demo"))
 
 
 def test_receiver_sees_message_without_reload_and_sender_sees_it_once(open_page: OpenPage) -> None:
@@ -122,26 +132,6 @@ def test_receiver_sees_message_without_reload_and_sender_sees_it_once(open_page:
     expect(bob.messages_with(text)).to_have_count(1)
 
 
-def exchange_typing_and_messages(alice: ChatPage, bob: ChatPage) -> None:
-    """Typing both ways, then a message each way: each shows once on the other page, none left pending."""
-    alice.page.fill("#composer-input", "…")
-    expect(bob.page.locator("#typing")).to_have_text("typing…", timeout=2000)
-    alice.page.fill("#composer-input", "")
-    expect(bob.page.locator("#typing")).to_have_text("", timeout=2000)
-    bob.page.fill("#composer-input", "…")
-    expect(alice.page.locator("#typing")).to_have_text("typing…", timeout=2000)
-    bob.page.fill("#composer-input", "")
-
-    incoming = unique("to the page behind the proxy")
-    bob.send(incoming)
-    expect(alice.messages_with(incoming)).to_have_count(1, timeout=2000)
-    outgoing = unique("and back")
-    alice.send(outgoing)
-    expect(bob.messages_with(outgoing)).to_have_count(1, timeout=2000)
-    expect(alice.page.locator("#messages .message.pending")).to_have_count(0, timeout=2000)
-    expect(alice.messages_with(outgoing)).to_have_count(1)
-
-
 def test_blocked_websocket_and_sse_fall_back_to_long_poll(open_page: OpenPage, server: ServerProcess) -> None:
     bob = open_page(BOB_PHONE)
     bob.open_dialog("Demo")
@@ -155,8 +145,8 @@ def test_blocked_websocket_and_sse_fall_back_to_long_poll(open_page: OpenPage, s
     expect(alice.connection()).to_have_attribute("data-state", "long-poll", timeout=5000)
     assert streams, "the page went to long-poll without trying SSE first"
     expect(alice.page.locator("#connection-label")).to_have_text("Long-poll")
-    # It keeps trying WebSocket in the background (and the proxy keeps refusing it).
-    wait_until(alice.page, lambda: len(attempts) >= 2, 10)
+    # WebSocket failed where plain HTTP gets through: the page says so, and does not try it again for a long while.
+    expect(alice.connection()).to_have_attribute("title", re.compile("WebSocket is blocked on this network"))
 
     # Typing both ways (over REST from the long-poll page, to it through its poll's `typing=`), then messages.
     exchange_typing_and_messages(alice, bob)
@@ -165,6 +155,7 @@ def test_blocked_websocket_and_sse_fall_back_to_long_poll(open_page: OpenPage, s
     assert server.log().count("GET /ws") == upgrades_before, (
         "a WebSocket upgrade of the blocked page reached the server"
     )
+    assert len(attempts) == 1, attempts
 
 
 def test_blocked_websocket_falls_back_to_sse(open_page: OpenPage, server: ServerProcess) -> None:
@@ -178,12 +169,13 @@ def test_blocked_websocket_falls_back_to_sse(open_page: OpenPage, server: Server
     alice.open_dialog("Demo")
     expect(alice.connection()).to_have_attribute("data-state", "sse", timeout=5000)
     expect(alice.page.locator("#connection-label")).to_have_text("SSE")
-    wait_until(alice.page, lambda: len(attempts) >= 2, 10)  # WebSocket is still tried in the background
+    expect(alice.connection()).to_have_attribute("title", re.compile("WebSocket is blocked on this network"))
 
     # Typing both ways (over REST from the SSE page, to it through its stream's `typing=`), then messages.
     exchange_typing_and_messages(alice, bob)
 
     expect(alice.connection()).to_have_attribute("data-state", "sse")
+    assert len(attempts) == 1, attempts  # not tried again while the network is known to refuse it
     # The SSE page never polled with a cursor (its one handshake poll has none).
     assert server.log().count("GET /api/poll?cursor") == polls_before, "the SSE page long-polled"
 
@@ -215,7 +207,7 @@ def test_sse_survives_reopening_and_hands_over_to_websocket_without_loss(
             """async ({ token, userId }) => {
                 const { ChatClient } = await import("/static/chatclient.js");
                 const client = new ChatClient({ token, userId, sseSilence: 400, connectTimeout: 2000,
-                                                backoffBase: 300, backoffCap: 1500 });
+                                                backoffBase: 300, backoffCap: 1500, webSocketRetry: 1500 });
                 window.received = [];
                 client.on("message:new", (message) => window.received.push(message.content));
                 window.client = client;
@@ -280,6 +272,7 @@ def test_silent_websocket_is_dropped_for_long_poll_and_taken_back_without_loss(
                 const { ChatClient } = await import("/static/chatclient.js");
                 const client = new ChatClient({ token, userId, heartbeatInterval: 300, heartbeatTimeout: 300,
                                                 connectTimeout: 600, backoffBase: 200, backoffCap: 1000,
+                                                webSocketRetry: 1000,
                                                 transports: ["websocket", "longpoll"] });
                 window.received = [];
                 client.on("message:new", (message) => window.received.push(message.content));
@@ -343,7 +336,7 @@ def test_a_buffered_sse_stream_means_long_poll(browser: Browser, server: ServerP
             """async ({ token, userId }) => {
                 const { ChatClient } = await import("/static/chatclient.js");
                 const client = new ChatClient({ token, userId, connectTimeout: 800, backoffBase: 200,
-                                                backoffCap: 1000 });
+                                                backoffCap: 1000, webSocketRetry: 1000 });
                 window.received = [];
                 window.states = [];
                 client.on("state", ({ state }) => window.states.push(state));
@@ -708,3 +701,108 @@ def test_sends_refused_for_the_rate_are_sent_again_after_retry_after_and_arrive_
     finally:
         alice.context.close()
         bob.context.close()
+
+
+def test_a_dialog_of_10000_messages_keeps_the_message_list_bounded(open_page: OpenPage, server: ServerProcess) -> None:
+    alice, bob = server.login(ALICE_PHONE), server.login(BOB_PHONE)
+    title = unique("Ten thousand")
+    dialog = server.api("POST", "/api/dialogs", {"title": title, "memberIds": [bob["user"]["userId"]]}, alice["token"])
+    texts = fill_dialog(server.db, dialog["dialogId"], alice["user"]["userId"], 10_000, title)
+    page = open_page(BOB_PHONE)
+    page.open_dialog(title)
+    nodes = page.page.locator("#messages .message")
+    expect(nodes).to_have_count(50)
+    assert page.message_texts() == texts[-50:]
+    scroller = page.page.locator("#message-scroll")
+    first_text = page.page.locator("#messages .message .text").first
+    last_text = page.page.locator("#messages .message .text").last
+
+    def shown_is_one_stretch() -> list[str]:
+        shown = page.message_texts()
+        start = texts.index(shown[0])
+        assert shown == texts[start:start + len(shown)], "the list has a gap or a duplicate"
+        return shown
+
+    # Up through 1,000 messages: older pages come in, the newest go out; never more than 200 nodes.
+    most = 0
+    for _ in range(20):
+        oldest = first_text.text_content()
+        scroller.evaluate("node => { node.scrollTop = 0; }")
+        expect(first_text).not_to_have_text(str(oldest), timeout=3000)
+        most = max(most, nodes.count())
+        shown_is_one_stretch()
+    assert most == 200, most
+    shown = shown_is_one_stretch()
+    assert texts.index(shown[0]) == 10_000 - 50 - 20 * 50
+    assert page.page.evaluate("document.querySelectorAll('#messages li').length") <= 200
+
+    # And back down: the newer pages come back in order, up to the newest; still never more than 200.
+    for _ in range(40):
+        if last_text.text_content() == texts[-1]:
+            break
+        newest = last_text.text_content()
+        scroller.evaluate("node => { node.scrollTop = node.scrollHeight; }")
+        expect(last_text).not_to_have_text(str(newest), timeout=3000)
+        assert nodes.count() <= 200
+        shown_is_one_stretch()
+    assert page.message_texts()[-1] == texts[-1]
+
+    # At the newest again, the list is live: a new message arrives at the end, and the list stays bounded.
+    scroller.evaluate("node => { node.scrollTop = node.scrollHeight; }")
+    latest = unique("after ten thousand")
+    server.api("POST", f"/api/messages/dialog/{dialog['dialogId']}", {"content": latest}, alice["token"])
+    expect(page.messages_with(latest)).to_have_count(1, timeout=3000)
+    assert page.message_texts()[-1] == latest
+    assert nodes.count() <= 200
+
+
+NOTIFICATION_SPY = """
+    // Records the notifications the page raises (headless Chromium shows none).
+    window.__notifications = [];
+    const Real = window.Notification;
+    window.Notification = class extends Real {
+        constructor(title, options) {
+            super(title, options);
+            window.__notifications.push({ title, body: options && options.body });
+        }
+    };
+"""
+
+
+def test_a_hidden_tab_notifies_of_new_messages_and_counts_unread_in_its_title(
+    open_page: OpenPage, server: ServerProcess
+) -> None:
+    page = open_page(BOB_PHONE, init_script=NOTIFICATION_SPY, permissions=("notifications",))
+    page.open_dialog("Demo")
+    alice = server.login(ALICE_PHONE)
+    dialog_id = demo_dialog(server, alice["token"])
+    other = server.api("POST", "/api/dialogs", {"title": unique("Side"), "memberIds": [page.session_user()]},
+                       alice["token"])
+    expect(page.dialog_row(other["title"])).to_have_count(1, timeout=3000)
+    # Other tests leave messages unread in other dialogs: the count starts from theirs.
+    base = sum(d["unreadCount"] for d in server.api("GET", "/api/dialogs", token=page.token))
+
+    def titled(unread: int) -> str:
+        return f"({unread}) chatserver" if unread else "chatserver"
+
+    expect(page.page).to_have_title(titled(base))
+
+    seen = unique("while Bob looks")
+    server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": seen}, alice["token"])
+    expect(page.messages_with(seen)).to_have_count(1, timeout=3000)
+
+    page.page.evaluate(SET_VISIBILITY, True)
+    texts = [unique("in the open dialog"), unique("in another dialog")]
+    server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": texts[0]}, alice["token"])
+    expect(page.page).to_have_title(titled(base + 1), timeout=3000)
+    server.api("POST", f"/api/messages/dialog/{other['dialogId']}", {"content": texts[1]}, alice["token"])
+    expect(page.page).to_have_title(titled(base + 2), timeout=3000)
+    page.page.wait_for_function("() => window.__notifications.length === 2", timeout=3000)
+    raised = page.page.evaluate("window.__notifications")
+    assert raised == [{"title": "Demo", "body": texts[0]}, {"title": other["title"], "body": texts[1]}], raised
+
+    page.page.evaluate(SET_VISIBILITY, False)  # back: the open dialog is read, the other one still counts
+    expect(page.page).to_have_title(titled(base + 1), timeout=3000)
+    server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": unique("seen again")}, alice["token"])
+    page.page.wait_for_timeout(500)
+    assert page.page.evaluate("window.__notifications.length") == 2  # nothing raised while the tab is looked at

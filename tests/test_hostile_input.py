@@ -171,3 +171,31 @@ async def test_a_cursor_with_a_non_ascii_digit_is_400_on_every_transport(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     # The same connection pool keeps being served.
     assert (await fetch(alice, "GET", "/api/me", Authorization=bearer)).code == 200
+
+
+@pytest.mark.gen_test
+async def test_a_method_a_route_lacks_is_405_with_allow_naming_the_methods_it_has(
+    alice: Client, dialog_id: str
+) -> None:
+    # RFC 9110 15.5.6: a 405 must carry Allow.
+    sent = await alice.post_message(dialog_id, "x")
+    wrong = [
+        ("GET", "/api/auth/login", "POST"),
+        ("TRACE", "/api/auth/login", "POST"),
+        ("DELETE", "/api/me", "GET"),
+        ("PUT", "/api/dialogs", "GET, POST"),
+        ("DELETE", f"/api/dialogs/{dialog_id}", "GET"),
+        ("PUT", f"/api/messages/dialog/{dialog_id}", "GET, POST"),
+        ("GET", f"/api/messages/{sent['messageId']}", "PATCH"),
+        ("OPTIONS", f"/api/dialogs/{dialog_id}/read", "POST"),
+        ("POST", "/api/poll", "GET"),
+        ("POST", "/ws", "GET"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("PUT", "/", "GET, HEAD"),
+        ("DELETE", "/static/app.js", "GET, HEAD"),
+    ]
+    for method, path, allowed in wrong:
+        body = b"{}" if method in ("POST", "PUT") else None
+        response = await fetch(alice, method, path, body, Authorization=f"Bearer {alice.token}")
+        assert_json_error(response, 405)
+        assert response.headers.get("Allow") == allowed, (method, path, response.headers.get("Allow"))

@@ -494,6 +494,15 @@ REFUSALS = [
                  "only a chunked Transfer-Encoding is supported: 'chunked,chunked'", id="transfer-encoding-twice"),
     pytest.param(b"POST /api/nowhere HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
                  "an HTTP/1.0 request may not have a Transfer-Encoding", id="transfer-encoding-in-http10"),
+    # A Host that Tornado refuses, on a connection Tornado's own server reads (an upgrade, the stream, a chunked
+    # body): the same JSON refusal, not Tornado's bare 400.
+    pytest.param(b"GET /ws?token=x HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 400,
+                 "malformed HTTP request", id="upgrade-without-host"),
+    pytest.param(b"GET /api/events HTTP/1.1\r\n\r\n", 400, "malformed HTTP request", id="stream-without-host"),
+    pytest.param(b"GET /api/events?token=x HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "malformed HTTP request",
+                 id="stream-with-a-host-tornado-refuses"),
+    pytest.param(b"POST /api/me HTTP/1.1\r\nHost: x\r\nHost: y\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                 400, "malformed HTTP request", id="chunked-with-two-hosts"),
 ]
 
 
@@ -534,6 +543,51 @@ async def test_a_refusal_survives_a_client_that_keeps_sending_its_body(
     head_bytes, _, body = raw.partition(b"\r\n\r\n")
     assert head_bytes.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n"), raw[:300]
     assert jsonutil.loads(body) == {"success": False, "error": f"the body is larger than {small} bytes"}
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# What is sent first: a request whose body is not all sent yet, or a whole request (then a second one follows it).
+# The first kind is answered before its body is read, and that ends the connection; the second may keep it.
+EARLY_ANSWERS = [
+    pytest.param("POST {post} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\nContent-Length: 100\r\n\r\n"
+                 "{{\"content\"", 401, True, id="bad-token-before-a-body-with-a-length"),
+    pytest.param("POST {post} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {over}\r\n\r\n",
+                 413, True, id="length-over-the-limit"),
+    pytest.param("POST {post} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 "{part}", 401, True, id="bad-token-before-a-chunked-body"),
+    pytest.param("POST {post} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n"
+                 "\r\n{big}", 413, True, id="chunked-body-over-the-limit"),
+    pytest.param("POST {post} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\nContent-Length: 2\r\n\r\n{{}}",
+                 401, False, id="bad-token-with-the-whole-body"),
+    pytest.param("GET /api/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n\r\n", 401, False,
+                 id="bad-token-on-the-stream"),
+]
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(("sent", "status", "partial"), EARLY_ANSWERS)
+async def test_an_answer_that_ends_the_connection_says_connection_close_and_one_that_does_not_serves_the_next(
+    alice: Client, base_url: str, dialog_id: str, sent: str, status: int, partial: bool
+) -> None:
+    # RFC 9112 9.6: a server that closes after its answer says `Connection: close`, or a client that keeps the
+    # connection for its next request has that request cut off.
+    limit = alice.ctx.config.max_body_size
+    request = sent.format(post=f"/api/messages/dialog/{dialog_id}", token=alice.token, over=limit + 1,
+                          part=chunk(b'{"content"').decode(), big=chunk(b"x" * (limit + 1)).decode())
+    async with connect(port_of(base_url)) as (reader, writer):
+        writer.write(request.encode() + (b"" if partial else b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))
+        answer = await read_answer(reader)
+        assert answer.status == status, answer
+        assert answer.json()["success"] is False
+        if partial:
+            assert answer.headers.get("Connection") == "close", answer.headers
+        if answer.headers.get("Connection") == "close":
+            await assert_eof(reader)
+        else:
+            assert (await read_answer(reader)).status == 200
 
 
 # -- timeouts (a server of our own, with short ones) -----------------------------------------------------------

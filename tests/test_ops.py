@@ -98,6 +98,19 @@ async def test_readyz_is_503_while_shutting_down(alice: Client) -> None:
 
 
 @pytest.mark.gen_test
+async def test_an_upgrade_refused_while_shutting_down_is_a_json_503_without_a_traceback(
+    alice: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A planned refusal, not a failure of the server: its access line says 503, and nothing logs a traceback.
+    alice.ctx.shutting_down = True
+    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+        await tornado.websocket.websocket_connect(f"{alice.ws_url}/ws?token={alice.token}")
+    assert refused.value.code == 503
+    assert refused.value.response is not None and refused.value.response.body.startswith(b'{"success":false')
+    assert not [record for record in caplog.records if record.exc_info], caplog.text
+
+
+@pytest.mark.gen_test
 async def test_metrics_count_connections_polls_events_resets_and_slow_clients(
     alice: Client, bob: Client, dialog_id: str
 ) -> None:

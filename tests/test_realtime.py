@@ -482,8 +482,9 @@ async def test_cross_origin_upgrade_is_refused_unless_trusted(bob: Client) -> No
 
 @pytest.mark.gen_test
 async def test_refused_upgrades_answer_a_json_error(bob: Client) -> None:
-    # A browser's `Origin: null` (a sandboxed frame, a file: page), a foreign origin, or a plain GET: each refused
-    # with the JSON envelope like any other error, not Tornado's bare text.
+    # A browser's `Origin: null` (a sandboxed frame, a file: page), a foreign origin, a plain GET, a key that is not
+    # RFC 6455's (16 bytes in base64), or a WebSocket version the server does not speak: each refused with the JSON
+    # envelope like any other error, not Tornado's bare text or an empty body.
     plain = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
              "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
     cases = [
@@ -492,6 +493,11 @@ async def test_refused_upgrades_answer_a_json_error(bob: Client) -> None:
         ({"Origin": ""}, 403),
         ({"Upgrade": ""}, 400),
         ({"Connection": "keep-alive"}, 400),
+        ({"Sec-WebSocket-Key": ""}, 400),
+        ({"Sec-WebSocket-Key": "c2hvcnQ="}, 400),
+        ({"Sec-WebSocket-Key": "not base64 at all, really"}, 400),
+        ({"Sec-WebSocket-Version": "8"}, 426),
+        ({"Sec-WebSocket-Version": ""}, 426),
     ]
     for change, status in cases:
         response = await bob.http.fetch(f"{bob.base_url}/ws?token={bob.token}", headers={**plain, **change},
@@ -500,8 +506,27 @@ async def test_refused_upgrades_answer_a_json_error(bob: Client) -> None:
         assert response.headers["Content-Type"].startswith("application/json"), change
         body = jsonutil.loads(response.body)
         assert body["success"] is False and body["error"], body
+        if status == 426:  # RFC 6455 4.4: the answer names the version the server speaks
+            assert response.headers["Sec-WebSocket-Version"] == "13"
     for same_origin in ({"Origin": bob.base_url}, {"Origin": "https://evil.example", "Sec-Fetch-Site": "same-origin"}):
         assert (await bob.websocket(**same_origin)).ready["type"] == "ready"
+
+
+@pytest.mark.gen_test
+async def test_an_http10_upgrade_without_a_host_is_refused_with_a_json_error(bob: Client) -> None:
+    # HTTP/1.0 lets a request omit Host, which RFC 6455 4.1 requires of an upgrade: refused as JSON, like every refusal.
+    url = urlparse(bob.base_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write(
+        f"GET /ws?token={bob.token} HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), raw
+    assert b"Content-Type: application/json" in head, raw
+    assert jsonutil.loads(body)["success"] is False
 
 
 @pytest.mark.gen_test(timeout=60)

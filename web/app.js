@@ -10,6 +10,8 @@ import { ApiError, ChatClient, login } from "./chatclient.js";
 
 const SESSION_KEY = "chatserver.session";
 const PAGE_SIZE = 50;
+const MAX_NODES = 4 * PAGE_SIZE; // messages in the list at most: what scrolled far away is paged out
+const TITLE = document.title;
 const MAX_NAME_IDS = 200; // per GET /api/users
 const STATE_LABELS = {
   connecting: "Connecting…",
@@ -31,6 +33,9 @@ const view = {
   meAvatar: $("me-avatar"),
   connection: $("connection"),
   connectionLabel: $("connection-label"),
+  reconnect: $("reconnect"),
+  reconnectSeconds: $("reconnect-seconds"),
+  retryNow: $("retry-now"),
   dialogs: $("dialogs"),
   newDialogButton: $("new-dialog-button"),
   newDialogForm: $("new-dialog-form"),
@@ -60,8 +65,12 @@ const dialogs = new Map(); // dialogId -> {data, node}
 let openId = null;
 const messageNodes = new Map(); // messageId -> <li>, for the open dialog
 const pendingNodes = new Map(); // clientMessageId -> <li>, for the open dialog
-let hasOlder = false;
+let hasOlder = false; // older messages than those shown exist
+let hasNewer = false; // newer ones too: an older stretch is shown (paged in again on the way down)
 let loadingOlder = false;
+let loadingNewer = false;
+let status = null; // the client's last status (connection, retry time, shared tabs)
+let countdown = null; // the timer of "Reconnecting in N s"
 let editing = null; // messageId being edited
 let needsRead = false;
 let readTimer = null;
@@ -111,7 +120,7 @@ function scrollToBottom() {
 
 function savedSession() {
   try {
-    const session = JSON.parse(sessionStorage.getItem(SESSION_KEY) || "null");
+    const session = JSON.parse(localStorage.getItem(SESSION_KEY) || "null");
     return session && session.token && session.user ? session : null;
   } catch {
     return null;
@@ -132,7 +141,7 @@ view.loginForm.addEventListener("submit", async (event) => {
   submit.disabled = true;
   try {
     const session = await login(view.loginPhone.value.trim(), view.loginPassword.value);
-    sessionStorage.setItem(SESSION_KEY, JSON.stringify(session));
+    localStorage.setItem(SESSION_KEY, JSON.stringify(session));
     view.loginPassword.value = "";
     await startChat(session);
   } catch (error) {
@@ -145,8 +154,16 @@ view.loginForm.addEventListener("submit", async (event) => {
 
 view.logout.addEventListener("click", () => signOut(""));
 
+// Signed in or out in another tab: the same here (the session is the browser's, as the connection is).
+window.addEventListener("storage", (event) => {
+  if (event.key !== SESSION_KEY) return;
+  const session = savedSession();
+  if (!session && client) signOut("");
+  else if (session && !client) startChat(session);
+});
+
 function signOut(message) {
-  sessionStorage.removeItem(SESSION_KEY);
+  localStorage.removeItem(SESSION_KEY);
   if (client) client.stop();
   client = null;
   me = null;
@@ -156,6 +173,7 @@ function signOut(message) {
   wantedNames.clear();
   toggleNewDialog(false);
   view.dialogs.replaceChildren();
+  document.title = TITLE;
   history.replaceState(null, "", location.pathname + location.search);
   showLogin(message);
 }
@@ -173,7 +191,7 @@ async function startChat(session) {
   if (wanted) options.transports = wanted.split(",");
   const current = new ChatClient(options);
   client = current;
-  client.on("state", ({ state }) => showConnection(state));
+  client.on("status", showConnection);
   client.on("message:new", onMessage);
   client.on("message:pending", onPending);
   client.on("message:failed", onFailed);
@@ -185,7 +203,7 @@ async function startChat(session) {
     reload();
   });
   client.on("unauthorized", () => signOut("Your session has ended. Please sign in again."));
-  showConnection(client.state);
+  showConnection(client.status);
   updateNotifyButton();
   await current.start();
   if (client !== current) return; // signed out meanwhile
@@ -194,16 +212,47 @@ async function startChat(session) {
   if (fromHash && dialogs.has(fromHash)) openDialog(fromHash);
 }
 
-function showConnection(state) {
+function showConnection(next) {
+  status = next;
+  const { state } = status;
   view.connection.dataset.state = state;
+  view.connection.dataset.role = status.role;
   view.connectionLabel.textContent = STATE_LABELS[state] || state;
-  view.connection.title =
-    state === "long-poll"
-      ? "Live updates over HTTP long-polling (WebSocket unavailable)"
-      : state === "sse"
-        ? "Live updates over Server-Sent Events (WebSocket unavailable)"
-        : STATE_LABELS[state];
+  view.connection.title = connectionTitle(status);
+  showCountdown();
 }
+
+function connectionTitle({ state, webSocketBlockedUntil, tabs }) {
+  const lines = [
+    {
+      websocket: "Live updates over WebSocket.",
+      sse: "Live updates over Server-Sent Events.",
+      "long-poll": "Live updates over HTTP long-polling.",
+      connecting: "Connecting to the server…",
+      offline: "The server cannot be reached; retrying.",
+    }[state] || state,
+  ];
+  if (webSocketBlockedUntil) {
+    const at = new Date(webSocketBlockedUntil).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    lines.push(`WebSocket is blocked on this network (a proxy refuses it): not tried again before ${at}.`);
+  }
+  if (tabs > 1) lines.push(`One connection for the ${tabs} tabs open here.`);
+  return lines.join("\n");
+}
+
+/** "Reconnecting in N s - Retry now" while a reconnect waits out its backoff, counted down each second. */
+function showCountdown() {
+  clearTimeout(countdown);
+  countdown = null;
+  const waiting = status && status.retryAt && (status.state === "offline" || status.state === "connecting");
+  const seconds = waiting ? Math.ceil((status.retryAt - Date.now()) / 1000) : 0;
+  view.reconnect.hidden = seconds <= 0;
+  if (seconds <= 0) return;
+  view.reconnectSeconds.textContent = String(seconds);
+  countdown = setTimeout(showCountdown, ((status.retryAt - Date.now()) % 1000) + 20);
+}
+
+view.retryNow.addEventListener("click", () => client && client.retryNow());
 
 /** Dialogs and the open dialog from REST: at start, and after every reset. Serialised; coalesces repeats. */
 async function reload() {
@@ -311,6 +360,15 @@ function renderDialog(entry) {
   node.classList.toggle("has-unread", Boolean(data.unreadCount));
   node.classList.toggle("active", data.dialogId === openId);
   if (data.dialogId === openId) view.title.textContent = data.title;
+  showUnreadInTitle();
+}
+
+/** The page's title carries the unread count of every dialog: "(3) chatserver". */
+function showUnreadInTitle() {
+  let unread = 0;
+  for (const entry of dialogs.values()) unread += entry.data.unreadCount || 0;
+  const title = unread ? `(${unread}) ${TITLE}` : TITLE;
+  if (document.title !== title) document.title = title;
 }
 
 /** A message moves its dialog to the top and becomes its preview; from others, not being read, it is unread. */
@@ -344,29 +402,38 @@ async function openDialog(dialogId) {
   view.header.hidden = view.scroll.hidden = view.composer.hidden = false;
   view.title.textContent = entry.data.title;
   showTyping(client.typingIn(dialogId));
-  view.messages.replaceChildren(); // another dialog: its nodes go
-  messageNodes.clear();
-  pendingNodes.clear();
-  hasOlder = false;
-  view.historyStatus.textContent = "Loading…";
   client.setOpenDialog(dialogId);
   requestNames(entry.data.memberIds);
   needsRead = entry.data.unreadCount > 0;
+  await showLatest(dialogId);
+  if (openId !== dialogId) return;
+  scheduleRead();
+  view.input.focus();
+}
+
+/** The latest page of the open dialog, and its unconfirmed sends, instead of whatever was shown. */
+async function showLatest(dialogId) {
+  view.messages.replaceChildren();
+  messageNodes.clear();
+  pendingNodes.clear();
+  hasOlder = hasNewer = false;
+  view.historyStatus.textContent = "Loading…";
   try {
     const page = await client.listMessages(dialogId, { limit: PAGE_SIZE });
     if (openId !== dialogId) return;
-    mergeMessages(page);
+    view.messages.replaceChildren(); // a send may have drawn its pending node meanwhile: drawn again below
+    messageNodes.clear();
+    pendingNodes.clear();
+    appendPage(page);
     hasOlder = page.length === PAGE_SIZE;
     for (const pending of client.pendingIn(dialogId)) placeMessage(pending);
   } catch (error) {
     console.warn("chat: could not load messages", error);
   }
   if (openId !== dialogId) return;
-  view.historyStatus.textContent = hasOlder ? "" : "This is the beginning of the conversation.";
+  showHistoryStatus();
   scrollToBottom();
-  scheduleRead();
   fillViewport();
-  view.input.focus();
 }
 
 function closeDialog() {
@@ -376,6 +443,7 @@ function closeDialog() {
   view.messages.replaceChildren();
   messageNodes.clear();
   pendingNodes.clear();
+  hasOlder = hasNewer = false;
   view.empty.hidden = false;
   view.header.hidden = view.scroll.hidden = view.composer.hidden = true;
   for (const entry of dialogs.values()) entry.node.classList.remove("active");
@@ -384,18 +452,18 @@ function closeDialog() {
 /** After a reset: the latest page again, merged into what is shown (or instead of it, across a gap). */
 async function refreshOpenDialog() {
   const dialogId = openId;
+  if (hasNewer) return; // an older stretch is shown: the newest arrive as the reader scrolls down to them
   const page = await client.listMessages(dialogId, { limit: PAGE_SIZE });
-  if (openId !== dialogId) return;
+  if (openId !== dialogId || hasNewer) return;
   const overlaps = page.some((m) => messageNodes.has(m.messageId));
   if (!overlaps && page.length === PAGE_SIZE && messageNodes.size) {
     // More came in meanwhile than one page holds: what is shown no longer joins up with it.
-    view.messages.replaceChildren();
+    for (const node of messageNodes.values()) node.remove();
     messageNodes.clear();
-    for (const node of pendingNodes.values()) view.messages.appendChild(node);
     hasOlder = true;
   }
   const stick = nearBottom();
-  mergeMessages(page);
+  for (const message of page) placeMessage(message);
   if (stick) scrollToBottom();
   needsRead = true;
   scheduleRead();
@@ -449,7 +517,12 @@ function fillMessageNode(node, message) {
   }
 }
 
-/** Put one message of the open dialog on screen: confirm its pending node, update it, or add a node in order. */
+/**
+ * Put one message of the open dialog on screen: confirm its pending node, update it, or add a node in order.
+ * The server's messages stand in the server's order (by createdAt, which it assigns as it accepts them); sends it
+ * has not confirmed stand below all of them, in the order they were written, and move to the server's position
+ * when confirmed. Returns the node, or null for a message beyond the loaded stretch (`hasNewer`).
+ */
 function placeMessage(message) {
   if (message.messageId && messageNodes.has(message.messageId)) {
     const node = messageNodes.get(message.messageId);
@@ -463,32 +536,104 @@ function placeMessage(message) {
     if (message.messageId) {
       pendingNodes.delete(cid);
       messageNodes.set(message.messageId, node);
+      keepingView(() => insertInOrder(node));
     }
     return node;
   }
+  if (!message.messageId) {
+    const node = createMessageNode(message);
+    pendingNodes.set(cid, node);
+    view.messages.appendChild(node);
+    return node;
+  }
+  if (hasNewer) return null;
   const node = createMessageNode(message);
-  if (message.messageId) messageNodes.set(message.messageId, node);
-  else pendingNodes.set(cid, node);
-  // Usually the newest: append. Otherwise walk back to its place (a page merged in after live events).
-  let after = view.messages.lastElementChild;
-  while (after && after.dataset.createdAt > message.createdAt) after = after.previousElementSibling;
-  if (after) after.after(node);
-  else view.messages.prepend(node);
+  messageNodes.set(message.messageId, node);
+  insertInOrder(node);
   return node;
 }
 
-function mergeMessages(page) {
-  if (!view.messages.firstElementChild) {
-    const fragment = document.createDocumentFragment();
-    for (const message of page) {
-      const node = createMessageNode(message);
-      messageNodes.set(message.messageId, node);
-      fragment.appendChild(node);
-    }
-    view.messages.appendChild(fragment);
+/** Insert (or move) a confirmed node after the last confirmed one not newer than it; pending ones stay below. */
+function insertInOrder(node) {
+  let after = view.messages.lastElementChild;
+  while (after && (after === node || !after.dataset.messageId || after.dataset.createdAt > node.dataset.createdAt)) {
+    after = after.previousElementSibling;
+  }
+  if (after) after.after(node);
+  else view.messages.prepend(node);
+}
+
+/**
+ * Change the list without moving what the reader looks at: at the bottom it stays at the bottom; elsewhere the
+ * first message on screen keeps its place on screen.
+ */
+function keepingView(change) {
+  if (nearBottom()) {
+    change();
+    scrollToBottom();
     return;
   }
-  for (const message of page) placeMessage(message);
+  const top = view.scroll.getBoundingClientRect().top;
+  let anchor = null;
+  for (const node of view.messages.children) {
+    if (node.getBoundingClientRect().bottom > top) {
+      anchor = node;
+      break;
+    }
+  }
+  const before = anchor ? anchor.getBoundingClientRect().top : 0;
+  change();
+  if (anchor && anchor.isConnected) view.scroll.scrollTop += anchor.getBoundingClientRect().top - before;
+}
+
+/** Messages in order after everything confirmed that is shown (a first page, or a newer one). */
+function appendPage(page) {
+  const fragment = document.createDocumentFragment();
+  for (const message of page) {
+    if (messageNodes.has(message.messageId)) continue;
+    const node = createMessageNode(message);
+    messageNodes.set(message.messageId, node);
+    fragment.appendChild(node);
+  }
+  const firstPending = [...view.messages.children].find((node) => !node.dataset.messageId);
+  view.messages.insertBefore(fragment, firstPending || null);
+}
+
+function confirmedNodes() {
+  return view.messages.querySelectorAll("[data-message-id]");
+}
+
+function showHistoryStatus() {
+  view.historyStatus.textContent = hasOlder ? "" : "This is the beginning of the conversation.";
+}
+
+/**
+ * Page out what scrolled far away, so that the list never holds more than MAX_NODES messages however long the
+ * dialog: from the bottom after an older page came in (the newest then load again on the way down), from the
+ * top after a newer page or live messages (the older ones load again on the way up). The view does not move.
+ */
+function pageOut(from) {
+  const nodes = confirmedNodes();
+  const excess = nodes.length - MAX_NODES;
+  if (excess <= 0) return;
+  if (from === "bottom") {
+    for (const node of pendingNodes.values()) node.remove(); // drawn again with the newest page
+    pendingNodes.clear();
+    for (let i = nodes.length - excess; i < nodes.length; i += 1) {
+      messageNodes.delete(nodes[i].dataset.messageId);
+      nodes[i].remove();
+    }
+    hasNewer = true;
+    return;
+  }
+  keepingView(() => {
+    for (let i = 0; i < excess; i += 1) {
+      messageNodes.delete(nodes[i].dataset.messageId);
+      nodes[i].remove();
+    }
+  });
+  hasOlder = true;
+  showHistoryStatus();
 }
 
 async function loadOlder() {
@@ -513,13 +658,38 @@ async function loadOlder() {
     const before = view.scroll.scrollHeight;
     view.messages.prepend(fragment);
     view.scroll.scrollTop += view.scroll.scrollHeight - before;
+    pageOut("bottom");
   } catch (error) {
     console.warn("chat: could not load earlier messages", error);
   } finally {
     loadingOlder = false;
-    if (openId === dialogId) view.historyStatus.textContent = hasOlder ? "" : "This is the beginning of the conversation.";
+    if (openId === dialogId) showHistoryStatus();
   }
   fillViewport();
+}
+
+async function loadNewer() {
+  if (!openId || !hasNewer || loadingNewer) return;
+  const nodes = confirmedNodes();
+  const newest = nodes[nodes.length - 1];
+  if (!newest) return;
+  const dialogId = openId;
+  loadingNewer = true;
+  try {
+    // One more than a page: whether any are left after it is then known without another request.
+    const page = await client.listMessages(dialogId, { limit: PAGE_SIZE + 1, after: newest.dataset.messageId });
+    if (openId !== dialogId) return;
+    appendPage(page);
+    if (page.length <= PAGE_SIZE) {
+      hasNewer = false; // the newest are on screen again, and so are the unconfirmed sends
+      for (const pending of client.pendingIn(dialogId)) placeMessage(pending);
+    }
+    pageOut("top");
+  } catch (error) {
+    console.warn("chat: could not load later messages", error);
+  } finally {
+    loadingNewer = false;
+  }
 }
 
 /** Load older pages until the list can scroll (a short first page leaves nothing to scroll up with). */
@@ -531,6 +701,7 @@ view.scroll.addEventListener(
   "scroll",
   () => {
     if (view.scroll.scrollTop < 120) loadOlder();
+    else if (hasNewer && view.scroll.scrollHeight - view.scroll.scrollTop - view.scroll.clientHeight < 120) loadNewer();
   },
   { passive: true },
 );
@@ -587,20 +758,32 @@ function onMessage(message) {
     client.getDialog(message.dialogId).then((dialog) => upsertDialog(dialog, { moveToTop: true }), () => {});
   }
   if (isOpen) {
-    const stick = mine || nearBottom();
-    placeMessage(message);
-    if (stick) scrollToBottom();
+    if (message.clientMessageId && pendingNodes.has(message.clientMessageId)) {
+      placeMessage(message); // an own send confirmed: it moves to the server's position, the view stays
+    } else {
+      const stick = mine || nearBottom();
+      if (placeMessage(message)) {
+        if (stick) scrollToBottom();
+        // Read at the bottom: the oldest go; read further up: this one goes again, until scrolled down to.
+        pageOut(stick ? "top" : "bottom");
+      }
+    }
     if (!mine) {
       needsRead = true;
       scheduleRead();
     }
   }
-  if (!mine && document.visibilityState === "hidden") notify(message);
+  // One notification per browser: from the tab holding the connection, when no tab of it is being looked at.
+  if (!mine && client.holdsConnection && !client.anyTabVisible()) notify(message);
 }
 
-function onPending(message) {
+async function onPending(message) {
   noteMessageInList(message, { counts: false });
   if (message.dialogId !== openId) return;
+  if (hasNewer) {
+    await showLatest(openId); // an older stretch was shown: the newest come back, this send among them
+    return;
+  }
   const node = placeMessage(message);
   node.classList.remove("failed");
   scrollToBottom();

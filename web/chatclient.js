@@ -3,11 +3,18 @@
 //
 // It owns the connection to the server and hands the application one stream of events, whatever carries
 // them: a WebSocket when one can be held; when not (a proxy that breaks WebSockets, a socket that goes
-// silent), Server-Sent Events, or long-poll where a streamed response does not get through either; and back to
-// the WebSocket as soon as one works again. One cursor spans every transport and
+// silent), Server-Sent Events, or long-poll where a streamed response does not get through either. A network
+// that refuses WebSockets while plain HTTP gets through is remembered (`webSocketRetry`, also across page loads),
+// so WebSocket is tried there again only once in that long. One cursor spans every transport and
 // reconnect, so nothing is lost or repeated when the carrier changes; a `reset` from the server tells the
 // application to reload over REST. Messages are applied idempotently (by messageId, updates only when newer),
 // and sends are optimistic: shown at once, retried with the same clientMessageId until the server has them.
+//
+// The tabs of one browser share one connection: the clients of one user on one origin elect a leader over a
+// BroadcastChannel (TabGroup below); the leader holds the connection and hands every event it applies to the
+// others, which apply it as their own. When the leader goes, another tab takes over from the cursor it
+// holds, which is the last one the leader handed over. The long-lived token never appears in a URL: WebSocket
+// and SSE URLs carry a one-use stream ticket (`POST /api/stream-ticket`).
 //
 // It never touches the DOM: rendering is the application's (web/app.js).
 
@@ -19,8 +26,13 @@ const DEFAULTS = {
   connectTimeout: 10000, // from `new WebSocket` (or `new EventSource`) to its `ready` event
   sseSilence: 45000, // an SSE stream with no event this long is reopened from the cursor (a liveness check)
   pollTimeout: 25, // seconds the server may park a poll
-  backoffBase: 1000, // first retry within this many ms
-  backoffCap: 30000,
+  backoffBase: 500, // first retry within this many ms
+  backoffCap: 10000, // and never a longer wait than this
+  webSocketRetry: 300000, // after a WebSocket failed where plain HTTP got through: its next try no sooner
+  shareTabs: true, // one connection for all the tabs of this user on this origin (needs BroadcastChannel)
+  tabPing: 1000, // a follower tab asks the leader whether it is there this often
+  tabTimeout: 3500, // and takes over when no answer came for this long
+  electionWait: 200, // a tab claiming leadership waits this long for an objection
   typingThrottle: 3000, // a typing:start at most this often while the user keeps typing
   typingIdle: 3000, // typing:stop after this long without a keystroke
   typingExpiry: 5000, // a remote typing:start without a stop is forgotten after this long
@@ -28,6 +40,8 @@ const DEFAULTS = {
 };
 
 export const STATES = Object.freeze(["connecting", "websocket", "sse", "long-poll", "offline"]);
+const BACKOFF_GROWTH = 1.5;
+const BLOCKED_KEY = "chatserver.websocketBlockedUntil:";
 
 /**
  * A REST answer that was not a success: `status` is the HTTP status (0 when the server was not reached);
@@ -112,6 +126,7 @@ function sleep(ms, signal) {
  *
  * Events (`client.on(type, handler)`, the handler gets the detail object):
  *   state            {state, previous}            connecting | websocket | sse | long-poll | offline
+ *   status           the `status` snapshot        whenever state, retry time, role or WebSocket memory change
  *   message:new      message                      the server's copy, once per messageId; a message of this
  *                                                 client's own send carries the clientMessageId it replaces
  *   message:pending  message (pending: true)      an optimistic send, before the server has it
@@ -132,11 +147,20 @@ export class ChatClient {
     this.transport = null; // "websocket" | "sse" | "longpoll" | null: what carries events now
     this.cursor = null;
     this.openDialogId = null;
+    this.role = "solo"; // "solo" (no sharing), "leader" (holds the connection), "follower", "electing"
+    this.retryAt = null; // when the next attempt to reconnect is due (ms since the epoch), while one waits
+    this.webSocketBlockedUntil = this._loadBlocked(); // WebSocket is not tried before then (ms since the epoch)
 
     this._handlers = new Map();
     this._wakers = new Set(); // retries waiting out a backoff; the browser going online cuts them short
     this._onOffline = () => this._networkLost();
-    this._onOnline = () => this._networkBack();
+    this._onOnline = () => this._networkBack({ anyNetwork: true });
+    this._onVisible = () => {
+      if (document.visibilityState === "visible") this.retryNow();
+      if (this._tabs) this._tabs.announce();
+    };
+    // A page put in the back-forward cache may come back: it keeps its place (and the others take over meanwhile).
+    this._onPageHide = (event) => this._tabs && !event.persisted && this._tabs.leave();
     this._running = false;
     this._stop = null; // AbortController of everything started by start()
     this._failures = 0; // consecutive failed attempts to reach the server (poll backoff)
@@ -144,10 +168,12 @@ export class ChatClient {
     this._ws = null; // the live WebSocket session
     this._probe = null; // a background WebSocket attempt while polling
     this._probeTimer = null;
+    this._quickTimer = null; // the one quick WebSocket retry after a socket that worked was closed
     this._poll = null; // {controller, done}: the running poll loop
     this._sse = null; // the live (or opening) EventSource session
     this._sseFailures = 0; // consecutive SSE streams that ended (0 while one is working)
     this._sseTimer = null; // a pending SSE reconnect
+    this._tabs = null; // the TabGroup, when tabs share the connection
     this._known = new Map(); // messageId -> updatedAt
     this._pending = new Map(); // clientMessageId -> pending message
     this._outbox = []; // clientMessageIds waiting to be POSTed, in order
@@ -168,6 +194,29 @@ export class ChatClient {
 
   get useLongPoll() {
     return this.options.transports.includes("longpoll") || !this.useSSE; // the last resort, always possible
+  }
+
+  /** Whether this tab holds the connection (it is the leader, or tabs do not share). */
+  get holdsConnection() {
+    return this.role === "leader" || this.role === "solo";
+  }
+
+  /** Where the connection is, in one object (also what the `status` event carries). */
+  get status() {
+    return {
+      state: this.state,
+      transport: this.transport,
+      retryAt: this.retryAt,
+      webSocketBlockedUntil: this.webSocketBlockedUntil > Date.now() ? this.webSocketBlockedUntil : null,
+      role: this.role,
+      tabs: this._tabs ? this._tabs.count : 1,
+    };
+  }
+
+  /** Whether any tab of this browser sharing this connection is visible (this one, or one the leader hears from). */
+  anyTabVisible() {
+    if (typeof document !== "undefined" && document.visibilityState === "visible") return true;
+    return Boolean(this._tabs && this._tabs.anyPeerVisible());
   }
 
   // -- events ---------------------------------------------------------------------------------------------
@@ -193,15 +242,38 @@ export class ChatClient {
     if (state === this.state) return;
     const previous = this.state;
     this.state = state;
+    if (state !== "offline" && state !== "connecting") this.retryAt = null;
     this._emit("state", { state, previous });
+    this._statusChanged();
     if (state === "websocket" || state === "sse" || state === "long-poll") this._kickOutbox();
+  }
+
+  _statusChanged() {
+    const status = this.status;
+    this._emit("status", status);
+    if (this._tabs && this.role === "leader") this._tabs.heartbeat();
+  }
+
+  /** The leader's view of the connection, mirrored by a follower tab. */
+  _mirror(status) {
+    this.transport = status.transport;
+    this.retryAt = status.retryAt;
+    this.webSocketBlockedUntil = status.webSocketBlockedUntil || 0;
+    if (status.state !== this.state) {
+      const previous = this.state;
+      this.state = status.state;
+      this._emit("state", { state: status.state, previous });
+      if (status.state === "websocket" || status.state === "sse" || status.state === "long-poll") this._kickOutbox();
+    }
+    this._emit("status", this.status);
   }
 
   // -- lifecycle ------------------------------------------------------------------------------------------
 
   /**
-   * Take a position in the event stream, then connect. Resolves once the position is taken: load dialogs over
-   * REST after it, and nothing that happens in between is missed (it arrives as events, deduplicated).
+   * Take a position in the event stream, then connect (or follow the tab that is connected). Resolves once the
+   * position is taken: load dialogs over REST after it, and nothing that happens in between is missed (it
+   * arrives as events, deduplicated).
    */
   async start() {
     if (this._running) return;
@@ -211,10 +283,18 @@ export class ChatClient {
     if (typeof window !== "undefined") {
       window.addEventListener("offline", this._onOffline);
       window.addEventListener("online", this._onOnline);
+      window.addEventListener("pagehide", this._onPageHide);
+    }
+    if (typeof document !== "undefined") document.addEventListener("visibilitychange", this._onVisible);
+    if (this.options.shareTabs && this.userId && typeof BroadcastChannel !== "undefined") {
+      // Listening before the handshake: every event after the position it takes is handed over after this.
+      this._tabs = new TabGroup(this, `chatserver:${this.options.baseUrl}:${this.userId}`);
+      this.role = "electing";
     }
     await this._handshake();
     if (!this._running) return;
-    this._connect();
+    if (this._tabs) this._tabs.join();
+    else this._connect();
     this._kickOutbox(); // sends left pending by an earlier stop()
   }
 
@@ -225,18 +305,48 @@ export class ChatClient {
     if (typeof window !== "undefined") {
       window.removeEventListener("offline", this._onOffline);
       window.removeEventListener("online", this._onOnline);
+      window.removeEventListener("pagehide", this._onPageHide);
     }
+    if (typeof document !== "undefined") document.removeEventListener("visibilitychange", this._onVisible);
+    if (this._tabs) this._tabs.close();
+    this._tabs = null;
+    this.role = "solo";
+    this._disconnect();
+    clearTimeout(this._typingIdleTimer);
+    for (const users of this._typingIn.values()) for (const timer of users.values()) clearTimeout(timer);
+    this._typingIn.clear();
+    this.retryAt = null;
+    this._setState("offline");
+  }
+
+  /** Close every transport and cancel every reconnect; the cursor stays where it is. */
+  _disconnect() {
     clearTimeout(this._probeTimer);
+    clearTimeout(this._quickTimer);
     this._closeSession(this._ws);
     this._closeSession(this._probe);
     this._ws = this._probe = null;
     this._stopSSE();
     this._stopPolling();
-    clearTimeout(this._typingIdleTimer);
-    for (const users of this._typingIn.values()) for (const timer of users.values()) clearTimeout(timer);
-    this._typingIn.clear();
     this.transport = null;
-    this._setState("offline");
+  }
+
+  /** This tab now holds the connection (it was elected, or tabs do not share): connect from the cursor. */
+  _lead() {
+    if (!this._running) return;
+    this.webSocketBlockedUntil = this._loadBlocked();
+    this._failures = this._wsFailures = this._sseFailures = 0;
+    this.transport = null;
+    this.retryAt = null;
+    if (this.state === "connecting") this._statusChanged();
+    else this._setState("connecting");
+    this._connect();
+  }
+
+  /** Another tab holds the connection: let go of this one's, keep the cursor, follow. */
+  _follow() {
+    this._disconnect();
+    this._wakeAll();
   }
 
   async _handshake() {
@@ -244,25 +354,28 @@ export class ChatClient {
     while (this._running && !this.cursor) {
       try {
         const data = await this.api("GET", "/api/poll", undefined, this._stop.signal);
-        this.cursor = data.cursor;
+        if (!this.cursor) this.cursor = data.cursor; // a leader's handed-over cursor, when one came meanwhile
         this._failures = 0;
       } catch (error) {
         if (!this._running || this._fatal(error)) return;
-        this._setState("offline");
+        if (this.role !== "follower") this._setState("offline");
         await this._nap(this._backoff(this._failures++), this._stop.signal);
       }
     }
   }
 
   _connect() {
-    if (!this._running) return;
-    if (this.useWebSocket) this._openWebSocket(false);
-    else this._startFallback();
+    if (!this._running || !this.holdsConnection) return;
+    if (this._webSocketAllowed()) this._openWebSocket(false);
+    else {
+      this._startFallback();
+      this._scheduleProbe();
+    }
   }
 
   /** No WebSocket: SSE where it works, else long-poll. Whichever runs is the only one applying events. */
   _startFallback() {
-    if (!this._running || this._ws || this._sse || this._poll) return;
+    if (!this._running || !this.holdsConnection || this._ws || this._sse || this._poll) return;
     if (this.useSSE) this._openSSE();
     else this._startPolling();
   }
@@ -275,42 +388,81 @@ export class ChatClient {
 
   /** Delay before retry number `attempt` (0-based): exponential, capped, with jitter (half to all of it). */
   _backoff(attempt) {
-    const ceiling = Math.min(this.options.backoffCap, this.options.backoffBase * 2 ** Math.min(attempt, 16));
+    const ceiling = Math.min(
+      this.options.backoffCap,
+      this.options.backoffBase * BACKOFF_GROWTH ** Math.min(attempt, 32),
+    );
     return ceiling / 2 + Math.random() * (ceiling / 2);
   }
 
-  /** Wait out a backoff: `ms`, or less if the client stops or the browser comes back online. */
+  /** Wait out a backoff: `ms`, or less if the client stops, the browser comes back online, or retryNow(). */
   _nap(ms, signal) {
     return new Promise((resolve) => {
       const wake = () => {
         this._wakers.delete(wake);
+        if (!this._wakers.size && this.retryAt !== null && this.holdsConnection) {
+          this.retryAt = null;
+          this._statusChanged();
+        }
         resolve();
       };
       this._wakers.add(wake);
+      this._retryDue(Date.now() + ms);
       sleep(ms, signal).then(wake);
     });
   }
 
+  /** Say when the next reconnect is due (for "Reconnecting in N s"); the earliest one counts. */
+  _retryDue(at) {
+    if (!this.holdsConnection) return;
+    if (this.retryAt === null || at < this.retryAt || this.retryAt < Date.now()) {
+      this.retryAt = at;
+      this._statusChanged();
+    }
+  }
+
+  _wakeAll() {
+    for (const wake of [...this._wakers]) wake();
+  }
+
   /** The browser says the network is gone: what is open cannot carry anything, so stop waiting on it. */
   _networkLost() {
-    if (!this._running) return;
+    if (!this._running || !this.holdsConnection) return;
     this._closeSession(this._ws, true);
     if (this._sse) this._endSSE(this._sse, { failed: true });
     if (this._poll && this._poll.attempt) this._poll.attempt.abort();
     this._setState("offline");
   }
 
-  /** And back: retry now rather than at the end of a backoff. */
-  _networkBack() {
+  /**
+   * Retry now whatever waits out a backoff (the connection, the handshake, unsent messages): the page's
+   * "Retry now", the tab becoming visible. In a follower tab, the leader is asked to.
+   */
+  retryNow() {
+    this._networkBack({ anyNetwork: false });
+  }
+
+  /** Back online (`anyNetwork`: perhaps another network, so what WebSocket did before says nothing now). */
+  _networkBack({ anyNetwork }) {
     if (!this._running) return;
-    for (const wake of [...this._wakers]) wake();
     if (this._wakeOutbox) this._wakeOutbox();
+    if (!this.holdsConnection) {
+      this._wakeAll(); // a handshake still waiting
+      if (this._tabs) this._tabs.askRetry();
+      return;
+    }
+    if (anyNetwork && this.webSocketBlockedUntil) this._rememberBlocked(0);
+    this._wakeAll();
     if (this._sseTimer && !this._sse) {
       clearTimeout(this._sseTimer);
       this._sseTimer = null;
       if (!this._ws && !this._poll) this._openSSE();
     }
-    if (!this._ws && !this._probe && this.useWebSocket) {
+    if (this._quickTimer && !this._ws) {
+      clearTimeout(this._quickTimer);
+      this._quickTimer = null;
+      this._openWebSocket(false);
+    } else if (!this._ws && !this._probe && this._webSocketAllowed()) {
       clearTimeout(this._probeTimer);
       this._openWebSocket(true);
     }
@@ -325,14 +477,47 @@ export class ChatClient {
     return false;
   }
 
+  // -- what the network allows ----------------------------------------------------------------------------
+
+  _webSocketAllowed() {
+    return this.useWebSocket && Date.now() >= this.webSocketBlockedUntil;
+  }
+
+  _loadBlocked() {
+    try {
+      const until = Number(localStorage.getItem(BLOCKED_KEY + this.options.baseUrl));
+      return Number.isFinite(until) && until > Date.now() ? until : 0;
+    } catch {
+      return 0; // no storage (a sandboxed frame): remembered for this page only
+    }
+  }
+
+  /** WebSocket failed where plain HTTP got through: do not try it again before `until` (0: forget). */
+  _rememberBlocked(until) {
+    this.webSocketBlockedUntil = until;
+    try {
+      if (until) localStorage.setItem(BLOCKED_KEY + this.options.baseUrl, String(until));
+      else localStorage.removeItem(BLOCKED_KEY + this.options.baseUrl);
+    } catch {
+      // no storage: remembered for this page only
+    }
+    this._statusChanged();
+  }
+
+  /** A one-use ticket for a WebSocket or EventSource URL (the token itself never goes into a URL). */
+  async _ticket() {
+    const data = await this.api("POST", "/api/stream-ticket", undefined, this._stop.signal);
+    return data.ticket;
+  }
+
   // -- WebSocket ------------------------------------------------------------------------------------------
 
-  _webSocketUrl(cursor) {
+  _webSocketUrl(ticket, cursor) {
     const base = new URL(this.options.baseUrl || "/", location.href);
     base.protocol = base.protocol === "https:" ? "wss:" : "ws:";
     base.pathname = "/ws";
     base.search = "";
-    base.searchParams.set("token", this.token);
+    base.searchParams.set("ticket", ticket);
     if (cursor) base.searchParams.set("cursor", cursor);
     return base.toString();
   }
@@ -345,18 +530,25 @@ export class ChatClient {
     const session = { socket: null, cursor: this.cursor, ready: false, probe, buffer: [], timers: {}, ended: false };
     if (probe) this._probe = session;
     else this._ws = session;
-    let socket;
-    try {
-      socket = new WebSocket(this._webSocketUrl(session.cursor));
-    } catch {
-      this._webSocketEnded(session);
-      return;
-    }
-    session.socket = socket;
-    session.timers.connect = setTimeout(() => this._closeSession(session, true), this.options.connectTimeout);
-    socket.onmessage = (event) => this._onSocketFrame(session, event.data);
-    socket.onclose = () => this._webSocketEnded(session);
-    socket.onerror = () => {}; // onclose follows, and says everything there is to say
+    this._ticket().then(
+      (ticket) => {
+        if (session.ended || !this._running) return;
+        session.ticketed = true; // the server was reached over plain HTTP just now
+        let socket;
+        try {
+          socket = new WebSocket(this._webSocketUrl(ticket, session.cursor));
+        } catch {
+          this._webSocketEnded(session);
+          return;
+        }
+        session.socket = socket;
+        session.timers.connect = setTimeout(() => this._closeSession(session, true), this.options.connectTimeout);
+        socket.onmessage = (event) => this._onSocketFrame(session, event.data);
+        socket.onclose = () => this._webSocketEnded(session);
+        socket.onerror = () => {}; // onclose follows, and says everything there is to say
+      },
+      () => this._webSocketEnded(session), // the server was not reached: nothing learnt about WebSocket
+    );
   }
 
   _onSocketFrame(session, raw) {
@@ -390,7 +582,7 @@ export class ChatClient {
         return;
       default:
         if (session.buffer) session.buffer.push(frame);
-        else this._apply(frame);
+        else this._receive(frame);
     }
   }
 
@@ -410,11 +602,13 @@ export class ChatClient {
     this._failures = 0;
     this._wsFailures = 0;
     clearTimeout(this._probeTimer);
+    if (this.webSocketBlockedUntil) this._rememberBlocked(0);
     this._setState("websocket");
     const buffered = session.buffer;
     session.buffer = null;
-    for (const frame of buffered) this._apply(frame);
-    if (this.openDialogId) this._sendFrame({ type: "dialog:join", dialogId: this.openDialogId });
+    for (const frame of buffered) this._receive(frame);
+    session.joined = new Set();
+    this._syncTyping();
   }
 
   /**
@@ -422,8 +616,8 @@ export class ChatClient {
    */
   async _promoteProbe(session) {
     await this._stopFallback();
-    if (session.ended || !this._running) {
-      if (this._running && !this._ws) this._startFallback();
+    if (session.ended || !this._running || !this.holdsConnection) {
+      if (this._running && this.holdsConnection && !this._ws) this._startFallback();
       return;
     }
     this._probe = null;
@@ -442,10 +636,16 @@ export class ChatClient {
     clearTimeout(session.timers.connect);
     clearTimeout(session.timers.silence);
     clearInterval(session.timers.heartbeat);
-    if (!this._running) return;
+    if (!this._running || !this.holdsConnection) return;
+    // A socket that failed before `ready` makes the next attempt back off further. If the server answered its
+    // ticket request a moment before, plain HTTP gets through where WebSocket does not (a proxy that refuses
+    // CONNECT or strips Upgrade): WebSocket is not tried again for `webSocketRetry`, here or after a reload.
+    const online = typeof navigator === "undefined" || navigator.onLine !== false;
+    const failed = !session.ready && !session.failedByUs;
+    if (failed) this._wsFailures += 1;
+    if (failed && session.ticketed && online) this._rememberBlocked(Date.now() + this.options.webSocketRetry);
     if (session.probe) {
       if (this._probe === session) this._probe = null;
-      if (!session.ready) this._wsFailures += 1;
       if (!this._ws) this._scheduleProbe();
       return;
     }
@@ -453,18 +653,20 @@ export class ChatClient {
     this._ws = null;
     this.transport = null;
     if (session.ready && !session.failed && this._wsFailures === 0) {
-      // A socket that worked was closed (a restart, a slow-client cut): one quick retry, then long-poll while
-      // retrying in the background. A socket that went silent goes to long-poll at once: something on the way
-      // is eating its frames, and another socket along the same way would likely fare no better.
+      // A socket that worked was closed (a restart, a slow-client cut): one quick retry, then SSE or long-poll
+      // while retrying in the background. A socket that went silent goes to the fallback at once: something on
+      // the way is eating its frames, and another socket along the same way would likely fare no better.
       this._wsFailures = 1;
       this._setState("connecting");
-      setTimeout(
-        () => this._running && !this._ws && !this._sse && !this._poll && this._openWebSocket(false),
-        this._backoff(0),
-      );
+      const wait = this._backoff(0);
+      this._retryDue(Date.now() + wait);
+      this._quickTimer = setTimeout(() => {
+        this._quickTimer = null;
+        if (this._running && this.holdsConnection && !this._ws && !this._sse && !this._poll) this._openWebSocket(false);
+      }, wait);
       return;
     }
-    this._wsFailures += 1;
+    if (session.ready) this._wsFailures += 1; // went silent, or the quick retry is spent
     this._startFallback();
     this._scheduleProbe();
   }
@@ -472,6 +674,7 @@ export class ChatClient {
   _closeSession(session, failed = false) {
     if (!session || session.ended) return;
     session.failed = failed;
+    session.failedByUs = !failed; // closed on purpose (stop, handover), not refused by the network
     const socket = session.socket;
     if (socket) {
       try {
@@ -483,12 +686,15 @@ export class ChatClient {
     this._webSocketEnded(session); // at once: a dead peer may never complete the closing handshake
   }
 
+  /** The next background WebSocket attempt: after the backoff, and never before the network allows it. */
   _scheduleProbe() {
     clearTimeout(this._probeTimer);
-    if (!this._running || !this.useWebSocket) return;
+    if (!this._running || !this.useWebSocket || !this.holdsConnection) return;
+    const blocked = this.webSocketBlockedUntil - Date.now();
+    const wait = blocked > 0 ? blocked : this._backoff(Math.max(this._wsFailures - 1, 0));
     this._probeTimer = setTimeout(() => {
-      if (this._running && !this._ws && !this._probe) this._openWebSocket(true);
-    }, this._backoff(Math.max(this._wsFailures - 1, 0)));
+      if (this._running && this.holdsConnection && !this._ws && !this._probe) this._openWebSocket(true);
+    }, wait);
   }
 
   _sendFrame(frame) {
@@ -498,15 +704,42 @@ export class ChatClient {
     return true;
   }
 
+  /** The dialogs whose typing events the connection should carry: those open in this tab and in the others. */
+  _typingDialogs() {
+    const dialogs = new Set(this._tabs ? this._tabs.openDialogs() : []);
+    if (this.openDialogId) dialogs.add(this.openDialogId);
+    return dialogs;
+  }
+
+  /** Bring the connection's typing subscriptions in line with `_typingDialogs()` (after a change of either). */
+  _syncTyping() {
+    if (!this.holdsConnection) return;
+    const wanted = this._typingDialogs();
+    const session = this._ws;
+    if (session && session.ready && session.joined) {
+      for (const dialogId of session.joined) {
+        if (!wanted.has(dialogId) && this._sendFrame({ type: "dialog:leave", dialogId })) session.joined.delete(dialogId);
+      }
+      for (const dialogId of wanted) {
+        if (!session.joined.has(dialogId) && this._sendFrame({ type: "dialog:join", dialogId })) session.joined.add(dialogId);
+      }
+    } else if (this._sse && this._sse.typing !== [...wanted].sort().join(",")) {
+      // The stream's `typing=` is fixed when it opens: reopen it from the cursor, nothing lost or repeated.
+      this._endSSE(this._sse, { recycle: true });
+    } else if (this._poll && this._poll.typing !== [...wanted].sort().join(",")) {
+      this._restartPoll();
+    }
+  }
+
   // -- Server-Sent Events ---------------------------------------------------------------------------------
 
-  _eventsUrl() {
+  _eventsUrl(ticket, typing) {
     const url = new URL(this.options.baseUrl || "/", location.href);
     url.pathname = "/api/events";
     url.search = "";
-    url.searchParams.set("token", this.token); // EventSource cannot send headers
+    url.searchParams.set("ticket", ticket); // EventSource cannot send headers
     if (this.cursor) url.searchParams.set("cursor", this.cursor);
-    if (this.openDialogId) url.searchParams.set("typing", this.openDialogId);
+    if (typing) url.searchParams.set("typing", typing);
     return url.toString();
   }
 
@@ -518,19 +751,26 @@ export class ChatClient {
   _openSSE() {
     clearTimeout(this._sseTimer);
     this._sseTimer = null;
-    const session = { source: null, ready: false, ended: false, timers: {} };
+    const session = { source: null, ready: false, ended: false, timers: {}, typing: "" };
     this._sse = session;
-    let source;
-    try {
-      source = new EventSource(this._eventsUrl());
-    } catch {
-      this._sseEnded(session);
-      return;
-    }
-    session.source = source;
-    session.timers.connect = setTimeout(() => this._endSSE(session, { failed: true }), this.options.connectTimeout);
-    source.onmessage = (event) => this._onSSEEvent(session, event.data);
-    source.onerror = () => this._endSSE(session, { failed: true });
+    this._ticket().then(
+      (ticket) => {
+        if (session.ended || !this._running) return;
+        session.typing = [...this._typingDialogs()].sort().join(",");
+        let source;
+        try {
+          source = new EventSource(this._eventsUrl(ticket, session.typing));
+        } catch {
+          this._sseEnded(session);
+          return;
+        }
+        session.source = source;
+        session.timers.connect = setTimeout(() => this._endSSE(session, { failed: true }), this.options.connectTimeout);
+        source.onmessage = (event) => this._onSSEEvent(session, event.data);
+        source.onerror = () => this._endSSE(session, { failed: true });
+      },
+      () => this._endSSE(session, { failed: true }),
+    );
   }
 
   _onSSEEvent(session, raw) {
@@ -556,7 +796,7 @@ export class ChatClient {
       this._setState("sse");
       return;
     }
-    this._apply(event);
+    this._receive(event);
   }
 
   /** Close a session; `recycle` reopens the stream at once (new `typing=`, or a liveness check). */
@@ -573,7 +813,7 @@ export class ChatClient {
     clearTimeout(session.timers.connect);
     clearTimeout(session.timers.silence);
     if (session.source) session.source.close();
-    if (!this._running || this._sse !== session) return;
+    if (!this._running || this._sse !== session || !this.holdsConnection) return;
     this._sse = null;
     if (this.transport === "sse") this.transport = null;
     if (session.recycle) {
@@ -595,9 +835,10 @@ export class ChatClient {
 
   _retrySSE(ms) {
     clearTimeout(this._sseTimer);
+    this._retryDue(Date.now() + ms);
     this._sseTimer = setTimeout(() => {
       this._sseTimer = null;
-      if (this._running && !this._ws && !this._sse && !this._poll) this._openSSE();
+      if (this._running && this.holdsConnection && !this._ws && !this._sse && !this._poll) this._openSSE();
     }, ms);
   }
 
@@ -615,8 +856,8 @@ export class ChatClient {
   // -- long-poll ------------------------------------------------------------------------------------------
 
   _startPolling() {
-    if (this._poll || !this._running) return;
-    const poll = { controller: new AbortController(), attempt: null, restart: false, done: null };
+    if (this._poll || !this._running || !this.holdsConnection) return;
+    const poll = { controller: new AbortController(), attempt: null, restart: false, done: null, typing: "" };
     this._poll = poll;
     poll.done = this._pollLoop(poll);
   }
@@ -643,7 +884,8 @@ export class ChatClient {
       poll.restart = false;
       const timeout = parked ? this.options.pollTimeout : 0;
       const params = new URLSearchParams({ cursor: this.cursor, timeout: String(timeout) });
-      if (this.openDialogId) params.set("typing", this.openDialogId);
+      poll.typing = [...this._typingDialogs()].sort().join(",");
+      if (poll.typing) params.set("typing", poll.typing);
       poll.attempt = new AbortController();
       // The request may take the server's timeout and a little more; past that the network has lost it.
       const deadline = setTimeout(() => poll.attempt && poll.attempt.abort(), (timeout + 10) * 1000);
@@ -653,7 +895,7 @@ export class ChatClient {
         this.transport = "longpoll";
         this._failures = 0;
         this._setState("long-poll");
-        for (const event of data.events) this._apply(event);
+        for (const event of data.events) this._receive(event);
         if (data.cursor) this.cursor = data.cursor;
         parked = true;
         if (recovered && this._sseFailures > 0 && this.useSSE && this._poll === poll && !signal.aborted) {
@@ -686,15 +928,21 @@ export class ChatClient {
     }
   }
 
-  /** Re-issue the parked poll (its `typing=` no longer names the open dialog). The cursor is unchanged. */
+  /** Re-issue the parked poll (its `typing=` no longer names the open dialogs). The cursor is unchanged. */
   _restartPoll() {
     const poll = this._poll;
-    if (!poll || !poll.attempt) return; // between requests: the next one reads openDialogId anyway
+    if (!poll || !poll.attempt) return; // between requests: the next one reads the open dialogs anyway
     poll.restart = true;
     poll.attempt.abort();
   }
 
   // -- applying events ------------------------------------------------------------------------------------
+
+  /** An event from this tab's own connection: applied here, and handed to the other tabs. */
+  _receive(event) {
+    this._apply(event);
+    if (this._tabs) this._tabs.share(event);
+  }
 
   _apply(event) {
     const { type, data } = event;
@@ -933,17 +1181,9 @@ export class ChatClient {
   setOpenDialog(dialogId) {
     if (dialogId === this.openDialogId) return;
     if (this._typingOut && this._typingOut.dialogId !== dialogId) this.stopTyping();
-    const previous = this.openDialogId;
     this.openDialogId = dialogId || null;
-    if (this._ws && this._ws.ready) {
-      if (previous) this._sendFrame({ type: "dialog:leave", dialogId: previous });
-      if (dialogId) this._sendFrame({ type: "dialog:join", dialogId });
-    } else if (this._sse) {
-      // The stream's `typing=` is fixed when it opens: reopen it from the cursor, nothing lost or repeated.
-      this._endSSE(this._sse, { recycle: true });
-    } else if (this._poll) {
-      this._restartPoll();
-    }
+    if (this._tabs) this._tabs.announce();
+    this._syncTyping();
   }
 
   /** Call on every keystroke in the composer: sends typing:start at most every `typingThrottle` ms. */
@@ -970,7 +1210,8 @@ export class ChatClient {
 
   _sendTyping(dialogId, typing) {
     if (this._sendFrame({ type: typing ? "typing:start" : "typing:stop", dialogId })) return;
-    if (this.state !== "long-poll" && this.state !== "sse") return; // offline: typing is ephemeral
+    // Over REST where this tab has no socket of its own (SSE, long-poll, or another tab holds the connection).
+    if (this.state !== "long-poll" && this.state !== "sse" && this.role !== "follower") return; // offline: ephemeral
     this.api("POST", `/api/dialogs/${encodeURIComponent(dialogId)}/typing`, { typing }).catch(() => {});
   }
 
@@ -997,5 +1238,225 @@ export class ChatClient {
   typingIn(dialogId) {
     const users = this._typingIn.get(dialogId);
     return users ? [...users.keys()] : [];
+  }
+}
+
+/**
+ * The tabs of one user on one origin, sharing the connection of one of them (the leader) over a BroadcastChannel.
+ *
+ * Election: a tab that joins, or that finds the leader gone, claims leadership and waits `electionWait`; the
+ * leader answers a claim at once (so does a tab that claimed with a smaller id), and the claim is dropped. Should
+ * two leaders meet (claims that crossed, a tab back from a freeze), the one with the larger id gives way.
+ * Followers ping the leader every `tabPing`; the leader's answer is a message, which background tabs' timer
+ * throttling does not hold back. A follower that hears nothing for `tabTimeout` claims; a leader that leaves
+ * says so (`bye`, on pagehide or stop) and the others claim at once.
+ *
+ * Every event the leader applies is handed over in order, and each follower applies it as its own; the leader's
+ * heartbeat carries its cursor, which a follower adopts: it has every event up to it (one sender's messages
+ * arrive in order), and it subscribed before it took its own first position. So whichever tab takes over
+ * resumes from the last cursor the leader handed over, and nothing falls between two leaders.
+ *
+ * Messages: {t, from} with t one of claim, hb {status, cursor, tabs}, ping {dialogId, visible}, event {event},
+ * bye {cursor}, retry.
+ */
+class TabGroup {
+  constructor(client, name) {
+    this.client = client;
+    this.id = randomId();
+    this.channel = new BroadcastChannel(name);
+    this.channel.onmessage = (message) => this._onMessage(message.data);
+    this.leaderId = null;
+    this.lastHeard = 0; // when the leader was last heard from (performance.now())
+    this.lastBeat = -Infinity; // when this tab, as leader, last sent a heartbeat
+    this.peers = new Map(); // at the leader: follower id -> {dialogId, visible, seen}
+    this.tabs = 1; // at a follower: how many tabs share the connection, as the leader last said
+    this.claim = null; // {objected, timer} while this tab claims
+    this.timer = null;
+    this.closed = false;
+  }
+
+  get leading() {
+    return this.client.role === "leader";
+  }
+
+  get count() {
+    return this.leading ? 1 + this.peers.size : this.tabs;
+  }
+
+  join() {
+    this.timer = setInterval(() => this._tick(), this.client.options.tabPing);
+    this._claim();
+  }
+
+  /** Leave for good (the page goes, or the client stops): the others elect a leader at once. */
+  leave() {
+    if (this.closed) return;
+    this._post({ t: "bye", cursor: this.leading ? this.client.cursor : null });
+    this.closed = true;
+    clearInterval(this.timer);
+    if (this.claim) clearTimeout(this.claim.timer);
+    this.claim = null;
+  }
+
+  close() {
+    this.leave();
+    this.channel.close();
+  }
+
+  _post(message) {
+    if (!this.closed) this.channel.postMessage({ ...message, from: this.id });
+  }
+
+  _claim() {
+    if (this.claim || this.closed) return;
+    const claim = { objected: false, timer: null };
+    this.claim = claim;
+    this.leaderId = null;
+    if (this.client.role !== "follower") this.client.role = "electing";
+    this._post({ t: "claim" });
+    claim.timer = setTimeout(() => {
+      if (this.claim !== claim || this.closed) return;
+      this.claim = null;
+      if (claim.objected) {
+        this.lastHeard = performance.now(); // the objector is taking over: give it the time to say so
+        return;
+      }
+      this.leaderId = this.id;
+      this.client.role = "leader";
+      this.peers.clear();
+      this.client._lead();
+      this.heartbeat();
+    }, this.client.options.electionWait);
+  }
+
+  _follow(leaderId) {
+    const changed = this.leaderId !== leaderId;
+    this.leaderId = leaderId;
+    this.lastHeard = performance.now();
+    if (this.claim) {
+      clearTimeout(this.claim.timer);
+      this.claim = null;
+    }
+    if (this.client.role !== "follower") {
+      this.client.role = "follower";
+      this.peers.clear();
+      this.client._follow();
+    }
+    if (changed) this.announce(); // tell the new leader which dialog is open here
+  }
+
+  heartbeat() {
+    const { state, transport, retryAt, webSocketBlockedUntil } = this.client.status;
+    this.lastBeat = performance.now();
+    this._post({
+      t: "hb",
+      status: { state, transport, retryAt, webSocketBlockedUntil },
+      cursor: this.client.cursor,
+      tabs: this.count,
+    });
+  }
+
+  /** A follower tells the leader what it needs (its open dialog for typing events) and that it is visible. */
+  announce() {
+    if (this.leading) {
+      this.client._syncTyping();
+      return;
+    }
+    this._post({
+      t: "ping",
+      dialogId: this.client.openDialogId,
+      visible: typeof document === "undefined" || document.visibilityState === "visible",
+    });
+  }
+
+  askRetry() {
+    this._post({ t: "retry" });
+  }
+
+  share(event) {
+    if (this.leading) this._post({ t: "event", event });
+  }
+
+  openDialogs() {
+    return this.leading ? [...this.peers.values()].map((peer) => peer.dialogId).filter(Boolean) : [];
+  }
+
+  anyPeerVisible() {
+    return this.leading && [...this.peers.values()].some((peer) => peer.visible);
+  }
+
+  _tick() {
+    if (this.closed) return;
+    const now = performance.now();
+    if (this.leading) {
+      let dropped = false;
+      for (const [id, peer] of this.peers) {
+        if (now - peer.seen > this.client.options.tabTimeout) {
+          this.peers.delete(id); // a tab that stopped pinging (closed without a word, or frozen)
+          dropped = true;
+        }
+      }
+      if (dropped) {
+        this.client._syncTyping();
+        this.client._statusChanged();
+      }
+    } else if (!this.claim && now - this.lastHeard > this.client.options.tabTimeout) {
+      this._claim();
+    } else {
+      this.announce();
+    }
+  }
+
+  _onMessage(message) {
+    if (this.closed || !message || message.from === this.id) return;
+    const client = this.client;
+    switch (message.t) {
+      case "claim":
+        if (this.leading) this.heartbeat();
+        else if (this.claim && message.from < this.id) this.claim.objected = true;
+        break;
+      case "hb":
+        if (this.leading) {
+          if (this.id > message.from) {
+            this._follow(message.from); // two leaders: the larger id gives way
+          } else {
+            this.heartbeat();
+            break;
+          }
+        } else {
+          this._follow(message.from);
+        }
+        this.tabs = message.tabs || 1;
+        if (message.cursor) client.cursor = message.cursor;
+        client._mirror({ ...message.status, role: client.role });
+        break;
+      case "ping": {
+        if (!this.leading) break;
+        const known = this.peers.get(message.from);
+        this.peers.set(message.from, { dialogId: message.dialogId, visible: message.visible, seen: performance.now() });
+        if (!known || known.dialogId !== message.dialogId) client._syncTyping();
+        if (!known) client._statusChanged(); // one more tab: the count changed (and a heartbeat goes out)
+        else if (performance.now() - this.lastBeat > client.options.tabPing / 2) this.heartbeat();
+        break;
+      }
+      case "event":
+        client._apply(message.event);
+        break;
+      case "bye":
+        if (this.peers.delete(message.from)) {
+          client._syncTyping();
+          client._statusChanged();
+        }
+        if (message.from === this.leaderId) {
+          if (message.cursor) client.cursor = message.cursor;
+          this._claim();
+        }
+        break;
+      case "retry":
+        if (this.leading) client.retryNow();
+        break;
+      default:
+        break;
+    }
   }
 }
