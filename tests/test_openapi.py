@@ -249,6 +249,13 @@ async def test_every_declared_answer_is_given_by_a_real_call_and_matches_the_doc
     await a.call("GET", one, f"/api/dialogs/{dialog_id}", token="", expect=401)
     await c.call("GET", one, f"/api/dialogs/{dialog_id}", expect=403)
     await a.call("GET", one, f"/api/dialogs/{nobody}", expect=404)
+    await b.call("PATCH", one, f"/api/dialogs/{other_id}", body={"title": "Renamed"}, expect=200)
+    await a.call("PATCH", one, f"/api/dialogs/{other_id}", body={"addMemberIds": ["usr_0000000000000000"]},
+                 expect=400)
+    await a.call("PATCH", one, f"/api/dialogs/{other_id}", body={"title": "x"}, token="", expect=401)
+    await b.call("PATCH", one, f"/api/dialogs/{dialog_id}", body={"removeMemberIds": [alice.user_id]}, expect=403)
+    await a.call("PATCH", one, f"/api/dialogs/{nobody}", body={"title": "x"}, expect=404)
+    await a.call("PATCH", one, f"/api/dialogs/{other_id}", raw=big, expect=413)
 
     # messages
     history, post = "/api/messages/dialog/{dialogId}", f"/api/messages/dialog/{dialog_id}"
