@@ -394,10 +394,7 @@ class Chat3Listener(_Link):
             try:
                 outcome = await apply_chat3_event(self.service, body, self.config.max_content_length)
                 break
-            except ChatError as exc:
-                self._reject(channel, method, body, exc.message)
-                return
-            except TRANSIENT_ERRORS as exc:
+            except TRANSIENT_ERRORS as exc:  # before ChatError: a store that is away is not the event's fault
                 failures = self._count_failure(body)
                 self.metrics.chat3_retries.inc()
                 await asyncio.sleep(min(TRANSIENT_PAUSE_CAP, TRANSIENT_PAUSE_FIRST * 2 ** (failures - 1)))
@@ -407,6 +404,9 @@ class Chat3Listener(_Link):
                 if attempt > IN_PLACE_RETRIES:
                     self._requeue(deliveries, tag, f"failed {failures} times: {_describe(exc)}")
                     return
+            except ChatError as exc:
+                self._reject(channel, method, body, exc.message)
+                return
             except Exception as exc:
                 # A bug, not the event's fault; still, never loop on it: dead-letter it where it can be looked at.
                 log.exception("%s: delivery %s failed unexpectedly", self.name, tag)

@@ -51,3 +51,9 @@ class TooManyRequests(ChatError):
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Unavailable(ChatError):
+    """Something the server needs is away for now (the database); worth trying again shortly."""
+
+    code = "unavailable"

@@ -51,6 +51,7 @@ EPHEMERAL_CHANNEL = "chatserver_ephemeral"
 MAX_GROUP = 64
 MIGRATION_LOCK = 7_263_512_001  # pg_advisory_xact_lock key: one process migrates at a time
 CONNECT_TIMEOUT = 10.0
+ACQUIRE_TIMEOUT = 10.0  # a read waits at most this long for a pooled connection
 LISTEN_BACKOFF_FIRST = 0.2
 LISTEN_BACKOFF_CAP = 5.0
 # Errors that say the database is unreachable or gone for now, rather than that a query is wrong.
@@ -197,7 +198,8 @@ class PostgresStore(Store):
         if self._pool is None:
             raise RuntimeError("the store is not started")
         try:
-            async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction(
+                    isolation="repeatable_read", readonly=True):
                 return await fn(_PgDb(conn), *args, **kwargs)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}") from exc
@@ -217,7 +219,7 @@ class PostgresStore(Store):
         if self._pool is None:
             return
         try:
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
                 await conn.execute("SELECT pg_notify($1, $2)", EPHEMERAL_CHANNEL, payload.decode())
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
             log.debug("an ephemeral event was not sent: %r", exc)  # ephemeral: never retried

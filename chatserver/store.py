@@ -27,6 +27,8 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import attrs
 
+from chatserver.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
@@ -40,8 +42,9 @@ class StoreError(Exception):
     """The database cannot be opened or used; the text is for the operator."""
 
 
-class StoreUnavailable(StoreError):
-    """The database is unusable for now (locked, unreachable, out of disk): worth retrying later."""
+class StoreUnavailable(StoreError, Unavailable):
+    """The database is unusable for now (locked, unreachable, out of disk): worth retrying later. A client that
+    meets it gets 503 (it is the domain's `Unavailable`)."""
 
 
 class IntegrityError(StoreError):

@@ -23,7 +23,7 @@ from chatserver.auth import token_spans
 from chatserver.broadcaster import Broadcaster
 from chatserver.cluster import Peers
 from chatserver.config import Config
-from chatserver.errors import ChatError, TooLarge, TooManyRequests, Unauthorized
+from chatserver.errors import ChatError, TooLarge, TooManyRequests, Unauthorized, Unavailable
 from chatserver.metrics import Metrics
 from chatserver.service import ChatService
 from handlers.outbox import TurnBatcher
@@ -39,6 +39,7 @@ STATUS = {
     "conflict": 409,
     "too_large": 413,
     "too_many_requests": 429,
+    "unavailable": 503,
 }
 # A value ends at '&', or at whitespace where a whole log line is redacted (run.py's log formatter).
 _SECRET_PARAM = re.compile(r"(?i)\b(token|access_token|ticket|password)=[^&\s]*")
@@ -243,6 +244,8 @@ class JsonErrors(tornado.web.RequestHandler):
             self.set_status(status_code)
             if isinstance(error, TooManyRequests):
                 self.set_header("Retry-After", str(error.retry_after))
+            elif isinstance(error, Unavailable):
+                self.set_header("Retry-After", "1")
         elif isinstance(error, tornado.web.HTTPError) and error.log_message:
             message = error.log_message % error.args if error.args else error.log_message
         if status_code == 401:
