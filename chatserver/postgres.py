@@ -168,7 +168,9 @@ class PostgresStore(Store):
             await conn.close()
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self._pool_size, timeout=CONNECT_TIMEOUT,
+                # min_size 0: connections are made as reads need them, never retried in the background while
+                # the database is away (each read that finds it away answers at once, with StoreUnavailable).
+                self.url, min_size=0, max_size=self._pool_size, timeout=CONNECT_TIMEOUT,
                 server_settings={"application_name": f"{self.name}-read", "jit": "off"},
             )
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
@@ -198,11 +200,16 @@ class PostgresStore(Store):
         if self._pool is None:
             raise RuntimeError("the store is not started")
         try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction(
-                    isolation="repeatable_read", readonly=True):
+            conn = await self._pool.acquire(timeout=ACQUIRE_TIMEOUT)
+        except Exception as exc:  # whatever stops a connection from being made or lent: the database is away
+            raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}") from exc
+        try:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
                 return await fn(_PgDb(conn), *args, **kwargs)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}") from exc
+        finally:
+            await self._pool.release(conn)
 
     async def write(self, fn: WriteFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._writer_task is None or self._closed:
@@ -221,7 +228,7 @@ class PostgresStore(Store):
         try:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
                 await conn.execute("SELECT pg_notify($1, $2)", EPHEMERAL_CHANNEL, payload.decode())
-        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+        except Exception as exc:
             log.debug("an ephemeral event was not sent: %r", exc)  # ephemeral: never retried
 
     async def close(self) -> None:

@@ -364,3 +364,35 @@ async def test_the_cli_changes_membership_and_every_running_process_follows(tmp_
             assert dialog is not None and group.people["carol"] in dialog.member_ids
         finally:
             await store.close()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_database_that_goes_away_is_503_and_then_everything_resumes(tmp_path: Path) -> None:
+    async with cluster(tmp_path, "postgres") as group:
+        a = await group.start()
+        alice, bob = group.client(a, "alice"), group.client(a, "bob")
+        ws = await bob.websocket()
+        name = group.database.rsplit("/", 1)[1]
+        # No new connection to the database is accepted, and every open one is cut.
+        pg.execute("postgres", f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        pg.execute("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        try:
+            for method, path, body in (("GET", "/api/dialogs", None),
+                                       ("POST", f"/api/messages/dialog/{group.dialog_id}", {"content": "lost?"})):
+                status, answer = await alice.call(method, path, body, timeout=30)
+                assert status == 503, (status, answer, a.stderr[-3000:])
+                assert answer["success"] is False and "unavailable" in answer["error"].lower()
+            status, ready = await alice.call("GET", "/readyz", token="")
+            assert status == 503 and "store" in ready["data"], ready
+        finally:
+            pg.execute("postgres", f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        # Back: writes are accepted again and reach the open WebSocket, which never got a reset.
+        for _ in range(100):
+            status, _ = await alice.call("GET", "/api/dialogs")
+            if status == 200:
+                break
+            await asyncio.sleep(0.1)
+        sent = await alice.post_message(group.dialog_id, "after the outage")
+        got = await ws.next_of("message:new", "reset", timeout=5)
+        assert got["type"] == "message:new" and got["data"] == sent
+        assert all("Traceback" not in line for line in a.lines), a.stderr
