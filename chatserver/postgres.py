@@ -315,9 +315,13 @@ class PostgresStore(Store):
         while not self._closed:
             try:
                 conn = await self._connect("listen")
-                conn.add_termination_listener(lambda _conn: self._listen_lost.set())
-                await conn.add_listener(LOG_CHANNEL, self._on_log)
-                await conn.add_listener(EPHEMERAL_CHANNEL, self._on_ephemeral)
+                try:
+                    conn.add_termination_listener(lambda _conn: self._listen_lost.set())
+                    await conn.add_listener(LOG_CHANNEL, self._on_log)
+                    await conn.add_listener(EPHEMERAL_CHANNEL, self._on_ephemeral)
+                except BaseException:  # LISTEN failed, or close() cancelled this half-way: never left open
+                    conn.terminate()
+                    raise
             except (StoreError, asyncpg.PostgresError, *_UNAVAILABLE) as exc:
                 attempts += 1
                 delay = min(LISTEN_BACKOFF_CAP, LISTEN_BACKOFF_FIRST * 2**attempts) * random.uniform(0.5, 1.0)
