@@ -603,7 +603,8 @@ class Chat3Outbound(_Link):
                 await self._task
             self._task = None
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.store.write(eventlog.release_outbound, self.owner), timeout)
+            await asyncio.wait_for(
+                self.store.write(eventlog.release_outbound, self.owner, int(time.time() * 1000)), timeout)
 
     # -- topology ----------------------------------------------------------------------------------------
 

@@ -233,8 +233,10 @@ async def advance_outbound(tx: Tx, owner: str, position: int) -> bool:
     return True
 
 
-async def release_outbound(tx: Tx, owner: str) -> None:
-    await tx.execute("UPDATE outbound SET owner = NULL, lease_until = 0 WHERE id = 1 AND owner = ?", owner)
+async def release_outbound(tx: Tx, owner: str, now_ms: int) -> None:
+    """Give the lease up now (another process may take it at once); its time stays, so that the log keeps
+    what outbound has not published while outbound counts as in use (OUTBOUND_IN_USE_MS)."""
+    await tx.execute("UPDATE outbound SET owner = NULL, lease_until = ? WHERE id = 1 AND owner = ?", now_ms, owner)
 
 
 async def outbound_after(db: Db, position: int, limit: int) -> tuple[int, list[LogEvent], int]:

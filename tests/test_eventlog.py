@@ -388,3 +388,20 @@ async def test_prune_keeps_what_chat3_outbound_has_yet_to_publish_while_it_is_in
     assert await store.write(eventlog.prune, 10, stale - 1) == 0
     assert await store.write(eventlog.prune, 10, stale) == 5
     assert (await store.read(eventlog.meta))[2] == 20
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_released_outbound_lease_still_keeps_what_was_not_published(store: Store) -> None:
+    ann = await user(store, "701")
+    talk = await dialog(store, ann)
+    now = int(time.time() * 1000)
+    start = await store.write(eventlog.claim_outbound, "process-1", now, 30_000)
+    assert start is not None
+    for n in range(20):
+        await post(store, message(talk.dialog_id, ann, f"m{n}"))
+    # The process stops (its lease given up at once): another may claim it now, and nothing unpublished goes.
+    await store.write(eventlog.release_outbound, "process-1", now)
+    assert await store.write(eventlog.claim_outbound, "process-2", now + 1, 30_000) == start
+    await store.write(eventlog.release_outbound, "process-2", now + 2)
+    assert await store.write(eventlog.prune, 5, now + 3) == 0
+    assert (await store.read(eventlog.meta))[2] == start
