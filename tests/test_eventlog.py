@@ -403,5 +403,6 @@ async def test_a_released_outbound_lease_still_keeps_what_was_not_published(stor
     await store.write(eventlog.release_outbound, "process-1", now)
     assert await store.write(eventlog.claim_outbound, "process-2", now + 1, 30_000) == start
     await store.write(eventlog.release_outbound, "process-2", now + 2)
-    assert await store.write(eventlog.prune, 5, now + 3) == 0
-    assert (await store.read(eventlog.meta))[2] == start
+    while await store.write(eventlog.prune, 5, now + 3):
+        pass
+    assert (await store.read(eventlog.meta))[2] == start  # pruned up to where outbound had published, not beyond
