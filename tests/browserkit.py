@@ -252,7 +252,9 @@ def exchange_typing_and_messages(alice: ChatPage, bob: ChatPage) -> None:
 def fill_dialog(db: Path, dialog_id: str, sender_id: str, count: int, label: str) -> list[str]:
     """`count` messages from `sender_id` in a dialog the server knows, written straight into its SQLite file in the
     store's own schema (as bench/store_bench.py fills one): thousands in a second, where POSTs would take minutes.
-    The server reads them back as history (they were never live events). Returns their texts, oldest first."""
+    The server reads them back as history: they were never live events, so they take places in the history below
+    every position of the event log (negative, before any message written since), and the log is left alone.
+    Returns their texts, oldest first."""
     base = int(time.time() * 1000) - 3_600_000  # an hour ago, one message per millisecond
     texts = [f"{label} #{n:05d}" for n in range(count)]
     rows = []
@@ -262,10 +264,11 @@ def fill_dialog(db: Path, dialog_id: str, sender_id: str, count: int, label: str
         rows.append((f"msg_{secrets.token_hex(8)}", dialog_id, sender_id, text, "text", "{}", stamp, stamp, None))
     with contextlib.closing(sqlite3.connect(db, timeout=10, isolation_level=None)) as conn:
         conn.execute("BEGIN IMMEDIATE")
+        first = min(0, conn.execute("SELECT coalesce(min(seq), 0) FROM messages").fetchone()[0]) - count
         conn.executemany(
-            "INSERT INTO messages (message_id, dialog_id, sender_id, content, type, meta, created_at, updated_at, "
-            "client_message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
+            "INSERT INTO messages (seq, message_id, dialog_id, sender_id, content, type, meta, created_at, updated_at, "
+            "client_message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(first + n, *row) for n, row in enumerate(rows)],
         )
         conn.execute(
             "UPDATE dialogs SET last_seq = (SELECT max(seq) FROM messages WHERE dialog_id = ?), "
