@@ -184,7 +184,7 @@ async def test_a_method_a_route_lacks_is_405_with_allow_naming_the_methods_it_ha
         ("TRACE", "/api/auth/login", "POST"),
         ("DELETE", "/api/me", "GET"),
         ("PUT", "/api/dialogs", "GET, POST"),
-        ("DELETE", f"/api/dialogs/{dialog_id}", "GET"),
+        ("DELETE", f"/api/dialogs/{dialog_id}", "GET, PATCH"),
         ("PUT", f"/api/messages/dialog/{dialog_id}", "GET, POST"),
         ("GET", f"/api/messages/{sent['messageId']}", "PATCH"),
         ("OPTIONS", f"/api/dialogs/{dialog_id}/read", "POST"),

@@ -50,14 +50,15 @@ def api(live: Live) -> Any:
                     "not_a_server_error": {"expected-statuses": ["101", "2xx", "4xx"]},
                     "negative_data_rejection": {"expected-statuses": ["400", "401", "403", "404", "405", "426"]}}},
                 # Values that the schema allows but that this database or server does not hold are refused with 400 by
-                # the contract (a member, a `before`/`after` that is not there, a cursor it never issued); and
+                # the contract (a member, a `before`/`after` that is not there, a cursor it never issued; a member
+                # removed by someone who is not the dialog's creator is 403); and
                 # `/api/users` needs exactly one of its two parameters, which a schema of independent parameters
                 # cannot say.
                 *(
                     {"include-operation-id": operation, "checks": {"positive_data_acceptance": {
                         "expected-statuses": ["2xx", "101", "400", "401", "403", "404"]}}}
-                    for operation in ("createDialog", "listMessages", "findUsers", "markRead", "poll", "eventStream",
-                                      "webSocket")
+                    for operation in ("createDialog", "updateDialog", "listMessages", "findUsers", "markRead", "poll",
+                                      "eventStream", "webSocket")
                 ),
             ],
         }
