@@ -183,9 +183,10 @@ class Caller:
         self.seen.add((answer.method, answer.path, answer.status))
         return answer
 
-    async def stream(self, query: str, expect: int = 200) -> Answer:
-        """`GET /api/events`: its head and first events, then the stream is closed."""
-        reader = SseReader(self.client, cursor=query or None)
+    async def stream(self, query: str, expect: int = 200, *, ticket: str | None = None) -> Answer:
+        """`GET /api/events` (with the token in the query, or `ticket`): its head and first events, then the stream
+        is closed."""
+        reader = SseReader(self.client, cursor=query or None, ticket=ticket)
         try:
             await reader.wait_for(2 if query else 1)
             await asyncio.sleep(0.05)
@@ -339,6 +340,18 @@ async def test_every_declared_answer_is_given_by_a_real_call_and_matches_the_doc
         await a.upgrade(token, 503)
     finally:
         ctx.shutting_down = False
+
+    # stream tickets: one opens a WebSocket, another an event stream; each is refused once used, and is no token
+    stream_ticket = "/api/stream-ticket"
+    ticket = jsonutil.loads((await a.call("POST", stream_ticket, expect=201)).body)["data"]["ticket"]
+    await a.upgrade(f"ticket={ticket}", 101)
+    await a.upgrade(f"ticket={ticket}", 401)
+    ticket = jsonutil.loads((await a.call("POST", stream_ticket, expect=201)).body)["data"]["ticket"]
+    await a.stream("", ticket=ticket)
+    await a.call("GET", events, f"/api/events?ticket={ticket}", token="", expect=401)
+    await a.call("POST", stream_ticket, token=ticket, expect=401)
+    await a.call("POST", stream_ticket, token="", expect=401)
+    await a.call("POST", stream_ticket, raw=big, expect=413)
 
     # throttling: failed logins from one address for one phone, then Bob's writes past his burst
     for _ in range(ctx.config.login_failures):

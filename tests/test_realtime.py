@@ -41,9 +41,10 @@ class SseReader:
     """A streaming SSE client: collects (id, event) pairs and comment lines as they arrive."""
 
     def __init__(
-        self, client: Client, cursor: str | None = None, last_event_id: str | None = None, typing: str | None = None
+        self, client: Client, cursor: str | None = None, last_event_id: str | None = None, typing: str | None = None,
+        ticket: str | None = None,
     ) -> None:
-        params = [f"token={client.token}"]
+        params = [f"ticket={ticket}" if ticket else f"token={client.token}"]
         if cursor:
             params.append(f"cursor={cursor}")
         if typing:
