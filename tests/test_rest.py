@@ -704,3 +704,21 @@ async def test_concurrent_retries_store_one_message(alice: Client, dialog_id: st
     ids = {assert_ok(status, data, 201)["messageId"] for status, data in answers}
     assert len(ids) == 1
     assert len(assert_ok(*await alice.call("GET", path))) == 1
+
+
+@pytest.mark.gen_test
+async def test_u0000_is_kept_in_content_and_refused_elsewhere_the_same_on_both_stores(
+    alice: Client, bob: Client, dialog_id: str
+) -> None:
+    path = f"/api/messages/dialog/{dialog_id}"
+    for body, field in (({"content": "x", "type": "a\u0000b"}, "type"),
+                        ({"content": "x", "clientMessageId": "c\u0000"}, "clientMessageId")):
+        assert_error(*await alice.call("POST", path, body), 400, field)
+    assert_error(*await alice.call("POST", "/api/dialogs", {"title": "T\u0000", "memberIds": []}), 400, "title")
+    assert_error(*await alice.call("PATCH", f"/api/dialogs/{dialog_id}", {"title": "\u0000x"}), 400, "title")
+    # A phone with U+0000 belongs to nobody: login says so as for any unknown phone.
+    status, body = await alice.call("POST", "/api/auth/login", {"phone": "7911\u0000", "password": "x"}, token="")
+    assert status == 401 and body["success"] is False
+    sent = await alice.post_message(dialog_id, "a\u0000b\\0c")
+    history = assert_ok(*await bob.call("GET", path))
+    assert history[-1]["content"] == "a\u0000b\\0c" == sent["content"]
