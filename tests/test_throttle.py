@@ -292,11 +292,11 @@ async def test_stream_tickets_over_the_rate_get_429_and_another_users_are_their_
     alice: Client, bob: Client, http_port: int
 ) -> None:
     for _ in range(3):
-        assert (await request(http_port, "POST", "/api/stream-ticket", token=alice.token)).code == 201
-    wait = assert_throttled(await request(http_port, "POST", "/api/stream-ticket", token=alice.token))
+        assert (await request(http_port, "POST", "/api/stream-ticket", {}, token=alice.token)).code == 201
+    wait = assert_throttled(await request(http_port, "POST", "/api/stream-ticket", {}, token=alice.token))
     assert await throttled_count(http_port, "ticket") == 1
-    assert (await request(http_port, "POST", "/api/stream-ticket", token=bob.token)).code == 201
+    assert (await request(http_port, "POST", "/api/stream-ticket", {}, token=bob.token)).code == 201
     await asyncio.sleep(wait)
-    answer = await request(http_port, "POST", "/api/stream-ticket", token=alice.token)
+    answer = await request(http_port, "POST", "/api/stream-ticket", {}, token=alice.token)
     assert answer.code == 201
     assert jsonutil.loads(answer.body)["data"]["expiresIn"] == 30
