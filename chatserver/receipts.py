@@ -7,11 +7,12 @@ in one transaction per flush (`queries.record_receipts`): delivered positions mo
 `dialog:receipt` is logged per dialog in which any member moved, carrying every member that moved. The log's
 follower publishes those events like any other; nothing here touches the broadcaster.
 
-Flushes on one process are at least `interval` seconds apart, so a member's advances in a dialog make at most one
-receipt a second there, and a dialog at most one receipt frame a second per connection however many of its
-members moved. Memory is bounded: at most MAX_PENDING users wait for a flush (an acknowledgement beyond is
-dropped and counted; the client's next one carries it), and the last position written per user is kept in an LRU
-so that a repeated acknowledgement (a poll woken by typing asks again with the same cursor) costs nothing.
+Flushes on one process are at least `interval` seconds apart (from one's commit to the next one's start), so a
+member's advances in a dialog make at most one receipt a second there, and a dialog at most one receipt frame a
+second per connection however many of its members moved. Memory is bounded: at most MAX_PENDING users wait for a
+flush (an acknowledgement beyond is dropped and counted; the client's next one carries it), and the last position
+written per user is kept in an LRU so that a repeated acknowledgement (a poll woken by typing asks again with the
+same cursor) costs nothing.
 
 A flush that fails (the database away) keeps what it held for the next one. What waits in memory when the process
 dies is lost: delivered positions move at the client's next acknowledgement, and read marks are already stored.
@@ -109,13 +110,15 @@ class Receipts:
         reads, self._reads = self._reads, {}
         if not acks and not reads:
             return 0
-        self._last_flush = self._clock()
         try:
             events = await self.store.write(queries.record_receipts, acks, list(reads))
         except Exception as exc:
             self._keep(acks, reads)
             log.warning("receipts not written, kept for the next try: %s", exc)
             return 0
+        finally:
+            # From the commit: the next write's receipts reach a connection at least `interval` after these.
+            self._last_flush = self._clock()
         for user_id, position in acks.items():
             self._written.put(user_id, max(position, self._written.get(user_id) or 0))
         self.logged += len(events)
