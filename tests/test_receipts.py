@@ -37,6 +37,11 @@ async def receipts_within(sock: Socket, seconds: float) -> list[dict[str, Any]]:
     return found
 
 
+async def dialog_of(creator: Client, *others: Client) -> str:
+    body = {"title": "Trio", "memberIds": [other.user_id for other in others]}
+    return str(assert_ok(*await creator.call("POST", "/api/dialogs", body), 201)["dialogId"])
+
+
 async def stands(client: Client, dialog_id: str) -> list[dict[str, Any]]:
     data = assert_ok(*await client.call("GET", f"/api/dialogs/{dialog_id}"))
     return list(data["receipts"])
@@ -181,8 +186,7 @@ async def test_receipts_are_coalesced_to_one_a_second(alice: Client, bob: Client
 async def test_a_receipt_carries_every_member_that_moved_in_one_event(
     alice: Client, bob: Client, carol: Client, dialog_id: str
 ) -> None:
-    trio = assert_ok(*await alice.call(
-        "POST", "/api/dialogs", {"title": "Trio", "memberIds": [bob.user_id, carol.user_id]}), 201)["dialogId"]
+    trio = await dialog_of(alice, bob, carol)
     alice_ws = await alice.websocket()
     sent = await alice.post_message(trio, "all of you")
     cursor = (await alice_ws.next_of("message:new"))["cursor"]
@@ -200,8 +204,7 @@ async def test_a_receipt_carries_every_member_that_moved_in_one_event(
 async def test_a_removed_member_neither_moves_nor_gets_receipts(
     alice: Client, bob: Client, carol: Client, dialog_id: str
 ) -> None:
-    trio = assert_ok(*await alice.call(
-        "POST", "/api/dialogs", {"title": "Trio", "memberIds": [bob.user_id, carol.user_id]}), 201)["dialogId"]
+    trio = await dialog_of(alice, bob, carol)
     assert_ok(*await alice.call("PATCH", f"/api/dialogs/{trio}", {"removeMemberIds": [carol.user_id]}))
     carol_ws, alice_ws = await carol.websocket(), await alice.websocket()
     sent = await alice.post_message(trio, "without carol")
