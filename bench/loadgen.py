@@ -5,8 +5,12 @@
 It reads a JSON spec on stdin (system, address, server pid, workload and its sizes), connects its clients with
 the raw protocols of `bench/wire.py`, publishes events over HTTP from separate publisher connections, counts
 every delivery per client, and prints `RESULT <json>` as its last line. For the resume storm it prints
-`RESTART` and waits for `RESTARTED <pid>` on stdin (bench/run.py restarts the server). Every wait is bounded:
-a run that stalls ends with its losses counted, never hangs.
+`RESTART` and waits for `RESTARTED <pid> ...` on stdin (bench/run.py restarts the servers). Every wait is
+bounded: a run that stalls ends with its losses counted, never hangs.
+
+Several server processes on one database (bench/durable.py): `ports` spreads the subscribers over them (client
+i on `ports[i % len(ports)]`), `publish_port` sends the publishers to one of them, and `pids` names every
+process whose CPU counts.
 
 Server CPU is read from /proc/<pid>/stat (utime+stime of the server's process tree: nginx's master and
 worker, Python's threads) and the generator's own from getrusage, over the same measured window.
@@ -81,6 +85,10 @@ def cpu_seconds(pids: list[int]) -> tuple[float, float]:
         user += int(fields[11])  # utime, stime: fields 14 and 15 of stat
         system += int(fields[12])
     return user / CLK_TCK, system / CLK_TCK
+
+
+def server_pids(roots: list[int]) -> list[int]:
+    return [pid for root in roots for pid in process_tree(root)]
 
 
 def rss_kb(pids: list[int]) -> int:
@@ -282,7 +290,9 @@ class Generator:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.target = TARGETS[spec["system"]](spec)
-        self.pids = process_tree(spec["pid"])
+        self.ports: list[int] = spec.get("ports") or [spec["port"]]
+        self.publish_port: int = spec.get("publish_port") or self.ports[0]
+        self.pids = server_pids(spec.get("pids") or [spec["pid"]])
         self.loop = asyncio.get_running_loop()
         self.running = True
         self.errors: list[str] = []
@@ -388,35 +398,47 @@ class Generator:
 
     # -- connecting ------------------------------------------------------------------------------------
 
-    async def open_http(self) -> HttpConnection:
-        spec = self.spec
+    async def open_http(self, port: int | None = None) -> HttpConnection:
+        """A keep-alive HTTP connection: to the publishers' server unless `port` says which."""
         _, conn = await self.loop.create_connection(
-            lambda: HttpConnection(self.target.host), spec["host"], spec["port"]
+            lambda: HttpConnection(self.target.host), self.spec["host"], port or self.publish_port
         )
         return conn
 
     async def open_ws(
-        self, i: int, cursor: str | None = None, rcvbuf: int = 0, ready: Callable[[bytes], bool] | None = None
+        self,
+        i: int,
+        cursor: str | None = None,
+        rcvbuf: int = 0,
+        ready: Callable[[bytes], bool] | None = None,
+        counts: bytearray | None = None,
     ) -> WebSocketClient:
+        """Client `i`, ready by `ready` (or the target's rule), counting its events in `counts` from the start."""
         spec = self.spec
+        port = self.ports[i % len(self.ports)]
         async with self._connect_gate:
             sock = None
             if rcvbuf:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
                 sock.setblocking(False)
-                await self.loop.sock_connect(sock, (spec["host"], spec["port"]))
-            factory: Callable[[], WebSocketClient] = lambda: WebSocketClient(  # noqa: E731
-                self.target.host,
-                self.target.ws_path(i, cursor),
-                self.on_ws_message,
-                ready or (None if self.target.ready_at_upgrade else self.target.ws_ready),
-                i,
-            )
+                await self.loop.sock_connect(sock, (spec["host"], port))
+
+            def factory() -> WebSocketClient:
+                client = WebSocketClient(
+                    self.target.host,
+                    self.target.ws_path(i, cursor),
+                    self.on_ws_message,
+                    ready or (None if self.target.ready_at_upgrade else self.target.ws_ready),
+                    i,
+                )
+                client.counts = counts
+                return client
+
             if sock is not None:
                 _, client = await self.loop.create_connection(factory, sock=sock)
             else:
-                _, client = await self.loop.create_connection(factory, spec["host"], spec["port"])
+                _, client = await self.loop.create_connection(factory, spec["host"], port)
             await asyncio.wait_for(client.ready, 30)
         return client
 
@@ -428,7 +450,7 @@ class Generator:
     async def start_pollers(self, count: int, first: int = 0) -> list[HttpConnection]:
         async def one(i: int) -> HttpConnection:
             async with self._connect_gate:
-                conn = await self.open_http()
+                conn = await self.open_http(self.ports[i % len(self.ports)])
             self.poll_tasks.append(self.loop.create_task(self._poll_guard(conn, i)))
             return conn
 
@@ -727,48 +749,62 @@ async def ours_metrics(gen: Generator, names: tuple[str, ...]) -> dict[str, floa
 
 
 async def run_storm(gen: Generator) -> dict[str, Any]:
+    """Every server restarted under connected clients, who all reconnect at once.
+
+    Ours resumes: each client comes back with its cursor, and `missed` events were published after the clients
+    left and before the restart, so each is caught up only once the store has replayed those to it (a reset
+    instead is a failure: the log outlives a restart). The peers have no resume: theirs are ready when connected.
+    """
     spec = gen.spec
     n = spec["clients"]
+    ours = spec["system"] == "ours"
+    live = spec.get("events", 3)
+    missed = spec.get("missed", 0) if ours else 0
     gen.track_cursor = True
     pubs = await gen.publishers(1)
     clients = await gen.connect_ws(n)
     await gen.warm_up(pubs[0], n)
-    gen.arm(spec.get("events", 3), clients)
-    await gen.publish_window(pubs, gen.events, 8, 30)
+    gen.arm(live + missed, clients)
+    await gen.publish_window(pubs, live, 8, 30)
     cursors = [c.cursor for c in clients]
+    for client in clients:
+        client.close()
+    gen.ws_clients.clear()
+    for idx in range(live, live + missed):
+        await gen.publish(pubs[0], gen.target.content(idx))
     for conn in pubs:
         conn.close()
     print("RESTART", flush=True)
     line = await gen.loop.run_in_executor(None, sys.stdin.readline)
     if not line.startswith("RESTARTED"):
-        raise RuntimeError(f"bench/run.py answered {line!r} to RESTART")
-    gen.pids = process_tree(int(line.split()[1]))
-    for client in clients:
-        client.close()
-    gen.ws_clients.clear()
+        raise RuntimeError(f"the runner answered {line!r} to RESTART")
+    gen.pids = server_pids([int(pid) for pid in line.split()[1:]])
     meter = Meter(gen.pids)
     meter.start()
-    ours = spec["system"] == "ours"
-    # Ours is ready for a resuming client once its reset has arrived (the ready frame comes just before it).
-    reset: Callable[[bytes], bool] | None = (lambda p: p.startswith(b'{"type":"reset"')) if ours else None
     fresh = await asyncio.gather(
-        *(gen.open_ws(i, cursors[i] if ours else None, ready=reset) for i in range(n)),
+        *(gen.open_ws(i, cursors[i] if ours else None, counts=clients[i].counts) for i in range(n)),
         return_exceptions=True,
     )
-    measured = meter.stop()
+    ready_s = time.perf_counter() - meter.t0
     ok = [c for c in fresh if isinstance(c, WebSocketClient)]
     gen.ws_clients.extend(ok)
+    caught_up = await gen.wait_complete(60) if missed else True
+    measured = meter.stop()
     failures = [repr(c) for c in fresh if not isinstance(c, WebSocketClient)]
-    resets = sum(1 for c in ok if b'"restarted"' in c.extra.get("reset", b""))
+    resets = sum(1 for c in ok if c.extra.get("reset"))
+    lost = gen.losses(clients) + resets if ours else 0
     return {
         **measured,
         "time_to_all_ready_s": measured["wall"],
+        "time_to_connected_s": ready_s,
+        "missed": missed,
+        "caught_up": caught_up,
         "ready": len(ok),
-        "resets_restarted": resets,
+        "resets": resets,
         "failed": len(failures),
         "first_failure": failures[0] if failures else None,
-        "lost": 0 if spec["system"] != "ours" or resets == n else n - resets,
-        "duplicated": 0,
+        "lost": lost + len(failures),
+        "duplicated": gen.duplicates,
     }
 
 
