@@ -55,6 +55,7 @@ async def build_context(config: Config, *, store: Store | None = None) -> AppCon
     metrics = Metrics()
     metrics.observe_broadcaster(broadcaster)
     metrics.observe_throttle(throttle)
+    metrics.observe_store(store)
     ctx = AppContext(service=service, broadcaster=broadcaster, config=config, metrics=metrics, peers=peers)
     ctx.readiness["log"] = lambda: feed.problem
     metrics.requests_in_flight.set_function(lambda: len(ctx.requests))
