@@ -808,6 +808,51 @@ async def run_storm(gen: Generator) -> dict[str, Any]:
     }
 
 
+async def run_post(gen: Generator) -> dict[str, Any]:
+    """`posters` connections POST one after another for `duration` seconds, nobody subscribed: what the
+    publishing side takes (ours: each POST stored with its log event, committed, published). Ours also reports
+    the writes per commit its store's writer saw over the window (the group-commit size)."""
+    spec = gen.spec
+    ours = spec["system"] == "ours"
+    counted = ("chatserver_store_commits_total", "chatserver_store_writes_total")
+    pubs = await gen.publishers(spec["posters"])
+    for n, conn in enumerate(pubs):  # a first POST on every connection: each is open and warm
+        await gen.publish(conn, gen.target.content(n, WARM))
+    latencies: list[float] = []
+    before = await ours_metrics(gen, counted) if ours else {}
+    meter = Meter(gen.pids)
+    meter.start()
+    deadline = time.perf_counter() + spec["duration"]
+
+    async def poster(conn: HttpConnection) -> None:
+        idx = 0
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await gen.publish(conn, gen.target.content(idx))
+            latencies.append(time.perf_counter() - started)
+            idx += 1
+
+    await asyncio.wait_for(asyncio.gather(*(poster(c) for c in pubs)), spec["duration"] + 30)
+    measured = meter.stop()
+    result: dict[str, Any] = {**measured, "posts": len(latencies), "lost": 0, "duplicated": 0}
+    lat = sorted(latencies)
+    if lat:
+        result.update(
+            posts_per_s=len(lat) / measured["wall"],
+            p50_ms=1000 * lat[len(lat) // 2],
+            p99_ms=1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+            cpu_per_post_ms=1000 * measured["server_cpu"] / len(lat),
+        )
+    if ours:
+        after = await ours_metrics(gen, counted)
+        commits = after["store_commits_total"] - before["store_commits_total"]
+        writes = after["store_writes_total"] - before["store_writes_total"]
+        result.update(commits=commits, writes=writes, writes_per_commit=writes / commits if commits else 0.0)
+    for conn in pubs:
+        conn.close()
+    return result
+
+
 WORKLOADS: dict[str, Callable[[Generator], Coroutine[Any, Any, dict[str, Any]]]] = {
     "ws": lambda g: run_fanout(g, g.spec["clients"], 0),
     "poll": lambda g: run_fanout(g, 0, g.spec["clients"]),
@@ -820,6 +865,7 @@ WORKLOADS: dict[str, Callable[[Generator], Coroutine[Any, Any, dict[str, Any]]]]
     "latency": run_latency,
     "slow": run_slow,
     "storm": run_storm,
+    "post": run_post,
 }
 
 

@@ -65,7 +65,7 @@ def seed_store(db: str, users: int) -> dict[str, Any]:
     return asyncio.run(_seed(db, users))
 
 
-async def _insert_users(tx: Any, rows: list[tuple[str, ...]]) -> None:
+async def _insert_users(tx: Any, rows: list[tuple[str, str, str, str, str]]) -> None:
     for row in rows:
         await tx.execute(
             "INSERT INTO users (user_id, phone, name, password_hash, created_at) VALUES (?, ?, ?, ?, ?)", *row
