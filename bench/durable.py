@@ -17,9 +17,10 @@
   clients leave, `--missed` events are posted, every process is restarted, and all clients come back at once
   with their cursors. The figure is the time until every client has every event it missed (no reset: a reset
   fails the run). Peer: Nchan's reconnect storm (no resume: ready when connected).
-- `compare`: checks `--before` out into a temporary worktree and runs, alternately, that revision's own
-  `bench/run.py` and this one's on the WebSocket fan-out (1,000 and 5,000 subscribers) and the long-poll
-  (1,000), `--repeat` times each, printing the median CPU per 10k deliveries and after ÷ before. Peer: Nchan.
+- `compare`: checks `--before` out into a temporary worktree and runs, alternately, that revision's server (its
+  run.py, seeded by its own bench/systems.py) and this one's, with this checkout's generator, on bench/run.py's
+  WebSocket fan-out (1,000 and 5,000 subscribers) and long-poll (1,000), `--repeat` times each, printing the
+  median CPU per 10k deliveries, after ÷ before, and the write system calls per delivery. Peer: Nchan.
 
 Everything runs on loopback, bounded in count and time. Results are printed and saved to
 `bench/results/durable-<stamp>.json`. A run that lost or duplicated a delivery, or whose server refused a POST,
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import signal
 import statistics
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from systems import SYSTEMS, Ours, OursPostgres, System, raise_nofile
 
-from run import generate
+from run import WORKLOADS, generate
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -93,6 +93,25 @@ class Cluster:
     def cleanup(self) -> None:
         for server in reversed(self.servers):  # the owner last: its cleanup removes the database
             server.cleanup()
+
+
+class TreeOurs(Ours):
+    """Ours as checked out in `tree`: its run.py, seeded by its own bench/systems.py (its own store API)."""
+
+    def __init__(self, tree: Path) -> None:
+        self.root = tree
+        super().__init__()
+
+    def prepare(self, users: int) -> dict[str, Any]:
+        seed = ("import json, sys; sys.path.insert(0, 'bench'); import systems; "
+                "o = systems.Ours.__new__(systems.Ours); "
+                "o.db, o.state = sys.argv[1], systems.Path(sys.argv[1]).parent; "
+                "print(json.dumps(o.prepare(int(sys.argv[2]))))")
+        done = subprocess.run([sys.executable, "-c", seed, self.db, str(users)], cwd=self.root, capture_output=True,
+                              text=True, timeout=300, check=False)
+        if done.returncode:
+            raise RuntimeError(f"seeding in {self.root} failed: {done.stderr[-1000:]}")
+        return dict(json.loads(done.stdout.splitlines()[-1]))
 
 
 def spec_of(kind: str, port: int, pid: int, workload: str, sizes: dict[str, Any], info: dict[str, Any]) -> dict:
@@ -216,20 +235,23 @@ def bench_resume(args: argparse.Namespace, peers: list[str]) -> list[dict[str, A
     return out
 
 
-def run_tree(tree: Path, workload: str, quick: bool, systems: str = "ours") -> dict[str, Any]:
-    """One workload of `bench/run.py` as checked out in `tree` (its server, its seed, its generator)."""
-    command = [sys.executable, str(tree / "bench" / "run.py"), "--systems", systems, "--workloads", workload,
-               "--no-docs", "--label", "durable-compare"]
-    if not quick:
-        command.append("--full")
-    done = subprocess.run(command, cwd=tree, capture_output=True, text=True, timeout=900, check=False)
-    found = re.search(r"^results: (\S+)$", done.stdout, re.MULTILINE)
-    if found is None:
-        return {"failed_run": f"{tree}'s bench/run.py wrote no results: {done.stdout[-500:]} {done.stderr[-500:]}"}
-    saved = Path(found.group(1))
-    run = json.loads(saved.read_text())
-    saved.unlink()
-    return dict(run["results"][0])
+def run_tree(tree: Path, workload: str, quick: bool) -> dict[str, Any]:
+    """One workload of bench/run.py against the server checked out in `tree`, with this checkout's generator."""
+    kind, quick_sizes, full_sizes = WORKLOADS[workload]
+    sizes = quick_sizes if quick else full_sizes
+    server = TreeOurs(tree)
+    try:
+        info = server.prepare(sizes["clients"] + sizes.get("polls", 0) + 1)
+        server.start()
+        return generate(spec_of("ours", server.port, server.pid, kind, sizes, info), lambda: [server.pid])
+    finally:
+        server.cleanup()
+
+
+def run_peer_workload(name: str, workload: str, quick: bool) -> dict[str, Any]:
+    kind, quick_sizes, full_sizes = WORKLOADS[workload]
+    sizes = quick_sizes if quick else full_sizes
+    return run_peer(name, kind, sizes, sizes["clients"] + 1)
 
 
 def bench_compare(args: argparse.Namespace, peers: list[str]) -> list[dict[str, Any]]:
@@ -245,8 +267,9 @@ def bench_compare(args: argparse.Namespace, peers: list[str]) -> list[dict[str, 
                    capture_output=True)
     out: list[dict[str, Any]] = []
     try:
-        for workload, label in COMPARED:
+        for workload, label in ((w, label) for w, label in COMPARED if w in args.workloads):
             figures: dict[str, list[float]] = {"before": [], "after": []}
+            writes: dict[str, list[float]] = {"before": [], "after": []}
             for n in range(args.repeat):
                 order = [("before", tree), ("after", ROOT)]
                 for side, where in order if n % 2 == 0 else order[::-1]:
@@ -257,14 +280,17 @@ def bench_compare(args: argparse.Namespace, peers: list[str]) -> list[dict[str, 
                         show(f"{workload} {side}", result, ("cpu_per_10k",))
                     else:
                         figures[side].append(result["cpu_per_10k"])
+                        writes[side].append(result["write_calls_per_delivery"])
             before, after = (statistics.median(figures[s]) if figures[s] else None for s in ("before", "after"))
             ratio = f"{after / before:.2f}x" if before and after else "—"
             print(f"  {label:<48} before {fmt_runs(figures['before'])}   after {fmt_runs(figures['after'])}   "
                   f"after ÷ before {ratio} (medians)", flush=True)
+            print(f"  {'':<48} write system calls per delivery: before {fmt_runs(writes['before'])}   "
+                  f"after {fmt_runs(writes['after'])}", flush=True)
             for name in peers:
-                result = run_tree(ROOT, workload, args.quick, systems=name)
+                result = run_peer_workload(name, workload, args.quick)
                 out.append({"bench": "compare", "workload": workload, "side": name, **result})
-                show(f"    {name}, same sizes", result, ("cpu_per_10k",))
+                show(f"    {name}, same sizes", result, ("cpu_per_10k", "write_calls_per_delivery"))
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False,
                        capture_output=True)
@@ -305,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", default="96eccf9", help="compare: the revision to compare with")
     parser.add_argument("--repeat", type=int, default=3, help="compare: runs of each side per workload")
     parser.add_argument("--quick", action="store_true", help="compare: bench/run.py's quick sizes")
+    parser.add_argument("--workloads", default=",".join(w for w, _ in COMPARED), help="compare: which of them")
     parser.add_argument("--peers", default="nchan", help="comma-separated peers of bench/systems.py, or ''")
     args = parser.parse_args(argv)
     args.stores = [s for s in args.stores.split(",") if s]

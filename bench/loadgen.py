@@ -87,6 +87,19 @@ def cpu_seconds(pids: list[int]) -> tuple[float, float]:
     return user / CLK_TCK, system / CLK_TCK
 
 
+def write_calls(pids: list[int]) -> int:
+    """System calls that wrote (write, send, sendmsg...) by `pids` so far: /proc/<pid>/io's syscw, all threads."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                if line.startswith("syscw:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
 def server_pids(roots: list[int]) -> list[int]:
     return [pid for root in roots for pid in process_tree(root)]
 
@@ -116,13 +129,16 @@ class Meter:
 
     def start(self) -> None:
         self.t0, self.s0, self.g0 = time.perf_counter(), cpu_seconds(self.pids), own_cpu()
+        self.w0 = write_calls(self.pids)
 
     def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self.t0
         user, system = cpu_seconds(self.pids)
         user, system = user - self.s0[0], system - self.s0[1]
         gen = own_cpu() - self.g0
-        return {"wall": wall, "server_cpu": user + system, "server_user": user, "server_sys": system, "gen_cpu": gen}
+        writes = write_calls(self.pids) - self.w0
+        return {"wall": wall, "server_cpu": user + system, "server_user": user, "server_sys": system, "gen_cpu": gen,
+                "server_write_calls": writes}
 
 
 # -- the systems --------------------------------------------------------------------------------------
@@ -587,6 +603,7 @@ def fanout_result(gen: Generator, meter: dict[str, float], receivers: list[Any],
         result["cpu_per_10k"] = meter["server_cpu"] / deliveries * 10_000
         result["gen_cpu_per_10k"] = meter["gen_cpu"] / deliveries * 10_000
         result["deliveries_per_s"] = deliveries / meter["wall"] if meter["wall"] else 0.0
+        result["write_calls_per_delivery"] = meter["server_write_calls"] / deliveries
     # The generator limits the figure when it was busy for nearly the whole window.
     result["gen_bound"] = meter["gen_cpu"] > 0.85 * meter["wall"]
     return result

@@ -118,6 +118,7 @@ def postgres_url(name: str) -> str:
 class System:
     name = ""
     kind = ""  # the generator's Target: ours, sio, nchan
+    root = ROOT  # the checkout the server runs from
 
     def __init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
@@ -144,7 +145,7 @@ class System:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(),
-                cwd=ROOT,
+                cwd=self.root,
                 env=self.env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -194,7 +195,7 @@ class Ours(System):
         return seed_store(self.db, users)
 
     def command(self) -> list[str]:
-        return [sys.executable, "run.py", "--port", str(self.port), "--db", self.db]
+        return [sys.executable, str(self.root / "run.py"), "--port", str(self.port), "--db", self.db]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
