@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from chatserver.broadcaster import Broadcaster
+from chatserver.receipts import Receipts
 from chatserver.store import Store
 from chatserver.throttle import Throttle
 
@@ -110,6 +111,10 @@ class Metrics:
         """Export the throttle's refusals as `chatserver_throttled_total{what}`."""
         self.registry.register(_ThrottleCollector(throttle))
 
+    def observe_receipts(self, receipts: Receipts) -> None:
+        """Export the receipts' counts (`chatserver_receipts_logged_total` and the rest)."""
+        self.registry.register(_ReceiptsCollector(receipts))
+
 
 class _BroadcasterCollector(Collector):
     """Reads the broadcaster's counters and sizes at scrape time: the domain counts once, in one place."""
@@ -144,6 +149,27 @@ class _StoreCollector(Collector):
         )
         yield CounterMetricFamily(
             "chatserver_store_writes", "Writes the store's writer ran in those transactions", value=self._store.writes
+        )
+
+
+class _ReceiptsCollector(Collector):
+    """Reads what chatserver.receipts counts at scrape time."""
+
+    def __init__(self, receipts: Receipts) -> None:
+        self._receipts = receipts
+
+    def collect(self) -> Iterator[Metric]:
+        r = self._receipts
+        yield CounterMetricFamily(
+            "chatserver_receipts_logged", "dialog:receipt events this process wrote to the log", value=r.logged
+        )
+        yield GaugeMetricFamily(
+            "chatserver_receipts_pending", "Acknowledgements and read marks waiting for the next write of receipts",
+            value=r.pending,
+        )
+        yield CounterMetricFamily(
+            "chatserver_receipts_dropped", "Acknowledgements dropped while too many users waited for a write",
+            value=r.dropped,
         )
 
 

@@ -192,6 +192,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         # The ready frame and the replay are queued, counted against the bound (never the fast path).
         outbox.push(websocket_frame(jsonutil.dumps_bytes(ready)), direct=False)
         if self._cursor is not None:
+            self.service.acknowledged(self.user_id, self._cursor)  # a resume acknowledges its cursor
             # Pages from the store, each sent before the next is read; then memory's replay and the subscription
             # in one step of the loop: no event can fall between them or come twice.
             async for replay, last in self.service.replay_pages(self.user_id, self._cursor):
@@ -299,6 +300,12 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
             if kind == "ping":
                 self._reply({"type": "pong"})
                 return
+            if kind == "ack":
+                cursor = frame.get("cursor")
+                if not isinstance(cursor, str):
+                    raise BadRequest("'cursor' must be a string", field="cursor")
+                await self.service.acknowledge(self.user_id, cursor)  # answered only when refused
+                return
             if kind not in ("dialog:join", "dialog:leave", "typing:start", "typing:stop"):
                 raise BadRequest(f"unknown frame type {kind!r}")
             dialog_id = frame.get("dialogId")
@@ -378,6 +385,7 @@ class PollHandler(ApiHandler):
             return
         limit = self.ctx.config.poll_max_events
         replay = await self.service.replay(self.user_id, cursor, limit)
+        self.service.acknowledged(self.user_id, cursor)  # the poll's cursor is its acknowledgement
         if not replay.events and timeout > 0 and not self.ctx.shutting_down:
             await self._park(timeout)
             if self._gone:
@@ -479,6 +487,7 @@ class EventStreamHandler(ApiHandler):
         self.joined = frozenset(names)
         if cursor is not None:
             await self.service.check_cursor(cursor)
+            self.service.acknowledged(self.user_id, cursor)  # a resume acknowledges its cursor
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")
         self._done = asyncio.get_running_loop().create_future()
