@@ -67,8 +67,9 @@ POSTGRES_ADMIN = os.environ.get("CHATSERVER_TEST_POSTGRES", "postgresql://postgr
 TRANSPORTS = ("ws", "sse", "poll")
 CHAOS_KINDS = ("sigterm", "kill", "broker")
 # A client's receive buffer: small, so that a client that stops reading fills it (and the server's bound) soon.
-CLIENT_RCVBUF = 4096
-READER_LIMIT = 4096
+CLIENT_RCVBUF = 1024
+READER_LIMIT = 1024
+CLIENT_SEGMENT = 1400
 CONNECT_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 15.0
 POLL_TIMEOUT = 5  # seconds a poll parks on the server
@@ -92,6 +93,9 @@ async def connect(port: int, *, small: bool = False) -> tuple[asyncio.StreamRead
     sock.setblocking(False)
     if small:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
+        # Loopback's segments are 64 kB, and the server's send buffer is sized from them (about a megabyte,
+        # which would hold minutes of a stalled client's events): a small segment makes it an ordinary one.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, CLIENT_SEGMENT)
     try:
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), CONNECT_TIMEOUT)
         return await asyncio.open_connection(sock=sock, limit=READER_LIMIT if small else 2**16)
@@ -941,6 +945,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def interruptible(work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """`work`, cancelled by SIGTERM or SIGINT: its cleanup (the server, the broker's names, the database) runs."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    return await task
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -965,16 +978,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-broker-restart", action="store_true", help="restart only the server")
     parser.add_argument("--session-max", type=float, default=6.0, help="longest client session, seconds")
     parser.add_argument("--stall-share", type=float, default=0.3, help="share of sessions that stall reading")
-    parser.add_argument("--stall-max", type=float, default=4.0, help="longest stall, seconds")
-    parser.add_argument("--client-buffer-limit", type=int, default=256 * 1024,
+    parser.add_argument("--stall-max", type=float, default=6.0, help="longest stall, seconds")
+    # Small, so that a client that stalls for a few seconds is cut off as slow, and resumes far behind.
+    parser.add_argument("--client-buffer-limit", type=int, default=4096,
                         help="the server's client_buffer_limit (bytes)")
-    parser.add_argument("--words", type=int, default=30, help="most words in one message")
+    parser.add_argument("--words", type=int, default=60, help="most words in one message")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = asyncio.run(run(args))
+    report = asyncio.run(interruptible(run(args)))
     width = max(len(name) for name in report["counts"]) if report["counts"] else 0
     print(f"{report['command']}: {report['seconds']} s, store {report['store']}")
     for name, value in report["counts"].items():
