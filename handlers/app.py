@@ -55,6 +55,7 @@ async def build_context(config: Config, *, store: Store | None = None) -> AppCon
     metrics = Metrics()
     metrics.observe_broadcaster(broadcaster)
     metrics.observe_throttle(throttle)
+    metrics.observe_store(store)
     metrics.observe_receipts(service.receipts)
     ctx = AppContext(service=service, broadcaster=broadcaster, config=config, metrics=metrics, peers=peers)
     ctx.readiness["log"] = lambda: feed.problem

@@ -686,12 +686,13 @@ async def test_writes_waiting_behind_a_commit_share_the_next_one_and_keep_their_
         await post(store, msg)
         timeline.append(msg.message_id)
 
-    top, before = await head(store), commits(store)
+    top, before, writes = await head(store), commits(store), store.writes
     async with writer_held(store):
         tasks = [asyncio.ensure_future(send(m)) for m in sent]
     await asyncio.gather(*tasks)
 
     assert commits(store) == before + 2  # the held write's, then one for the twenty
+    assert store.writes == writes + 21
     # The group's events are handed on first, in position order, then the writers resume in the order stored.
     assert timeline == [list(range(top + 1, top + 21)), *(m.message_id for m in sent)]
     assert await store.read(queries.list_messages, talk.dialog_id, limit=50) == sent
