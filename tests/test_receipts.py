@@ -237,3 +237,21 @@ async def test_receipts_are_kept_and_replayed_by_a_server_started_afresh(
         assert jsonutil.loads(replay.events[-1].payload) == live
     finally:
         await close_context(again)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_acknowledgement_on_another_process_reaches_this_ones_connections(
+    alice: Client, bob: Client, dialog_id: str, config: Config
+) -> None:
+    """Another server on the same database (a process of its own, as the store sees it) takes Bob's
+    acknowledgement; its receipt reaches Alice's WebSocket here through the log."""
+    alice_ws = await alice.websocket()
+    sent = await alice.post_message(dialog_id, "hello")
+    cursor = (await alice_ws.next_of("message:new"))["cursor"]
+    other = await build_context(config)
+    try:
+        assert await other.service.acknowledge(bob.user_id, cursor)
+        got = await alice_ws.next_of(RECEIPT)
+        assert got["data"]["receipts"] == [receipt(bob.user_id, sent["messageId"], None)]
+    finally:
+        await close_context(other)
