@@ -3,7 +3,8 @@ WebSocket `ack` frame, `POST /api/ack`, the next long-poll on either poll path, 
 the member's delivered position, a read moves the read position, each move reaches every member as a
 `dialog:receipt` of the log, coalesced to at most one a second, and `GET /api/dialogs/{id}` tells where every
 other member stands. Non-members move nothing; a server started afresh on the same database (a restart, another
-process) holds the same receipts and replays their events."""
+process) holds the same receipts and replays their events. Last, the domain on a store of its own: positions never
+move back, what waits for a write is bounded, and a write that fails keeps it."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from typing import Any
 
 import pytest
 
-from chatserver import jsonutil
+from chatserver import jsonutil, queries
 from chatserver.config import Config
+from chatserver.receipts import Receipts
 from handlers.app import build_context, close_context
 from handlers.base import AppContext
+from tests import storekit
 from tests.conftest import RECEIPT, Client, Socket
 from tests.test_realtime import SseReader, eventually
 from tests.test_rest import assert_error, assert_ok
@@ -255,3 +258,39 @@ async def test_an_acknowledgement_on_another_process_reaches_this_ones_connectio
         assert got["data"]["receipts"] == [receipt(bob.user_id, sent["messageId"], None)]
     finally:
         await close_context(other)
+
+
+# -- the domain, on a store of its own ---------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_positions_never_move_back_waiting_acknowledgements_are_bounded_and_a_failed_write_keeps_them(
+    database: str,
+) -> None:
+    async with storekit.started(database) as store:
+        ann, ben, cid = [await storekit.user(store, phone) for phone in ("701", "702", "703")]
+        talk = await storekit.dialog(store, ann, ben, cid)
+        first = await storekit.post(store, storekit.message(talk.dialog_id, ann, "one"))
+        early = await storekit.head(store)
+        second = await storekit.post(store, storekit.message(talk.dialog_id, ann, "two"))
+        late = await storekit.head(store)
+        logged = await store.write(queries.record_receipts, {ben.user_id: late}, [])
+        assert [jsonutil.loads(e.data)["receipts"] for e in logged] == [
+            [receipt(ben.user_id, second.message_id, None)]]
+        # An older position, acknowledged afterwards (another tab, another process), moves nothing and logs nothing.
+        assert await store.write(queries.record_receipts, {ben.user_id: early}, []) == []
+        view = await store.read(queries.dialog_detail, talk.dialog_id, ann.user_id)
+        assert view is not None and [r.to_json() for r in view.receipts or ()] == [
+            receipt(ben.user_id, second.message_id, None), receipt(cid.user_id, None, None)]
+        assert first.message_id != second.message_id
+
+        await store.close()  # from here every write fails (the database is away)
+        receipts = Receipts(store, max_pending=2)
+        for user in (ben, cid, ann):
+            receipts.acknowledge(user.user_id, late)
+        assert (receipts.pending, receipts.dropped) == (2, 1)
+        receipts.acknowledge(ben.user_id, late)  # the same again: it waits once
+        assert receipts.pending == 2
+        assert await receipts.flush() == 0  # not written: what waited is kept for the next try
+        assert (receipts.pending, receipts.logged) == (2, 0)
+        await receipts.stop()
