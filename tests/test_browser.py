@@ -11,6 +11,7 @@ import itertools
 import json
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -515,6 +516,7 @@ def test_a_page_acknowledges_at_most_once_a_second_while_messages_arrive(
     expect(bob.connection()).to_have_attribute("data-state", "websocket", timeout=5000)
     alice = server.login(ALICE_PHONE)
     dialog_id = demo_dialog(server, alice["token"])
+    started = time.monotonic()
     sent = []
     for n in range(24):  # eight a second for three seconds
         sent.append(server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": unique(f"burst {n}")},
@@ -529,7 +531,7 @@ def test_a_page_acknowledges_at_most_once_a_second_while_messages_arrive(
     acks = bob.page.evaluate("window.__acks")
     assert {ack["via"] for ack in acks} == {"websocket"}, acks
     # Acknowledged while the messages came (not once at the end), never two within a second (timer granularity).
-    assert 3 <= len(acks) <= 5, acks
+    assert 3 <= len(acks) <= time.monotonic() - started + 2, acks  # one a second, and one more after
     assert min(ack_gaps(bob.page)) >= 995, acks
 
 
