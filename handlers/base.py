@@ -27,6 +27,7 @@ from chatserver.errors import ChatError, TooLarge, TooManyRequests, Unauthorized
 from chatserver.metrics import Metrics
 from chatserver.service import ChatService
 from handlers.outbox import TurnBatcher
+from transport import compat
 
 log = logging.getLogger("chatserver.http")
 access_log = logging.getLogger("chatserver.access")
@@ -296,7 +297,7 @@ class ApiHandler(JsonHandler):
             self.user_id = await self.authenticate()
 
     def data_received(self, chunk: bytes) -> None:
-        if self._finished:
+        if compat.handler_finished(self):
             return
         limit = self.ctx.config.max_body_size
         if len(self._body) + len(chunk) > limit:

@@ -29,6 +29,7 @@ from chatserver.errors import ChatError
 from handlers import http1
 from handlers.base import AppContext, log_access
 from handlers.realtime import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, poll_body
+from transport import compat
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         """The poll, if it is one this path answers exactly as PollHandler would; else None (no side effect)."""
         # HTTPHeaders' own map (normalized name -> values): a repeated Authorization or Host is left to
         # PollHandler, which refuses it as it always did (joined, neither is a valid token or host).
-        fields: dict[str, list[str]] = headers._as_list  # type: ignore[attr-defined]
+        fields = compat.header_fields(headers)
         length = fields.get("Content-Length")
         if (length is not None and length != ["0"]) or "Transfer-Encoding" in fields or "If-None-Match" in fields:
             return None
