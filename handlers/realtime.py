@@ -22,19 +22,17 @@ from chatserver import jsonutil
 from chatserver.broadcaster import EventRecord, Replay
 from chatserver.errors import BadRequest, ChatError, Forbidden
 from chatserver.models import check_id
-from handlers import wsframes
 from handlers.base import ApiHandler, AppContext, JsonErrors
-from handlers.outbox import Outbox
-from handlers.pings import HeartbeatSweep, PingSweep
-from transport import compat
+from transport import compat, wsframes
+from transport.outbox import Outbox
+from transport.pings import HeartbeatSweep, PingSweep
+from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, poll_body
 
 log = logging.getLogger(__name__)
 
 SLOW_CLIENT_CLOSE = 4008
 WEBSOCKET_VERSION = "13"
 _NONE_JOINED: frozenset[str] = frozenset()
-POLL_DEFAULT_TIMEOUT = 25.0
-POLL_MAX_TIMEOUT = 60.0
 
 
 async def _authenticate_stream(handler: ApiHandler | EventSocket) -> str:
@@ -75,15 +73,6 @@ def event_frame(record: EventRecord) -> bytes:
     if frame is None:
         frame = record.frame = websocket_frame(record.payload)
     return frame
-
-
-def poll_body(events: list[EventRecord], cursor: str, more: bool) -> bytes:
-    """A poll's answer. The events are spliced in as the bytes they were encoded to once: no re-encoding. The
-    cursor is one this server issued (letters, digits, a dot): nothing in it to escape."""
-    tail = b',"more":true' if more else b""
-    events_json = b",".join(record.payload for record in events)
-    return b"".join((b'{"success":true,"data":{"events":[', events_json, b'],"cursor":"', cursor.encode(),
-                     b'"', tail, b"}}"))
 
 
 def _count_resets(ctx: AppContext, replay: Replay) -> None:
@@ -144,7 +133,7 @@ class EventSocket(JsonErrors, compat.LeanDetach):
         raise Forbidden("a WebSocket from this origin is not allowed here (see trusted_origins)")
 
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
-        """Tornado's protocol, reading the client's frames with handlers/wsframes.py's RFC 6455 checks."""
+        """Tornado's protocol, reading the client's frames with transport/wsframes.py's RFC 6455 checks."""
         return wsframes.strict(super().get_websocket_protocol())
 
     def _release_handshake(self) -> None:
@@ -191,7 +180,7 @@ class EventSocket(JsonErrors, compat.LeanDetach):
         self.ctx.metrics.connections.labels(self.transport).inc()
         self._pings.add(self)
 
-    # -- keep-alive: one server-wide sweep (handlers/pings.py) instead of Tornado's task per connection ------
+    # -- keep-alive: one server-wide sweep (transport/pings.py) instead of Tornado's task per connection ------
 
     def send_ping(self) -> bool:
         try:
@@ -465,7 +454,7 @@ class EventStreamHandler(ApiHandler):
                     await self._outbox.drained()
                 if self._outbox.closed or self._gone:
                     self._outbox.close()
-                    if not self._finished and not self._gone:
+                    if not compat.handler_finished(self) and not self._gone:
                         self.finish()
                     return
         broadcaster.subscribe(self)
@@ -480,7 +469,7 @@ class EventStreamHandler(ApiHandler):
             self._outbox.close()
             self.ctx.connections.discard(self)
             self.ctx.metrics.connections.labels(self.transport).dec()
-        if not self._finished and not self._gone:
+        if not compat.handler_finished(self) and not self._gone:
             self.finish()
 
     @staticmethod

@@ -80,7 +80,16 @@ class _Finishing(tornado.web.RequestHandler):
         compat.drop_response_headers(self)
         self.set_header("X-Seen", str(before))
         self.finish("done")
+        self.application.settings["after"].append(compat.status_reason(self))
         self.application.settings["after"].append(compat.handler_finished(self))
+
+
+class _Reason(tornado.web.RequestHandler):
+    def get(self) -> None:
+        raise tornado.web.HTTPError(418, reason="I'm a Teapot")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.finish(compat.status_reason(self))
 
 
 class _Plain(tornado.websocket.WebSocketHandler):
@@ -144,7 +153,7 @@ class _OwnFrames(_Frames):
 @pytest.fixture
 def served(io_loop: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     settings: dict[str, Any] = {"after": [], "detached": [], "lean": [], "frames": [], "messages": []}
-    app = tornado.web.Application([("/finish", _Finishing), ("/plain", _Plain), ("/lean", _Lean),
+    app = tornado.web.Application([("/finish", _Finishing), ("/reason", _Reason), ("/plain", _Plain), ("/lean", _Lean),
                                    ("/frames", _Frames), ("/own", _OwnFrames)], **settings)
     sock, port = tornado.testing.bind_unused_port()
     server = tornado.httpserver.HTTPServer(app)
@@ -168,7 +177,12 @@ async def test_handler_finished_and_dropped_response_headers(served: tuple[str, 
     response = await tornado.httpclient.AsyncHTTPClient().fetch(f"http://{address}/finish")
     assert response.body == b"done"
     assert response.headers["X-Seen"] == "False" and "X-Kept" not in response.headers
-    assert settings["after"] == [True]
+    assert settings["after"] == ["OK", True]
+
+    settings["after"].clear()
+    response = await tornado.httpclient.AsyncHTTPClient().fetch(f"http://{address}/reason", raise_error=False)
+    assert response.code == 418 and response.body == b"I'm a Teapot"
+
 
 
 @pytest.mark.gen_test

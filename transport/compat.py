@@ -13,8 +13,9 @@ What is used, and why:
   already read; IOStream has no public way to put bytes back.
 - `WebSocketHandler._detach_stream`: Tornado's version sets seven attributes on each upgraded handler (1.5 kB a
   socket); `LeanDetach` refuses the same methods from the class instead.
-- `RequestHandler._finished` and `_headers`: whether an answer is finished (a streamed body's chunks after a
-  refusal are dropped), and the response headers an upgraded WebSocket no longer needs.
+- `RequestHandler._finished`, `_reason` and `_headers`: whether an answer is finished (a streamed body's chunks
+  after a refusal are dropped), the reason phrase an error's JSON body carries, and the response headers an
+  upgraded WebSocket no longer needs.
 - `WebSocketProtocol13._receive_frame`, `_read_bytes`, `_handle_message`, `_decompressor` and the fragmented
   message's state: `FrameReader` exposes them under public names to transport/wsframes.py's RFC 6455 reader.
 """
@@ -67,6 +68,12 @@ def unread(stream: tornado.iostream.IOStream, data: bytes) -> None:
 def handler_finished(handler: tornado.web.RequestHandler) -> bool:
     """Whether the handler's answer is finished (RequestHandler keeps no public flag)."""
     return bool(handler._finished)
+
+
+def status_reason(handler: tornado.web.RequestHandler) -> str:
+    """The reason phrase of the handler's status: what `send_error` set before `write_error` is called."""
+    reason: str = handler._reason
+    return reason
 
 
 def drop_response_headers(handler: tornado.web.RequestHandler) -> None:

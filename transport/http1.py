@@ -1,7 +1,7 @@
 """The server's own HTTP/1.1 connections: the listener, and every plain request-response exchange on it.
 
 A connection here is an asyncio Protocol: bytes arrive in `data_received`, a request's head is parsed with
-Tornado's own parsers, the request goes to the application (or to handlers/fastpoll.py's lean poll) through
+Tornado's own parsers, the request goes to the application (or to transport/fastpoll.py's lean poll) through
 Tornado's `HTTPMessageDelegate` interface, and its answer leaves in one `transport.write`. Tornado's
 `HTTP1Connection` does the same with a coroutine, a `Future` per read and per write and IOStream's buffers
 per request; for a long-poll, answered once per event and asked again at once, that was most of its cost.
@@ -48,7 +48,8 @@ import tornado.ioloop
 import tornado.iostream
 import tornado.netutil
 
-from handlers.base import error_body, redact
+from chatserver.jsonutil import error_body
+from chatserver.redaction import redact
 from transport import compat
 
 log = logging.getLogger("chatserver.http")
@@ -1152,7 +1153,7 @@ class Exchange(tornado.httputil.HTTPConnection):
     # -- ours ------------------------------------------------------------------------------------------
 
     def write_answer(self, data: bytes) -> None:
-        """A complete answer (head and a Content-Length body) written at once, for handlers/fastpoll.py."""
+        """A complete answer (head and a Content-Length body) written at once, for transport/fastpoll.py."""
         if self.disconnect_on_finish or self.start_line.version != "HTTP/1.1":
             raise ValueError("write_answer is for kept-alive HTTP/1.1 requests only")  # callers check first
         conn = self.conn
