@@ -35,6 +35,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
         (rf"/api/dialogs/{dialog}", rest.DialogHandler, c),
         (rf"/api/dialogs/{dialog}/typing", rest.TypingHandler, c),
         (rf"/api/dialogs/{dialog}/read", rest.ReadHandler, c),
+        (r"/api/ack", rest.AckHandler, c),
         (rf"/api/messages/dialog/{dialog}", rest.DialogMessagesHandler, c),
         (r"/api/messages/([^/]+)", rest.MessageHandler, c),
         (r"/api/poll", realtime.PollHandler, c),
