@@ -1,10 +1,11 @@
 """Shared fixtures: a real server on a real port over a real store, and small clients for it.
 
-`app` builds the server exactly as run.py does (handlers.app), with a fresh state folder per test, on each store
-(`store_kind`): a real SQLite file, and a real PostgreSQL database made for the test and dropped after it (on
-127.0.0.1:5432 as user postgres, or `CHATSERVER_TEST_POSTGRES`). A module whose tests do not touch the store or
-the real-time path overrides `store_kind` with SQLite alone. The `http_server` fixture of pytest-tornado is
-replaced so that the listener carries the same limits as production (`make_http_server`). Helpers here wait
+`app` builds the server exactly as run.py does (run.build_context, handlers.app.make_app), with a fresh state
+folder per test, on each store (`store_kind`): a real SQLite file, and a real PostgreSQL database made for the
+test and dropped after it (on 127.0.0.1:5432 as user postgres, or `CHATSERVER_TEST_POSTGRES`). A module whose
+tests do not touch the store or the real-time path overrides `store_kind` with SQLite alone. The `http_server`
+fixture of pytest-tornado is replaced so that the listener carries the same limits as production
+(`make_http_server`). Helpers here wait
 with bounds: a lost event fails a test, never hangs it.
 """
 
@@ -28,8 +29,9 @@ from chatserver import jsonutil
 from chatserver.admin import DEMO_PASSWORD, add_dialog, add_user, ensure_demo
 from chatserver.config import Config, load_config
 from chatserver.store import open_store
-from handlers.app import build_context, close_context, make_app, make_http_server
+from handlers.app import make_app
 from handlers.base import AppContext
+from run import build_context, close_context, make_http_server
 from tests import pg
 from tests.process import ThreadedServer
 
