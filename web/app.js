@@ -267,7 +267,10 @@ async function reload() {
       try {
         syncDialogs(await client.listDialogs());
         if (openId && !dialogs.has(openId)) closeDialog();
-        else if (openId) await refreshOpenDialog();
+        else if (openId) {
+          loadReceipts(openId); // receipts of a stretch the stream lost are in the snapshot
+          await refreshOpenDialog();
+        }
       } catch (error) {
         if (!(error instanceof ApiError) || error.status !== 401) console.warn("chat: reload failed", error);
       }
@@ -469,7 +472,6 @@ async function refreshOpenDialog() {
   if (stick) scrollToBottom();
   needsRead = true;
   scheduleRead();
-  loadReceipts(dialogId); // receipts that came while the stream was lost are in the snapshot
 }
 
 function createMessageNode(message) {
