@@ -208,6 +208,16 @@ async def test_two_workers_serve_rest_websocket_sse_and_long_poll_with_events_cr
                 got += [e["data"]["messageId"] for e in body["data"]["events"]]
             assert got == expected
 
+        # Typing, which is not in the log, crosses workers too (through the supervisor, with no broker).
+        for ws, _ in sockets:
+            ws.send({"type": "dialog:join", "dialogId": dialog_id})
+            await ws.next_of("dialog:joined")
+        status, _ = await alice.call("POST", f"/api/dialogs/{dialog_id}/typing", {"typing": True})
+        assert status == 204
+        for ws, _ in sockets:
+            typing = await ws.next_of("typing:start")
+            assert typing["data"] == {"dialogId": dialog_id, "userId": alice.user_id}
+
         # REST reads are the same on either worker; /metrics names both workers whichever answers.
         status, page = await bob.call("GET", f"/api/messages/dialog/{dialog_id}")
         assert status == 200 and [m["messageId"] for m in page["data"]][-len(expected):] == expected
