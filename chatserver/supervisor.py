@@ -107,6 +107,7 @@ class Worker:
     failures: int = 0
     restart: asyncio.TimerHandle | None = None
     restart_at: float = 0.0
+    delay: float = 0.0
     last_exit: str = ""
     watcher: asyncio.Task[None] | None = None
 
@@ -122,6 +123,11 @@ class StopRequest:
 
     async def wait(self) -> None:
         raise NotImplementedError
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before a worker that failed `failures` times in a row is started again."""
+    return min(RESTART_CAP, RESTART_FIRST * 2 ** min(failures - 1, 32))
 
 
 def describe_exit(code: int) -> str:
@@ -244,7 +250,7 @@ class Supervisor:
         served = loop.time() - worker.ready_at if worker.ready_at else 0.0
         worker.failures = 1 if served >= STABLE_AFTER else worker.failures + 1
         worker.ready_at = 0.0
-        delay = min(RESTART_CAP, RESTART_FIRST * 2 ** (worker.failures - 1))
+        delay = worker.delay = restart_delay(worker.failures)
         worker.last_exit = why
         worker.restart_at = loop.time() + delay
         worker.restart = loop.call_later(delay, self._spawn, worker)

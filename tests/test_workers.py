@@ -25,7 +25,8 @@ import pytest
 import tornado.httpclient
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatserver.supervisor import RESTART_FIRST, STOP_MARGIN
+from chatserver import systemd
+from chatserver.supervisor import RESTART_CAP, RESTART_FIRST, STOP_MARGIN, StopRequest, Supervisor, restart_delay
 from tests import pg
 from tests.conftest import Client, Socket, require_service
 from tests.process import ALICE_PHONE, BOB_PHONE, ROOT, ServerProcess, listening_socket
@@ -289,6 +290,43 @@ async def test_a_killed_worker_is_restarted_and_its_clients_resume_elsewhere_wit
         assert first["messageId"] not in expected
         bob.close()
     assert "Traceback" not in server.stderr
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_worker_that_keeps_failing_is_started_again_after_a_doubling_capped_backoff() -> None:
+    """The supervisor alone, with a worker command that fails at once (a real process each time)."""
+    listener = listening_socket()
+    stop = Stop()
+    supervisor = Supervisor(
+        count=1, command=lambda handoff: [sys.executable, "-c", "raise SystemExit(3)"], sockets=[listener],
+        notifier=systemd.Notifier(None), watchdog=None, grace=1.0, url="http://127.0.0.1:1", environ=dict(os.environ),
+    )
+    running = asyncio.ensure_future(supervisor.run(stop))
+    worker = supervisor.workers[0]
+    delays: list[float] = []
+    while len(delays) < 4:
+        await eventually(lambda: worker.failures > len(delays), 15)
+        delays.append(worker.delay)
+    assert delays == [RESTART_FIRST, 2 * RESTART_FIRST, 4 * RESTART_FIRST, 8 * RESTART_FIRST]
+    assert worker.last_exit == "exited with 3"
+    assert supervisor.status().startswith("serving http://127.0.0.1:1 with 1 workers: #1")
+    assert [restart_delay(n) for n in (5, 6, 100)] == [min(16 * RESTART_FIRST, RESTART_CAP), RESTART_CAP, RESTART_CAP]
+    stop.set("SIGTERM")
+    assert await asyncio.wait_for(running, 10) == 0  # nothing was running to stop
+    assert worker.restart is None  # no restart after the stop
+
+
+class Stop(StopRequest):
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.name = ""
+
+    def set(self, name: str) -> None:
+        self.name = name
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
 
 
 # -- stopping ------------------------------------------------------------------------------------------------
