@@ -289,48 +289,32 @@ async def generate_kill(gen: loadgen.Generator) -> dict[str, Any]:
 
     keepers = [gen.loop.create_task(keep(c)) for c in clients]
 
-    async def post(slot: int, idx: int) -> None:
-        """One event, posted until the server answers: a retry names the same clientMessageId, so an event
-        whose first POST was committed by the killed worker is not stored twice."""
-        body = json.dumps({"content": target.content(idx), "type": "text", "clientMessageId": f"k{idx}"}).encode()
-        headers = {"Authorization": f"Bearer {target.publisher_token}", "Content-Type": "application/json"}
+    path = f"/api/messages/dialog/{target.dialog}"
+    headers = {"Authorization": f"Bearer {target.publisher_token}", "Content-Type": "application/json"}
+    replacement: dict[Any, Any] = {}  # a publisher's connection cut off with its worker -> its new one
+
+    async def post(conn: Any, content: str) -> None:
+        """The generator's publish for this run: one event, posted until the server answers. A retry names the
+        same clientMessageId, so an event whose first POST the killed worker had committed is stored once."""
+        nonlocal published
+        idx = int(content[len(loadgen.MARKER) : len(loadgen.MARKER) + 8])
+        published = max(published, idx + 1)
+        body = json.dumps({"content": content, "type": "text", "clientMessageId": f"k{idx}"}).encode()
         for _ in range(50):
+            live = replacement.get(conn, conn)
             try:
-                answer = await asyncio.wait_for(
-                    pubs[slot].request("POST", f"/api/messages/dialog/{target.dialog}", headers, body), 10)
-                if answer.status < 300:
-                    return
-                gen.errors.append(f"post answered {answer.status}")
-                return
+                answer = await asyncio.wait_for(live.request("POST", path, headers, body), 10)
             except (ConnectionError, OSError, TimeoutError):
-                pubs[slot].close()
-                pubs[slot] = await gen.open_http()
+                live.close()
+                replacement[conn] = await gen.open_http()
+                continue
+            if answer.status >= 300:
+                gen.errors.append(f"post answered {answer.status}")
+            return
         gen.errors.append(f"event {idx} could not be posted")
 
-    async def publish() -> None:
-        nonlocal published
-        start = time.perf_counter()
-        slots: asyncio.Queue[int] = asyncio.Queue()
-        for slot in range(len(pubs)):
-            slots.put_nowait(slot)
-        tasks = []
-
-        async def one(idx: int) -> None:
-            slot = await slots.get()
-            try:
-                await post(slot, idx)
-            finally:
-                slots.put_nowait(slot)
-
-        for idx in range(events):
-            delay = start + idx / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            published = idx + 1
-            tasks.append(gen.loop.create_task(one(idx)))
-        await asyncio.gather(*tasks)
-
-    publisher = gen.loop.create_task(publish())
+    gen.publish = post  # type: ignore[method-assign]
+    publisher = gen.loop.create_task(gen.publish_paced(pubs, events, rate))
     await asyncio.sleep(spec["kill_after"])
     victim = spec["victim"]
     before_kill = published

@@ -31,6 +31,7 @@ from tests import pg
 from tests.conftest import Client, Socket, require_service
 from tests.process import ALICE_PHONE, BOB_PHONE, ROOT, ServerProcess, listening_socket
 from tests.test_chat3 import AMQP_URL, Broker, broker, message_event
+from tests.test_cluster import positions
 from tests.test_realtime import SseReader, eventually
 from tests.test_systemd import notification, notification_with, notify_socket
 
@@ -502,8 +503,8 @@ async def test_chat3_events_compete_across_workers_and_a_worker_killed_mid_event
         ids = [f["data"]["messageId"] for f in got]
         assert len(ids) == len(set(ids)), "an event was delivered twice"
         assert sorted(ids) == expected
-        positions = [int(f["cursor"].rsplit(".", 1)[1]) for f in got]
-        assert positions == sorted(positions)
+        numbers = positions(got)
+        assert numbers == sorted(numbers)
         await watcher.nothing_within(0.5)
         stored: list[str] = []
         while True:  # history pages, newest first
