@@ -126,6 +126,9 @@ class Config:
     login_window: float = attrs.field(default=900.0, validator=_positive)
     message_rate: float = attrs.field(default=3.0, validator=_non_negative)
     message_burst: int = attrs.field(default=20, validator=_positive)
+    # Stream tickets (POST /api/stream-ticket) per second per user past a burst: every stream opened costs one.
+    ticket_rate: float = attrs.field(default=1.0, validator=_non_negative)
+    ticket_burst: int = attrs.field(default=20, validator=_positive)
 
     @property
     def resolved_state_dir(self) -> Path:

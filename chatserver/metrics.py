@@ -24,6 +24,8 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from chatserver.broadcaster import Broadcaster
+from chatserver.receipts import Receipts
+from chatserver.store import Store
 from chatserver.throttle import Throttle
 
 
@@ -112,9 +114,17 @@ class Metrics:
         """Export the broadcaster's own counts (`chatserver_events_published_total` and the rest)."""
         self.registry.register(_BroadcasterCollector(broadcaster))
 
+    def observe_store(self, store: Store) -> None:
+        """Export the store writer's transactions and writes (`chatserver_store_commits_total`, `..._writes_total`)."""
+        self.registry.register(_StoreCollector(store))
+
     def observe_throttle(self, throttle: Throttle) -> None:
         """Export the throttle's refusals as `chatserver_throttled_total{what}`."""
         self.registry.register(_ThrottleCollector(throttle))
+
+    def observe_receipts(self, receipts: Receipts) -> None:
+        """Export the receipts' counts (`chatserver_receipts_logged_total` and the rest)."""
+        self.registry.register(_ReceiptsCollector(receipts))
 
 
 class _BroadcasterCollector(Collector):
@@ -135,6 +145,43 @@ class _BroadcasterCollector(Collector):
         )
         yield GaugeMetricFamily("chatserver_history_events", "Events held for resume", value=b.history_length)
         yield GaugeMetricFamily("chatserver_history_bytes", "Bytes of events held for resume", value=b.history_bytes)
+
+
+class _StoreCollector(Collector):
+    """Reads the store writer's counts at scrape time; writes per commit is the size of its groups."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "chatserver_store_commits", "Write transactions the store's writer began (each a group of writes)",
+            value=self._store.commits,
+        )
+        yield CounterMetricFamily(
+            "chatserver_store_writes", "Writes the store's writer ran in those transactions", value=self._store.writes
+        )
+
+
+class _ReceiptsCollector(Collector):
+    """Reads what chatserver.receipts counts at scrape time."""
+
+    def __init__(self, receipts: Receipts) -> None:
+        self._receipts = receipts
+
+    def collect(self) -> Iterator[Metric]:
+        r = self._receipts
+        yield CounterMetricFamily(
+            "chatserver_receipts_logged", "dialog:receipt events this process wrote to the log", value=r.logged
+        )
+        yield GaugeMetricFamily(
+            "chatserver_receipts_pending", "Acknowledgements and read marks waiting for the next write of receipts",
+            value=r.pending,
+        )
+        yield CounterMetricFamily(
+            "chatserver_receipts_dropped", "Acknowledgements dropped while too many users waited for a write",
+            value=r.dropped,
+        )
 
 
 class _ThrottleCollector(Collector):

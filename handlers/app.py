@@ -55,6 +55,8 @@ async def build_context(config: Config, *, store: Store | None = None) -> AppCon
     metrics = Metrics()
     metrics.observe_broadcaster(broadcaster)
     metrics.observe_throttle(throttle)
+    metrics.observe_store(store)
+    metrics.observe_receipts(service.receipts)
     ctx = AppContext(service=service, broadcaster=broadcaster, config=config, metrics=metrics, peers=peers)
     ctx.readiness["log"] = lambda: feed.problem
     metrics.requests_in_flight.set_function(lambda: len(ctx.requests))
@@ -62,7 +64,9 @@ async def build_context(config: Config, *, store: Store | None = None) -> AppCon
 
 
 async def close_context(ctx: AppContext) -> None:
-    """Stop following the log and close the store (after the server stopped taking work)."""
+    """Write the receipts that wait, stop following the log and close the store (after the server stopped taking
+    work)."""
+    await ctx.service.receipts.stop()
     await ctx.service.feed.stop()
     await ctx.service.store.close()
 
@@ -82,6 +86,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
         (rf"/api/dialogs/{dialog}", rest.DialogHandler, c),
         (rf"/api/dialogs/{dialog}/typing", rest.TypingHandler, c),
         (rf"/api/dialogs/{dialog}/read", rest.ReadHandler, c),
+        (r"/api/ack", rest.AckHandler, c),
         (rf"/api/messages/dialog/{dialog}", rest.DialogMessagesHandler, c),
         (r"/api/messages/([^/]+)", rest.MessageHandler, c),
         (r"/api/poll", realtime.PollHandler, c),

@@ -311,6 +311,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
                     return None  # older than memory holds, or ahead of it: PollHandler reads the store
         except ChatError:
             return None
+        ctx.service.acknowledged(user_id, cursor)  # the poll's cursor is its acknowledgement, as PollHandler's
         # HTTPServerRequest's remote_ip: the connection's (X-Real-Ip/X-Forwarded-For applied there when xheaders).
         remote_ip = getattr(getattr(request_conn, "context", None), "remote_ip", None)
         return cls(router, request_conn, start_line.path, remote_ip, user_id, cursor, timeout, replay)

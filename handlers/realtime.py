@@ -12,7 +12,7 @@ import base64
 import functools
 import logging
 import struct
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import tornado.httputil
@@ -36,6 +36,8 @@ WEBSOCKET_VERSION = "13"
 _NONE_JOINED: frozenset[str] = frozenset()
 POLL_DEFAULT_TIMEOUT = 25.0
 POLL_MAX_TIMEOUT = 60.0
+# Seconds a resuming stream may take nothing of its replay before it is cut off as slow (see replay_into).
+REPLAY_STALL = 20.0
 
 
 async def _authenticate_stream(handler: ApiHandler | EventSocket) -> str:
@@ -85,6 +87,42 @@ def poll_body(events: list[EventRecord], cursor: str, more: bool) -> bytes:
     events_json = b",".join(record.payload for record in events)
     return b"".join((b'{"success":true,"data":{"events":[', events_json, b'],"cursor":"', cursor.encode(),
                      b'"', tail, b"}}"))
+
+
+async def replay_into(
+    handler: ApiHandler | EventSocket,
+    outbox: Outbox,
+    cursor: str,
+    frame: Callable[[EventRecord], bytes],
+    count: Callable[[Replay], None],
+    gone: Callable[[], bool],
+) -> bool:
+    """A streaming transport's resume: the events after `cursor` into `outbox`, paced by what the client takes.
+
+    Returns True where the caller may subscribe at once: the last of memory's answer was queued with no await
+    after it, so no event can fall between the replay and the live ones, or come twice. Returns False when the
+    client was cut off or went away meanwhile (nothing to subscribe).
+
+    A replay is never queued past the outbox's bound: where a frame would take it past, the replay waits for the
+    client to take what is queued (at most REPLAY_STALL seconds, else it is cut off as slow). So a client that
+    comes back behind by more than its bound is served, as fast as it reads, instead of being cut off at once at
+    each try. Memory's last page goes in one step only when it fits; otherwise it is paced like the others and
+    the replay goes on from where it ended.
+    """
+    while True:
+        async for replay, last in handler.service.replay_pages(handler.user_id, cursor):
+            count(replay)
+            frames = [frame(record) for record in replay.events]
+            if last and sum(len(f) for f in frames) <= outbox.room:
+                for one in frames:
+                    outbox.push(one, direct=False)
+                return not outbox.closed and not gone()
+            for one in frames:
+                if not await outbox.push_paced(one, REPLAY_STALL) or gone():
+                    return False
+            cursor = replay.cursor
+            if last:
+                break
 
 
 def _count_resets(ctx: AppContext, replay: Replay) -> None:
@@ -192,17 +230,15 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         # The ready frame and the replay are queued, counted against the bound (never the fast path).
         outbox.push(websocket_frame(jsonutil.dumps_bytes(ready)), direct=False)
         if self._cursor is not None:
-            # Pages from the store, each sent before the next is read; then memory's replay and the subscription
-            # in one step of the loop: no event can fall between them or come twice.
-            async for replay, last in self.service.replay_pages(self.user_id, self._cursor):
+            self.service.acknowledged(self.user_id, self._cursor)  # a resume acknowledges its cursor
+
+            def count(replay: Replay) -> None:
                 _count_resets(self.ctx, replay)
-                for record in replay.events:
-                    outbox.push(event_frame(record), direct=False)
                 self._delivered.inc(len(replay.events))
-                if not last:
-                    await outbox.drained()
-                if outbox.closed or self.ws_connection is None:
-                    return  # cut off, or gone, while resuming: nothing to subscribe
+
+            if not await replay_into(self, outbox, self._cursor, event_frame, count,
+                                     lambda: self.ws_connection is None):
+                return  # cut off, or gone, while resuming: nothing to subscribe
         broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections.labels(self.transport).inc()
@@ -299,6 +335,12 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
             if kind == "ping":
                 self._reply({"type": "pong"})
                 return
+            if kind == "ack":
+                cursor = frame.get("cursor")
+                if not isinstance(cursor, str):
+                    raise BadRequest("'cursor' must be a string", field="cursor")
+                await self.service.acknowledge(self.user_id, cursor)  # answered only when refused
+                return
             if kind not in ("dialog:join", "dialog:leave", "typing:start", "typing:stop"):
                 raise BadRequest(f"unknown frame type {kind!r}")
             dialog_id = frame.get("dialogId")
@@ -378,6 +420,7 @@ class PollHandler(ApiHandler):
             return
         limit = self.ctx.config.poll_max_events
         replay = await self.service.replay(self.user_id, cursor, limit)
+        self.service.acknowledged(self.user_id, cursor)  # the poll's cursor is its acknowledgement
         if not replay.events and timeout > 0 and not self.ctx.shutting_down:
             await self._park(timeout)
             if self._gone:
@@ -479,6 +522,7 @@ class EventStreamHandler(ApiHandler):
         self.joined = frozenset(names)
         if cursor is not None:
             await self.service.check_cursor(cursor)
+            self.service.acknowledged(self.user_id, cursor)  # a resume acknowledges its cursor
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")
         self._done = asyncio.get_running_loop().create_future()
@@ -486,18 +530,15 @@ class EventStreamHandler(ApiHandler):
         ready = {"type": "ready", "data": {"userId": self.user_id, "cursor": cursor or broadcaster.cursor()}}
         self._outbox.push(b"retry: 1000\n" + self._frame(jsonutil.dumps_bytes(ready), cursor or broadcaster.cursor()))
         if cursor is not None:
-            # As the WebSocket's: pages from the store, then memory's replay and the subscription in one step.
-            async for replay, last in self.service.replay_pages(self.user_id, cursor):
+            def count(replay: Replay) -> None:
                 _count_resets(self.ctx, replay)
-                for record in replay.events:
-                    self.deliver(record)
-                if not last:
-                    await self._outbox.drained()
-                if self._outbox.closed or self._gone:
-                    self._outbox.close()
-                    if not self._finished and not self._gone:
-                        self.finish()
-                    return
+                self.ctx.metrics.events_delivered.labels(self.transport).inc(len(replay.events))
+
+            if not await replay_into(self, self._outbox, cursor, self._event_frame, count, lambda: self._gone):
+                self._outbox.close()
+                if not self._finished and not self._gone:
+                    self.finish()
+                return
         broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections.labels(self.transport).inc()
@@ -518,11 +559,14 @@ class EventStreamHandler(ApiHandler):
         head = b"id: " + cursor.encode() + b"\n" if cursor else b""
         return head + b"data: " + payload + b"\n\n"
 
+    def _event_frame(self, record: EventRecord) -> bytes:
+        cursor = None if record.ephemeral else self.ctx.broadcaster.cursor(record.position)
+        return self._frame(record.payload, cursor)
+
     def deliver(self, record: EventRecord) -> None:
         if self._outbox is None:
             return
-        cursor = None if record.ephemeral else self.ctx.broadcaster.cursor(record.position)
-        self._outbox.push(self._frame(record.payload, cursor))
+        self._outbox.push(self._event_frame(record))
         self._count_delivery()  # events only: the ready event and heartbeat comments are not counted
 
     def wants_typing(self, dialog_id: str) -> bool:

@@ -111,6 +111,18 @@ async def test_an_upgrade_refused_while_shutting_down_is_a_json_503_without_a_tr
 
 
 @pytest.mark.gen_test
+async def test_metrics_count_the_store_writers_transactions_and_writes(alice: Client, dialog_id: str) -> None:
+    before = await scrape(alice)
+    for n in range(3):  # one after another: each write finds the writer idle and commits alone
+        await alice.post_message(dialog_id, f"m{n}")
+    after = await scrape(alice)
+
+    assert after("chatserver_store_writes_total") - before("chatserver_store_writes_total") == 3
+    assert after("chatserver_store_commits_total") - before("chatserver_store_commits_total") == 3
+    assert before("chatserver_store_writes_total") >= 4  # the seed: three users and a dialog
+
+
+@pytest.mark.gen_test
 async def test_metrics_count_connections_polls_events_resets_and_slow_clients(
     alice: Client, bob: Client, dialog_id: str
 ) -> None:
