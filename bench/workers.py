@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
-from systems import SECRET, Nchan, SocketIOAiohttp, System, raise_nofile
+from systems import Nchan, Ours, SocketIOAiohttp, System, raise_nofile
 
 from run import run_one
 
@@ -67,73 +67,22 @@ FANOUT: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 # -- the systems ----------------------------------------------------------------------------------------
 
 
-def seed(db: Path, users: int) -> dict[str, Any]:
-    """`users` users and a publisher in one dialog of all of them, written through the store's own write path."""
-    from chatserver import queries
-    from chatserver.auth import DUMMY_HASH
-    from chatserver.models import Dialog, new_id, now_iso
-    from chatserver.store import open_store
-
-    async def insert_users(tx: Any, rows: list[tuple[str, ...]]) -> None:
-        for row in rows:
-            await tx.execute(
-                "INSERT INTO users (user_id, phone, name, password_hash, created_at) VALUES (?, ?, ?, ?, ?)", *row
-            )
-
-    async def fill() -> dict[str, Any]:
-        store = open_store(str(db))
-        await store.start()
-        try:
-            user_ids = [new_id("usr") for _ in range(users)]
-            publisher = new_id("usr")
-            stamp = now_iso()
-            people = [*user_ids, publisher]
-            await store.write(insert_users, [(u, f"7{n:010d}", f"bench {n}", DUMMY_HASH, stamp)
-                                             for n, u in enumerate(people)])
-            dialog = Dialog(new_id("dlg"), "bench", (publisher, *user_ids), stamp, stamp)
-            await store.write(queries.save_dialog, dialog)
-        finally:
-            await store.close()
-        return {"users": user_ids, "publisher": publisher, "dialog": dialog.dialog_id, "secret": SECRET}
-
-    return asyncio.run(fill())
-
-
-class OursWorkers(System):
+class OursWorkers(Ours):
     """`python run.py --workers N` on a SQLite file of its own; ready once /metrics names every worker."""
-
-    kind = "ours"
 
     def __init__(self, workers: int, **env: str) -> None:
         self.name = f"ours-w{workers}"
         super().__init__()
         self.workers = workers
-        self.state = self.tmp / "state"
-        self.db = self.state / "bench.db"
         self.extra_env = env
         self.spread: dict[str, float] = {}
 
-    def prepare(self, users: int) -> dict[str, Any]:
-        self.state.mkdir(parents=True, exist_ok=True)
-        return seed(self.db, users)
-
     def command(self) -> list[str]:
-        return [sys.executable, "run.py", "--port", str(self.port), "--db", str(self.db),
-                "--workers", str(self.workers)]
+        return [*super().command(), "--workers", str(self.workers)]
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSERVER_")}
-        env.update(
-            CHATSERVER_STATE_DIR=str(self.state),
-            CHATSERVER_SECRET=SECRET,
-            CHATSERVER_LOG_LEVEL="warning",  # as bench/systems.py: no access line per poll
-            CHATSERVER_HISTORY_SIZE="50000",
-            CHATSERVER_SHUTDOWN_GRACE="3",
-            CHATSERVER_MESSAGE_RATE="0",
-            CHATSERVER_MAX_CONNECTIONS="19950",
-            **self.extra_env,
-        )
-        return env
+        # Room for 2 x 9,900 clients under this machine's 20,000 open files (the hold part).
+        return {**super().env(), "CHATSERVER_MAX_CONNECTIONS": "19950", **self.extra_env}
 
     def start(self) -> None:
         super().start()
