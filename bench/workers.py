@@ -146,9 +146,10 @@ def fanout_systems() -> list[System]:
 # -- fanout ---------------------------------------------------------------------------------------------
 
 
-def run_fanout(quick: bool) -> list[dict[str, Any]]:
+def run_fanout(quick: bool, workloads: list[str]) -> list[dict[str, Any]]:
     results = []
-    for workload, sizes in FANOUT.items():
+    for workload in workloads:
+        sizes = FANOUT[workload]
         for system in fanout_systems():
             why = system.available()
             if why:
@@ -553,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
     parser.add_argument("--parts", default="fanout,hold,kill", help="comma-separated: fanout, hold, kill")
+    parser.add_argument("--workloads", default=",".join(FANOUT), help="of fanout, comma-separated: " + ",".join(FANOUT))
     parser.add_argument("--hold", type=int, default=HOLD, help=f"WebSockets and polls held (default {HOLD} each)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md and the plot")
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
@@ -567,7 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     run: dict[str, Any] = {"mode": "quick" if args.quick else "full",
                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))}
     if "fanout" in parts:
-        run["fanout"] = run_fanout(args.quick)
+        workloads = [w for w in args.workloads.split(",") if w]
+        unknown = set(workloads) - set(FANOUT)
+        if unknown:
+            parser.error(f"unknown workload {', '.join(sorted(unknown))}")
+        run["fanout"] = run_fanout(args.quick, workloads)
     if "hold" in parts:
         count = min(args.hold, 2000) if args.quick else args.hold
         print(f"-- hold: {count} WebSockets and {count} polls on one worker", flush=True)

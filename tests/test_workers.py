@@ -326,6 +326,24 @@ async def test_a_worker_that_keeps_failing_is_started_again_after_a_doubling_cap
     assert worker.restart is None  # no restart after the stop
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_a_worker_that_does_not_serve_in_time_is_killed_and_started_again() -> None:
+    listener = listening_socket()
+    stop = Stop()
+    supervisor = Supervisor(
+        count=1, command=lambda handoff: [sys.executable, "-c", "import time; time.sleep(60)"], sockets=[listener],
+        notifier=systemd.Notifier(None), watchdog=None, grace=1.0, url="http://127.0.0.1:1", environ=dict(os.environ),
+        start_timeout=1.0,
+    )
+    running = asyncio.ensure_future(supervisor.run(stop))
+    worker = supervisor.workers[0]
+    await eventually(lambda: worker.failures >= 1, 15)
+    assert worker.last_exit == "killed by SIGKILL"
+    await eventually(lambda: worker.pid is not None, 15)  # started again
+    stop.set("SIGTERM")
+    assert await asyncio.wait_for(running, 10) == 0  # the one still starting stopped by SIGTERM
+
+
 class Stop(StopRequest):
     def __init__(self) -> None:
         self._event = asyncio.Event()
