@@ -268,6 +268,9 @@ async def test_a_killed_worker_is_restarted_and_its_clients_resume_elsewhere_wit
         for ws, worker in sockets:
             if worker == victim:
                 assert await asyncio.wait_for(ws.conn.read_message(), 5) is None
+        # Until it is back (after RESTART_FIRST at least), /metrics answers without it, and says so.
+        scraped = await samples(server, "chatserver_worker_scraped")
+        assert scraped[victim] == 0.0 and sum(scraped.values()) == 1.0
         # While it is down (and after), posts are taken by the worker left.
         missed = [await alice.post_message(dialog_id, f"while worker {victim} is down {i}") for i in range(3)]
         expected = [m["messageId"] for m in missed]
