@@ -6,7 +6,7 @@ under load.
     apt-get install nginx libnginx-mod-nchan
     python bench/workers.py                       # every part (about 15 minutes on 2 cores)
     python bench/workers.py --quick               # smaller sizes (a few minutes)
-    python bench/workers.py --parts fanout,hold,kill --no-docs
+    python bench/workers.py --parts fanout --workloads ws1k,poll1k --no-docs
 
 - fanout: deliveries per second and server CPU per delivery, `ws1k`, `ws5k` and `poll1k` of bench/run.py (the
   same generator, bench/loadgen.py, in a process of its own), each system started fresh for each workload.
