@@ -305,15 +305,19 @@ async def test_a_killed_worker_is_restarted_and_its_clients_resume_elsewhere_wit
     assert "Traceback" not in server.stderr
 
 
+def lone_supervisor(code: str, **options: Any) -> Supervisor:
+    """The supervisor alone, of one worker whose command is `python -c <code>` (a real process each time)."""
+    return Supervisor(
+        count=1, command=lambda handoff: [sys.executable, "-c", code], sockets=[listening_socket()],
+        notifier=systemd.Notifier(None), watchdog=None, grace=1.0, url="http://127.0.0.1:1", environ=dict(os.environ),
+        **options,
+    )
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_a_worker_that_keeps_failing_is_started_again_after_a_doubling_capped_backoff() -> None:
-    """The supervisor alone, with a worker command that fails at once (a real process each time)."""
-    listener = listening_socket()
     stop = Stop()
-    supervisor = Supervisor(
-        count=1, command=lambda handoff: [sys.executable, "-c", "raise SystemExit(3)"], sockets=[listener],
-        notifier=systemd.Notifier(None), watchdog=None, grace=1.0, url="http://127.0.0.1:1", environ=dict(os.environ),
-    )
+    supervisor = lone_supervisor("raise SystemExit(3)")
     running = asyncio.ensure_future(supervisor.run(stop))
     worker = supervisor.workers[0]
     delays: list[float] = []
@@ -331,13 +335,8 @@ async def test_a_worker_that_keeps_failing_is_started_again_after_a_doubling_cap
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_worker_that_does_not_serve_in_time_is_killed_and_started_again() -> None:
-    listener = listening_socket()
     stop = Stop()
-    supervisor = Supervisor(
-        count=1, command=lambda handoff: [sys.executable, "-c", "import time; time.sleep(60)"], sockets=[listener],
-        notifier=systemd.Notifier(None), watchdog=None, grace=1.0, url="http://127.0.0.1:1", environ=dict(os.environ),
-        start_timeout=1.0,
-    )
+    supervisor = lone_supervisor("import time; time.sleep(60)", start_timeout=1.0)
     running = asyncio.ensure_future(supervisor.run(stop))
     worker = supervisor.workers[0]
     await eventually(lambda: worker.failures >= 1, 15)
