@@ -139,6 +139,9 @@ class NchanWorkers(Nchan):
         return command
 
 
+SYSTEMS = ("ours-w1", "ours-w2", "nchan-w1", "nchan-w2", "sio-aiohttp")
+
+
 def fanout_systems() -> list[System]:
     return [OursWorkers(1), OursWorkers(2), NchanWorkers(1), NchanWorkers(2), SocketIOAiohttp()]
 
@@ -146,11 +149,14 @@ def fanout_systems() -> list[System]:
 # -- fanout ---------------------------------------------------------------------------------------------
 
 
-def run_fanout(quick: bool, workloads: list[str]) -> list[dict[str, Any]]:
+def run_fanout(quick: bool, workloads: list[str], names: list[str]) -> list[dict[str, Any]]:
     results = []
     for workload in workloads:
         sizes = FANOUT[workload]
         for system in fanout_systems():
+            if system.name not in names:
+                system.cleanup()
+                continue
             why = system.available()
             if why:
                 print(f"SKIPPED {system.name}: {why}", flush=True)
@@ -427,7 +433,7 @@ def run_kill(clients: int, rate: float, seconds: float) -> dict[str, Any]:
 
 
 def fanout_table(results: list[dict[str, Any]]) -> list[str]:
-    names = ["ours-w1", "ours-w2", "nchan-w1", "nchan-w2", "sio-aiohttp"]
+    names = SYSTEMS
     lines = ["| workload | figure | " + " | ".join(names) + " |", "| --- | --- |" + " --- |" * len(names)]
     for workload in FANOUT:
         row = {r["system"]: r for r in results if r.get("workload") == workload}
@@ -516,7 +522,7 @@ def plot(run: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["ours-w1", "ours-w2", "nchan-w1", "nchan-w2", "sio-aiohttp"]
+    names = SYSTEMS
     fanout = {(r.get("workload"), r["system"]): r for r in run.get("fanout", [])}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.16
@@ -555,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
     parser.add_argument("--parts", default="fanout,hold,kill", help="comma-separated: fanout, hold, kill")
     parser.add_argument("--workloads", default=",".join(FANOUT), help="of fanout, comma-separated: " + ",".join(FANOUT))
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="of fanout, comma-separated: " + ",".join(SYSTEMS))
     parser.add_argument("--hold", type=int, default=HOLD, help=f"WebSockets and polls held (default {HOLD} each)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md and the plot")
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
@@ -573,7 +580,10 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(workloads) - set(FANOUT)
         if unknown:
             parser.error(f"unknown workload {', '.join(sorted(unknown))}")
-        run["fanout"] = run_fanout(args.quick, workloads)
+        names = [n for n in args.systems.split(",") if n]
+        if set(names) - set(SYSTEMS):
+            parser.error(f"unknown system {', '.join(sorted(set(names) - set(SYSTEMS)))}")
+        run["fanout"] = run_fanout(args.quick, workloads, names)
     if "hold" in parts:
         count = min(args.hold, 2000) if args.quick else args.hold
         print(f"-- hold: {count} WebSockets and {count} polls on one worker", flush=True)

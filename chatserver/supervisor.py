@@ -50,8 +50,9 @@ CHECK_INTERVAL = 1.0
 # A worker that does not serve within this many seconds of its start is killed (and started again).
 START_TIMEOUT = 60.0
 CHANNEL_MESSAGE = 65536
-# A message of a worker that is for its siblings, not for systemd: passed on as it is (chatserver/siblings.py).
-HINT = b"HINT="
+# The messages of a worker that are for its siblings, not for systemd: passed on as they are
+# (chatserver/siblings.py: events of a commit, a wake-up, a hint).
+RELAYED = (b"EVENTS=", b"WAKE", b"HINT=")
 # Datagrams read from one worker's channel per turn of the loop.
 CHANNEL_BATCH = 64
 
@@ -287,7 +288,7 @@ class Supervisor:
             self._on_message(worker, data)
 
     def _on_message(self, worker: Worker, data: bytes) -> None:
-        if data.startswith(HINT):
+        if data.startswith(RELAYED):
             self._relay(worker, data)
             return
         fields = dict(line.split("=", 1) for line in data.decode(errors="replace").split("\n") if "=" in line)

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,8 +26,12 @@ import tornado.httpclient
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatserver import systemd
+from chatserver.broadcaster import Broadcaster
+from chatserver.feed import LogFeed, Membership
+from chatserver.siblings import decode_events, encode_events
+from chatserver.store import Store
 from chatserver.supervisor import RESTART_CAP, RESTART_FIRST, STOP_MARGIN, StopRequest, Supervisor, restart_delay
-from tests import pg
+from tests import pg, storekit
 from tests.conftest import RECEIPT, Client, Socket, require_service
 from tests.process import ALICE_PHONE, BOB_PHONE, ROOT, ServerProcess, listening_socket
 from tests.test_chat3 import AMQP_URL, Broker, broker, message_event
@@ -357,6 +361,47 @@ class Stop(StopRequest):
 
     async def wait(self) -> None:
         await self._event.wait()
+
+
+# -- events handed from worker to worker ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(database: str, io_loop: Any) -> Iterator[Store]:
+    yield from storekit.running(database, io_loop)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_siblings_events_are_published_as_handed_over_in_log_order_once_reading_the_log_for_a_gap(
+    store: Store, database: str
+) -> None:
+    """A worker's feed given another's commits as the supervisor passes them (EVENTS= messages), out of order and
+    twice: each is published once, in position order, the gap before one filled from the log."""
+    ann, bob = await storekit.user(store, "79000000001"), await storekit.user(store, "79000000002")
+    talk = await storekit.dialog(store, ann, bob)
+    log_id, start = store.log_id, await storekit.head(store)
+    for n in range(3):
+        await storekit.post(store, storekit.message(talk.dialog_id, ann, f"from the other worker {n}"))
+    events = await storekit.logged(store, start)
+    assert [e.type for e in events] == ["message:new"] * 3
+    assert [e.position for e in events] == list(range(start + 1, start + 4))
+    assert decode_events(encode_events(events)) == events
+    for bad in (b"{}", b"[[1, 2]]", b'[[1, "message:new", "d", "{}", "one", null, false, "local", null]]', b"\xff"):
+        with pytest.raises(ValueError):
+            decode_events(bad)
+
+    async with storekit.started(database) as own:  # this worker's own store: another process, as the database sees it
+        hub = Broadcaster(10, log_id=log_id, position=start)
+        feed = LogFeed(own, hub, Membership(own))
+        feed.start()
+        try:
+            feed.offered(events[2:])  # the last first: it waits for the log to be read for the two before it
+            await eventually(lambda: hub.last_position == events[-1].position, 5)
+            feed.offered(events)  # again, as a hint that came twice: nothing is published twice
+            await feed.catch_up()
+            assert hub.published == 3
+        finally:
+            await feed.stop()
 
 
 # -- stopping ------------------------------------------------------------------------------------------------
