@@ -652,19 +652,20 @@ class Soak:
             self.cursors_taken.set()
 
     async def history(self, http: Http, token: str, dialog_id: str) -> list[str]:
-        """Every message id of the dialog over REST, oldest first (the truth of its order)."""
+        """Every message id of the dialog over REST, oldest first (the truth of its order): pages from the newest
+        back, each the one before the oldest of the last."""
         ids: list[str] = []
-        after = ""
+        before = ""
         for _ in range(100_000):
-            path = f"/api/messages/dialog/{dialog_id}?limit={HISTORY_PAGE}" + (f"&after={after}" if after else "")
+            path = f"/api/messages/dialog/{dialog_id}?limit={HISTORY_PAGE}" + (f"&before={before}" if before else "")
             status, body = await self.retrying(lambda p=path: http.call("GET", p, token))
             if status != 200:
                 raise ProtocolFault(f"history of {dialog_id}: {status} {body}")
             page = [m["messageId"] for m in body["data"]]
-            ids += page
+            ids[:0] = page
             if len(page) < HISTORY_PAGE:
                 return ids
-            after = page[-1]
+            before = page[0]
         raise ProtocolFault("history without an end")
 
     async def retrying(self, call: Callable[[], Awaitable[tuple[int, Any]]]) -> tuple[int, Any]:
@@ -885,6 +886,8 @@ class Soak:
                 self.tally.add("order_violations", sum(1 for a, b in itertools.pairwise(order) if b < a))
         stored = Counter(m for ids in truth.values() for m in ids)
         self.tally.add("messages_stored", len(stored))
+        # Exactly what was sent is stored: each acknowledged send once, each confirmed Chat3 event once.
+        self.tally.add("stored_not_sent", abs(len(stored) - len(set(self.acked.values()) | self.chat3_ids)))
         self.tally.add("stored_twice", sum(n - 1 for n in stored.values() if n > 1))
         by_client_id = Counter(self.acked.values())
         self.tally.add("acked_ids_shared", sum(n - 1 for n in by_client_id.values() if n > 1))
@@ -893,7 +896,7 @@ class Soak:
 FAILURES = ("losses", "duplicates", "order_violations", "unknown_messages", "foreign_deliveries", "acknowledged_lost",
             "chat3_lost", "chat3_failed", "stored_twice", "acked_ids_shared", "idempotency_violations",
             "resets_restarted", "posts_failed", "protocol_faults", "ready_cursor_mismatch", "clients_behind",
-            "sigterm_exit_nonzero", "timed_out")
+            "sigterm_exit_nonzero", "timed_out", "stored_not_sent")
 
 
 async def exercise(soak: Soak, server: Server, database: str, started_at: float) -> None:
