@@ -957,7 +957,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.get_running_loop().run_in_executor(None, soak.chat3.delete_sync)
         soak.chat3_thread.shutdown(wait=False)
         await drop_database()
-        if args.report and any(soak.tally.counts.get(name) for name in FAILURES) and server.log.exists():
+        if server.log.exists() and args.server_log:
+            shutil.copy(server.log, args.server_log)
+        elif server.log.exists() and args.report and any(soak.tally.counts.get(name) for name in FAILURES):
             shutil.copy(server.log, args.report + ".server.log")
         shutil.rmtree(tmp, ignore_errors=True)
     counts = dict(sorted(soak.tally.counts.items()))
@@ -1001,6 +1003,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", help="write the counts as JSON to this file")
     parser.add_argument("--timeout", type=float, default=0.0,
                         help="seconds the whole run may take (default: three times --duration, plus ten minutes)")
+    parser.add_argument("--server-log", help="keep the server's log (every start of it) in this file")
     parser.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")
     parser.add_argument("--posters", type=int, default=8, help="REST senders at once")
     parser.add_argument("--chat3-share", type=float, default=0.1, help="share of the messages sent as Chat3 events")
