@@ -30,10 +30,10 @@ import tornado.websocket
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatserver import jsonutil  # noqa: E402
+from chatserver import jsonutil, queries  # noqa: E402
 from chatserver.auth import TokenSigner, hash_password  # noqa: E402
 from chatserver.models import Dialog, User, new_id, now_iso  # noqa: E402
-from chatserver.store import SQLiteStore  # noqa: E402
+from chatserver.store import open_store  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SECRET = "bench-secret-" + uuid.uuid4().hex
@@ -50,17 +50,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def seed(db: Path, clients: int) -> tuple[list[str], str]:
-    store = SQLiteStore(db)
+async def seed(db: Path, clients: int) -> tuple[list[str], str]:
+    store = open_store(str(db))
+    await store.start()
     try:
         password = hash_password("bench")
-        users = [store.create_user(User(new_id("usr"), f"user {n}", f"7900{n:07d}"), password) for n in range(clients)]
+        users = [
+            await store.write(queries.create_user, User(new_id("usr"), f"user {n}", f"7900{n:07d}"), password)
+            for n in range(clients)
+        ]
         stamp = now_iso()
         dialog = Dialog(new_id("dlg"), "bench", tuple(u.user_id for u in users), stamp, stamp)
-        store.save_dialog(dialog)
+        await store.write(queries.save_dialog, dialog)
         return [u.user_id for u in users], dialog.dialog_id
     finally:
-        store.close()
+        await store.close()
 
 
 def publish(url: str, exchange: str, bodies: list[bytes]) -> None:
@@ -140,7 +144,7 @@ async def main(args: argparse.Namespace) -> None:
     exchange, queue = f"bench.chat3.{tag}", f"bench.chatserver.{tag}"
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "bench.db"
-        users, dialog_id = seed(db, args.clients)
+        users, dialog_id = await seed(db, args.clients)
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATSERVER_", "NOTIFY_SOCKET", "LISTEN_"))}
         env.update(

@@ -5,8 +5,12 @@
 It reads a JSON spec on stdin (system, address, server pid, workload and its sizes), connects its clients with
 the raw protocols of `bench/wire.py`, publishes events over HTTP from separate publisher connections, counts
 every delivery per client, and prints `RESULT <json>` as its last line. For the resume storm it prints
-`RESTART` and waits for `RESTARTED <pid>` on stdin (bench/run.py restarts the server). Every wait is bounded:
-a run that stalls ends with its losses counted, never hangs.
+`RESTART` and waits for `RESTARTED <pid> ...` on stdin (bench/run.py restarts the servers). Every wait is
+bounded: a run that stalls ends with its losses counted, never hangs.
+
+Several server processes on one database (bench/durable.py): `ports` spreads the subscribers over them (client
+i on `ports[i % len(ports)]`), `publish_port` sends the publishers to one of them, and `pids` names every
+process whose CPU counts.
 
 Server CPU is read from /proc/<pid>/stat (utime+stime of the server's process tree: nginx's master and
 worker, Python's threads) and the generator's own from getrusage, over the same measured window.
@@ -83,6 +87,23 @@ def cpu_seconds(pids: list[int]) -> tuple[float, float]:
     return user / CLK_TCK, system / CLK_TCK
 
 
+def write_calls(pids: list[int]) -> int:
+    """System calls that wrote (write, send, sendmsg...) by `pids` so far: /proc/<pid>/io's syscw, all threads."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                if line.startswith("syscw:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def server_pids(roots: list[int]) -> list[int]:
+    return [pid for root in roots for pid in process_tree(root)]
+
+
 def rss_kb(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -108,13 +129,16 @@ class Meter:
 
     def start(self) -> None:
         self.t0, self.s0, self.g0 = time.perf_counter(), cpu_seconds(self.pids), own_cpu()
+        self.w0 = write_calls(self.pids)
 
     def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self.t0
         user, system = cpu_seconds(self.pids)
         user, system = user - self.s0[0], system - self.s0[1]
         gen = own_cpu() - self.g0
-        return {"wall": wall, "server_cpu": user + system, "server_user": user, "server_sys": system, "gen_cpu": gen}
+        writes = write_calls(self.pids) - self.w0
+        return {"wall": wall, "server_cpu": user + system, "server_user": user, "server_sys": system, "gen_cpu": gen,
+                "server_write_calls": writes}
 
 
 # -- the systems --------------------------------------------------------------------------------------
@@ -282,7 +306,9 @@ class Generator:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.target = TARGETS[spec["system"]](spec)
-        self.pids = process_tree(spec["pid"])
+        self.ports: list[int] = spec.get("ports") or [spec["port"]]
+        self.publish_port: int = spec.get("publish_port") or self.ports[0]
+        self.pids = server_pids(spec.get("pids") or [spec["pid"]])
         self.loop = asyncio.get_running_loop()
         self.running = True
         self.errors: list[str] = []
@@ -388,35 +414,47 @@ class Generator:
 
     # -- connecting ------------------------------------------------------------------------------------
 
-    async def open_http(self) -> HttpConnection:
-        spec = self.spec
+    async def open_http(self, port: int | None = None) -> HttpConnection:
+        """A keep-alive HTTP connection: to the publishers' server unless `port` says which."""
         _, conn = await self.loop.create_connection(
-            lambda: HttpConnection(self.target.host), spec["host"], spec["port"]
+            lambda: HttpConnection(self.target.host), self.spec["host"], port or self.publish_port
         )
         return conn
 
     async def open_ws(
-        self, i: int, cursor: str | None = None, rcvbuf: int = 0, ready: Callable[[bytes], bool] | None = None
+        self,
+        i: int,
+        cursor: str | None = None,
+        rcvbuf: int = 0,
+        ready: Callable[[bytes], bool] | None = None,
+        counts: bytearray | None = None,
     ) -> WebSocketClient:
+        """Client `i`, ready by `ready` (or the target's rule), counting its events in `counts` from the start."""
         spec = self.spec
+        port = self.ports[i % len(self.ports)]
         async with self._connect_gate:
             sock = None
             if rcvbuf:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
                 sock.setblocking(False)
-                await self.loop.sock_connect(sock, (spec["host"], spec["port"]))
-            factory: Callable[[], WebSocketClient] = lambda: WebSocketClient(  # noqa: E731
-                self.target.host,
-                self.target.ws_path(i, cursor),
-                self.on_ws_message,
-                ready or (None if self.target.ready_at_upgrade else self.target.ws_ready),
-                i,
-            )
+                await self.loop.sock_connect(sock, (spec["host"], port))
+
+            def factory() -> WebSocketClient:
+                client = WebSocketClient(
+                    self.target.host,
+                    self.target.ws_path(i, cursor),
+                    self.on_ws_message,
+                    ready or (None if self.target.ready_at_upgrade else self.target.ws_ready),
+                    i,
+                )
+                client.counts = counts
+                return client
+
             if sock is not None:
                 _, client = await self.loop.create_connection(factory, sock=sock)
             else:
-                _, client = await self.loop.create_connection(factory, spec["host"], spec["port"])
+                _, client = await self.loop.create_connection(factory, spec["host"], port)
             await asyncio.wait_for(client.ready, 30)
         return client
 
@@ -428,7 +466,7 @@ class Generator:
     async def start_pollers(self, count: int, first: int = 0) -> list[HttpConnection]:
         async def one(i: int) -> HttpConnection:
             async with self._connect_gate:
-                conn = await self.open_http()
+                conn = await self.open_http(self.ports[i % len(self.ports)])
             self.poll_tasks.append(self.loop.create_task(self._poll_guard(conn, i)))
             return conn
 
@@ -565,6 +603,7 @@ def fanout_result(gen: Generator, meter: dict[str, float], receivers: list[Any],
         result["cpu_per_10k"] = meter["server_cpu"] / deliveries * 10_000
         result["gen_cpu_per_10k"] = meter["gen_cpu"] / deliveries * 10_000
         result["deliveries_per_s"] = deliveries / meter["wall"] if meter["wall"] else 0.0
+        result["write_calls_per_delivery"] = meter["server_write_calls"] / deliveries
     # The generator limits the figure when it was busy for nearly the whole window.
     result["gen_bound"] = meter["gen_cpu"] > 0.85 * meter["wall"]
     return result
@@ -727,49 +766,108 @@ async def ours_metrics(gen: Generator, names: tuple[str, ...]) -> dict[str, floa
 
 
 async def run_storm(gen: Generator) -> dict[str, Any]:
+    """Every server restarted under connected clients, who all reconnect at once.
+
+    Ours resumes: each client comes back with its cursor, and `missed` events were published after the clients
+    left and before the restart, so each is caught up only once the store has replayed those to it (a reset
+    instead is a failure: the log outlives a restart). The peers have no resume: theirs are ready when connected.
+    """
     spec = gen.spec
     n = spec["clients"]
+    ours = spec["system"] == "ours"
+    live = spec.get("events", 3)
+    missed = spec.get("missed", 0) if ours else 0
     gen.track_cursor = True
     pubs = await gen.publishers(1)
     clients = await gen.connect_ws(n)
     await gen.warm_up(pubs[0], n)
-    gen.arm(spec.get("events", 3), clients)
-    await gen.publish_window(pubs, gen.events, 8, 30)
+    gen.arm(live + missed, clients)
+    await gen.publish_window(pubs, live, 8, 30)
     cursors = [c.cursor for c in clients]
+    for client in clients:
+        client.close()
+    gen.ws_clients.clear()
+    for idx in range(live, live + missed):
+        await gen.publish(pubs[0], gen.target.content(idx))
     for conn in pubs:
         conn.close()
     print("RESTART", flush=True)
     line = await gen.loop.run_in_executor(None, sys.stdin.readline)
     if not line.startswith("RESTARTED"):
-        raise RuntimeError(f"bench/run.py answered {line!r} to RESTART")
-    gen.pids = process_tree(int(line.split()[1]))
-    for client in clients:
-        client.close()
-    gen.ws_clients.clear()
+        raise RuntimeError(f"the runner answered {line!r} to RESTART")
+    gen.pids = server_pids([int(pid) for pid in line.split()[1:]])
     meter = Meter(gen.pids)
     meter.start()
-    ours = spec["system"] == "ours"
-    # Ours is ready for a resuming client once its reset has arrived (the ready frame comes just before it).
-    reset: Callable[[bytes], bool] | None = (lambda p: p.startswith(b'{"type":"reset"')) if ours else None
     fresh = await asyncio.gather(
-        *(gen.open_ws(i, cursors[i] if ours else None, ready=reset) for i in range(n)),
+        *(gen.open_ws(i, cursors[i] if ours else None, counts=clients[i].counts) for i in range(n)),
         return_exceptions=True,
     )
-    measured = meter.stop()
+    ready_s = time.perf_counter() - meter.t0
     ok = [c for c in fresh if isinstance(c, WebSocketClient)]
     gen.ws_clients.extend(ok)
+    caught_up = await gen.wait_complete(60) if missed else True
+    measured = meter.stop()
     failures = [repr(c) for c in fresh if not isinstance(c, WebSocketClient)]
-    resets = sum(1 for c in ok if b'"restarted"' in c.extra.get("reset", b""))
+    resets = sum(1 for c in ok if c.extra.get("reset"))
+    lost = gen.losses(clients) + resets if ours else 0
     return {
         **measured,
         "time_to_all_ready_s": measured["wall"],
+        "time_to_connected_s": ready_s,
+        "missed": missed,
+        "caught_up": caught_up,
         "ready": len(ok),
-        "resets_restarted": resets,
+        "resets": resets,
         "failed": len(failures),
         "first_failure": failures[0] if failures else None,
-        "lost": 0 if spec["system"] != "ours" or resets == n else n - resets,
-        "duplicated": 0,
+        "lost": lost + len(failures),
+        "duplicated": gen.duplicates,
     }
+
+
+async def run_post(gen: Generator) -> dict[str, Any]:
+    """`posters` connections POST one after another for `duration` seconds, nobody subscribed: what the
+    publishing side takes (ours: each POST stored with its log event, committed, published). Ours also reports
+    the writes per commit its store's writer saw over the window (the group-commit size)."""
+    spec = gen.spec
+    ours = spec["system"] == "ours"
+    counted = ("chatserver_store_commits_total", "chatserver_store_writes_total")
+    pubs = await gen.publishers(spec["posters"])
+    for n, conn in enumerate(pubs):  # a first POST on every connection: each is open and warm
+        await gen.publish(conn, gen.target.content(n, WARM))
+    latencies: list[float] = []
+    before = await ours_metrics(gen, counted) if ours else {}
+    meter = Meter(gen.pids)
+    meter.start()
+    deadline = time.perf_counter() + spec["duration"]
+
+    async def poster(conn: HttpConnection) -> None:
+        idx = 0
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await gen.publish(conn, gen.target.content(idx))
+            latencies.append(time.perf_counter() - started)
+            idx += 1
+
+    await asyncio.wait_for(asyncio.gather(*(poster(c) for c in pubs)), spec["duration"] + 30)
+    measured = meter.stop()
+    result: dict[str, Any] = {**measured, "posts": len(latencies), "lost": 0, "duplicated": 0}
+    lat = sorted(latencies)
+    if lat:
+        result.update(
+            posts_per_s=len(lat) / measured["wall"],
+            p50_ms=1000 * lat[len(lat) // 2],
+            p99_ms=1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+            cpu_per_post_ms=1000 * measured["server_cpu"] / len(lat),
+        )
+    if ours:
+        after = await ours_metrics(gen, counted)
+        commits = after["store_commits_total"] - before["store_commits_total"]
+        writes = after["store_writes_total"] - before["store_writes_total"]
+        result.update(commits=commits, writes=writes, writes_per_commit=writes / commits if commits else 0.0)
+    for conn in pubs:
+        conn.close()
+    return result
 
 
 WORKLOADS: dict[str, Callable[[Generator], Coroutine[Any, Any, dict[str, Any]]]] = {
@@ -784,6 +882,7 @@ WORKLOADS: dict[str, Callable[[Generator], Coroutine[Any, Any, dict[str, Any]]]]
     "latency": run_latency,
     "slow": run_slow,
     "storm": run_storm,
+    "post": run_post,
 }
 
 

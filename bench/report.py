@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- results:begin (bench/run.py writes this part) -->", "<!-- results:end -->"
 PEERS = ("nchan", "sio-aiohttp", "sio-tornado")
-ORDER = ("ours", *PEERS)
+ORDER = ("ours", "ours-pg", *PEERS)
 LABELS = {
     "ours": "chatserver",
+    "ours-pg": "chatserver on PostgreSQL",
     "nchan": "nginx + Nchan",
     "sio-aiohttp": "python-socketio on aiohttp",
     "sio-tornado": "python-socketio on Tornado",
@@ -39,7 +40,8 @@ FIGURES: list[tuple[str, str, str, str, int]] = [
     ("latency2k", "poll_p99_ms", "p99 with 1,000 WebSocket + 1,000 long-poll clients, over long-poll", "ms", 1),
     ("ws1k", "deliveries_per_s", "deliveries per second to 1,000 WebSocket subscribers (higher is better)", "/s", 0),
     ("slow", "rss_growth_kb", "server RSS growth in the stalled-reader run (ours: with its resume history)", "kB", 0),
-    ("storm", "time_to_all_ready_s", "resume storm: 1,000 reconnects after a restart, all ready", "s", 2),
+    ("storm", "time_to_all_ready_s", "resume storm: 1,000 reconnects after a restart, all ready (ours: caught up)",
+     "s", 2),
 ]
 
 
@@ -73,7 +75,7 @@ def systems_in(run: dict[str, Any]) -> list[str]:
 def table_rows(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     results = index(run)
     systems = systems_in(run)
-    peers = [s for s in systems if s != "ours"]
+    peers = [s for s in systems if s in PEERS]
     header = ["figure (lower is better)", "unit", *[LABELS[s] for s in systems], *[f"ours ÷ {s}" for s in peers]]
     rows = []
     for workload, key, label, unit, digits in FIGURES:
@@ -215,9 +217,11 @@ def notes(run: dict[str, Any]) -> list[str]:
                 f"got {r.get('slow_received')} of {r.get('events')} events; server RSS +{r.get('rss_growth_kb')} kB"
             )
         if r["workload"] == "storm" and not r.get("failed_run"):
+            caught_up = (f", each caught up with the {r['missed']} events it missed ({r.get('resets')} resets)"
+                         if r.get("missed") else "")
             lines.append(
-                f"{where}: {r.get('ready')} ready ({r.get('resets_restarted')} with reset 'restarted'), "
-                f"{r.get('failed')} failed, in {r.get('time_to_all_ready_s', 0):.2f} s"
+                f"{where}: {r.get('ready')} ready{caught_up}, {r.get('failed')} failed, in "
+                f"{r.get('time_to_all_ready_s', 0):.2f} s (all connected after {r.get('time_to_connected_s', 0):.2f} s)"
             )
         if r["workload"] in ("poll1k", "pollbatch") and r.get("events_per_answer") is not None:
             lines.append(f"{where}: {r['events_per_answer']:.2f} events per poll answer"
@@ -263,7 +267,8 @@ def plot(run: dict[str, Any]) -> list[str]:
         return []
     results = index(run)
     systems = systems_in(run)
-    colors = {"ours": "#1f77b4", "nchan": "#2ca02c", "sio-aiohttp": "#ff7f0e", "sio-tornado": "#d62728"}
+    colors = {"ours": "#1f77b4", "ours-pg": "#9467bd", "nchan": "#2ca02c", "sio-aiohttp": "#ff7f0e",
+              "sio-tornado": "#d62728"}
     made = []
 
     def bars(name: str, groups: list[tuple[str, str, str]], ylabel: str, title: str, log: bool = False) -> None:

@@ -1,8 +1,11 @@
 """The systems under test, each started fresh as a child process on loopback and stopped after its run.
 
 - `ours`: `python run.py --port P --db <tmp>` with a temp state folder, a known secret (the generator mints
-  tokens with `TokenSigner`), and N users plus one dialog of all of them written straight into the SQLite
-  store (no scrypt per user: a dummy hash; nobody logs in).
+  tokens with `TokenSigner`), and N users plus one dialog of all of them written through the store's own write
+  path beforehand (`seed_store`: all users in one write, a dummy hash instead of scrypt; nobody logs in).
+- `ours-pg`: the same on PostgreSQL, a database of its own made for the run and dropped after it (on
+  `CHATSERVER_BENCH_POSTGRES`, default the machine's 127.0.0.1:5432 as user postgres). Skipped with a message
+  where PostgreSQL is not reachable.
 - `sio-tornado`, `sio-aiohttp`: `bench/peer_sio.py` (python-socketio 5).
 - `nchan`: Debian's nginx with libnginx-mod-nchan, from a private nginx.conf in a temp folder, not daemonized,
   its own pid, log and temp paths. Skipped with a message where it is not installed.
@@ -10,16 +13,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ BENCH = Path(__file__).resolve().parent
 SECRET = "bench-secret-not-for-production"
 NGINX = "/usr/sbin/nginx"
 NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
+POSTGRES = os.environ.get("CHATSERVER_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def raise_nofile() -> None:
@@ -55,9 +60,65 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path, limit: f
     raise RuntimeError(f"server not listening on {port} after {limit:.0f}s")
 
 
+def seed_store(db: str, users: int) -> dict[str, Any]:
+    """`users` users and a publisher in one dialog of all of them, on the store `db` (made and migrated here)."""
+    return asyncio.run(_seed(db, users))
+
+
+async def _insert_users(tx: Any, rows: list[tuple[str, str, str, str, str]]) -> None:
+    for row in rows:
+        await tx.execute(
+            "INSERT INTO users (user_id, phone, name, password_hash, created_at) VALUES (?, ?, ?, ?, ?)", *row
+        )
+
+
+async def _seed(db: str, users: int) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from chatserver import queries
+    from chatserver.auth import DUMMY_HASH
+    from chatserver.models import Dialog, new_id, now_iso
+    from chatserver.store import open_store
+
+    store = open_store(db)
+    await store.start()
+    try:
+        user_ids = [new_id("usr") for _ in range(users)]
+        publisher = new_id("usr")
+        stamp = now_iso()
+        # One write for every user (scrypt and a commit per user would take minutes for 10,000).
+        rows = [(uid, f"7{n:010d}", f"bench {n}", DUMMY_HASH, stamp) for n, uid in enumerate([*user_ids, publisher])]
+        await store.write(_insert_users, rows)
+        dialog = Dialog(new_id("dlg"), "bench", (publisher, *user_ids), stamp, stamp)
+        await store.write(queries.save_dialog, dialog)
+    finally:
+        await store.close()
+    return {"users": user_ids, "publisher": publisher, "dialog": dialog.dialog_id, "secret": SECRET}
+
+
+def postgres(sql: str, url: str = POSTGRES) -> Any:
+    """Run one statement on PostgreSQL (the maintenance database unless `url`), returning its rows."""
+    import asyncpg
+
+    async def run() -> Any:
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            return await conn.fetch(sql)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def postgres_url(name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(POSTGRES)._replace(path="/" + name))
+
+
 class System:
     name = ""
     kind = ""  # the generator's Target: ours, sio, nchan
+    root = ROOT  # the checkout the server runs from
 
     def __init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
@@ -84,7 +145,7 @@ class System:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(),
-                cwd=ROOT,
+                cwd=self.root,
                 env=self.env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -123,36 +184,18 @@ class Ours(System):
     name = "ours"
     kind = "ours"
 
-    def __init__(self) -> None:
+    def __init__(self, db: str | None = None) -> None:
+        """A server on its own new database, or (`db`) on one that another server of the run shares."""
         super().__init__()
         self.state = self.tmp / "state"
-        self.db = self.state / "bench.db"
+        self.shared = db is not None
+        self.db = db if db is not None else str(self.state / "bench.db")
 
     def prepare(self, users: int) -> dict[str, Any]:
-        sys.path.insert(0, str(ROOT))
-        from chatserver.auth import DUMMY_HASH
-        from chatserver.models import Dialog, new_id, now_iso
-        from chatserver.store import SQLiteStore
-
-        store = SQLiteStore(self.db)
-        store.close()
-        user_ids = [new_id("usr") for _ in range(users)]
-        publisher = new_id("usr")
-        stamp = now_iso()
-        # One transaction for every user (scrypt and a commit per user would take minutes for 10,000).
-        with sqlite3.connect(self.db) as conn:
-            conn.executemany(
-                "INSERT INTO users (user_id, phone, name, password_hash, created_at) VALUES (?, ?, ?, ?, ?)",
-                [(uid, f"7{n:010d}", f"bench {n}", DUMMY_HASH, stamp) for n, uid in enumerate([*user_ids, publisher])],
-            )
-        store = SQLiteStore(self.db)
-        dialog = Dialog(new_id("dlg"), "bench", (publisher, *user_ids), stamp, stamp)
-        store.save_dialog(dialog)
-        store.close()
-        return {"users": user_ids, "publisher": publisher, "dialog": dialog.dialog_id, "secret": SECRET}
+        return seed_store(self.db, users)
 
     def command(self) -> list[str]:
-        return [sys.executable, "run.py", "--port", str(self.port), "--db", str(self.db)]
+        return [sys.executable, str(self.root / "run.py"), "--port", str(self.port), "--db", self.db]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -167,6 +210,32 @@ class Ours(System):
             CHATSERVER_MESSAGE_RATE="0",
         )
         return env
+
+
+class OursPostgres(Ours):
+    name = "ours-pg"
+
+    def __init__(self, db: str | None = None) -> None:
+        self.database_name = "" if db is not None else f"chatserver_bench_{uuid.uuid4().hex[:12]}"
+        super().__init__(db if db is not None else postgres_url(self.database_name))
+
+    @staticmethod
+    def available() -> str | None:
+        try:
+            postgres("SELECT 1")
+        except Exception as exc:
+            return f"PostgreSQL not reachable at {POSTGRES} ({type(exc).__name__}; set CHATSERVER_BENCH_POSTGRES)"
+        return None
+
+    def prepare(self, users: int) -> dict[str, Any]:
+        if self.database_name:
+            postgres(f'CREATE DATABASE "{self.database_name}"')
+        return super().prepare(users)
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        if self.database_name:
+            postgres(f'DROP DATABASE IF EXISTS "{self.database_name}" WITH (FORCE)')
 
 
 class SocketIOPeer(System):
@@ -254,6 +323,7 @@ class Nchan(System):
 
 SYSTEMS: dict[str, type[System]] = {
     "ours": Ours,
+    "ours-pg": OursPostgres,
     "nchan": Nchan,
     "sio-aiohttp": SocketIOAiohttp,
     "sio-tornado": SocketIOTornado,

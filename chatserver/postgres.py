@@ -142,7 +142,6 @@ class PostgresStore(Store):
         self._listen_task: asyncio.Task[None] | None = None
         self._listen_lost = asyncio.Event()
         self._closed = False
-        self.commits = 0
 
     def describe(self) -> str:
         return f"PostgreSQL database {redact_url(self.url)}"
@@ -286,6 +285,7 @@ class PostgresStore(Store):
                 return [(None, exc)] * len(calls), []
         tx = _PgTx(conn)
         outcomes: list[tuple[Any, BaseException | None]] = []
+        self.writes += len(calls)
         try:
             with _errors():
                 async with conn.transaction():

@@ -97,7 +97,6 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self.commits = 0  # transactions committed or tried (tests read it)
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="store-read")
         self._hashers = ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="hash")
         self._writer: _GroupWriter | None = None
@@ -268,6 +267,7 @@ class _GroupWriter:
     def _commit(self, group: list[_Write]) -> tuple[list[tuple[Any, BaseException | None]], list[LogEvent]]:
         conn = self._store.connect()
         tx = _SqliteTx(conn)
+        self._store.writes += len(group)
         outcomes: list[tuple[Any, BaseException | None]] = []
         try:
             self._begin(tx)

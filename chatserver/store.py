@@ -113,6 +113,9 @@ class Store(abc.ABC):
 
     dialect: str
     log_id: str = ""
+    # Counted by the writer: transactions begun, and the writes run in them (writes / commits: the group size).
+    commits: int = 0
+    writes: int = 0
     # Called on the loop with the events of each commit, in position order, before its writers resume.
     on_commit: Callable[[list[LogEvent]], None] | None = None
     # Called on the loop when another process may have committed events (PostgreSQL's NOTIFY).

@@ -1,4 +1,4 @@
-"""handlers/outbox.py on a real loop: the fast path, the end-of-turn batching, order, and the bound.
+"""transport/outbox.py on a real loop: the fast path, the end-of-turn batching, order, and the bound.
 
 The connection side is recorded (what reached `write_now`, what went through the awaited `send`), so that a
 test can tell one joined send from several; the WebSocket tests (test_realtime) prove the same over sockets.
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from handlers.outbox import Outbox, TurnBatcher
+from transport.outbox import Outbox, TurnBatcher
 
 
 class Wire:

@@ -23,8 +23,9 @@ import tornado.websocket
 
 import run
 from chatserver import jsonutil
-from handlers.app import build_context, close_context, make_app, make_http_server
+from handlers.app import make_app
 from handlers.base import AppContext
+from run import build_context, close_context, make_http_server
 from tests.conftest import Client
 from tests.test_ops import scrape
 

@@ -207,6 +207,14 @@ def test_watchdog_interval_comes_from_watchdog_usec_for_this_process_only() -> N
     assert systemd.watchdog_interval({}, pid) is None
 
 
+@pytest.mark.parametrize("digits", ["3²", "①", "٣", "３"])
+def test_numbers_in_systemd_variables_are_ascii_digits_only(digits: str) -> None:
+    pid = os.getpid()
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": digits}, pid) is None
+    assert systemd.inherited_sockets({"LISTEN_FDS": digits, "LISTEN_PID": str(pid)}, pid) == []
+    assert systemd.is_journal_stream({"JOURNAL_STREAM": f"{digits}:{digits}"}, 2) is False
+
+
 def test_notifier_without_notify_socket_sends_nothing() -> None:
     notifier = systemd.Notifier.from_environ({})
     assert not notifier.enabled
