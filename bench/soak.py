@@ -287,6 +287,8 @@ class SoakClient:
                     self.tally.add("duplicates_seen")
                 self.seen[dialog_id].add(message["messageId"])
                 self.got[dialog_id].append(message["messageId"])
+        elif kind != "pong":
+            self.tally.add(f"events_{kind}")
         if event.get("cursor"):
             self.cursor = event["cursor"]
 
@@ -467,13 +469,18 @@ class Server:
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.log = state / "server.log"
+        # The server's code as it was when the run began: every restart runs the same code, whatever changes in
+        # the working tree meanwhile.
+        self.code = state / "code"
+        shutil.copytree(ROOT, self.code, ignore=shutil.ignore_patterns(
+            ".git", "var", "__pycache__", "*.pyc", "bench", "tests", "node_modules", ".ruff_cache", ".pytest_cache"))
 
     async def start(self) -> None:
         log = self.log.open("ab")  # a local file, opened once per start: nothing to wait for
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(ROOT / "run.py"), "--port", str(self.port), "--db", self.database,
-                cwd=str(ROOT), env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                sys.executable, str(self.code / "run.py"), "--port", str(self.port), "--db", self.database,
+                cwd=str(self.code), env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )
         finally:
             log.close()

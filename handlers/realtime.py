@@ -543,7 +543,15 @@ class EventStreamHandler(ApiHandler):
 
     async def _send(self, data: bytes) -> None:
         self.write(data)
-        await self.flush()
+        flushed = self.flush()
+        assert self._done is not None  # made before the outbox that calls this
+        # Until the bytes are out or the stream has ended: a connection closed under a flush (a cut-off) may
+        # never resolve the flush's future (Tornado's HTTP/1.1 connection forgets it at its close), and the
+        # outbox's writer must not wait on it for ever.
+        await asyncio.wait((flushed, self._done), return_when=asyncio.FIRST_COMPLETED)
+        if not flushed.done():
+            raise tornado.iostream.StreamClosedError()
+        flushed.result()
 
     def _count_delivery(self) -> None:
         self.ctx.metrics.events_delivered.labels(self.transport).inc()

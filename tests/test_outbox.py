@@ -7,7 +7,6 @@ test can tell one joined send from several; the WebSocket tests (test_realtime) 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
@@ -149,23 +148,3 @@ async def test_a_paced_replay_that_the_client_does_not_take_is_cut_off_after_the
     taken.set()
     await turns()  # the writer's last send ends, and with it the writer
 
-
-@pytest.mark.gen_test
-async def test_closing_ends_a_writer_whose_send_never_ends() -> None:
-    # A connection closed under a write may never resolve the write's future: the writer must not outlive it.
-    unresolved: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    async def stuck(data: bytes) -> None:
-        await unresolved
-
-    def writers() -> list[asyncio.Task[Any]]:
-        return [t for t in asyncio.all_tasks() if not t.done() and "Outbox._drain" in repr(t.get_coro())]
-
-    box = Outbox(1 << 20, stuck, lambda: None)
-    box.push(b"a")
-    await turns()
-    assert len(writers()) == 1
-    box.close()
-    await turns()
-    assert writers() == []
-    await box.drained()  # returns at once for a closed outbox

@@ -167,15 +167,11 @@ class Outbox:
         """Return once everything queued is handed to the transport, or the outbox is closed (a replay read in
         pages waits here between pages, so that a resume never queues more than a page beyond the bound)."""
         while self._writer is not None and not self.closed:
-            await asyncio.wait((self._writer,))  # its end, however it ends (close() may cancel it)
+            await asyncio.shield(self._writer)
 
     def close(self) -> None:
         self.closed = True
         self._waiting = None
         self._queue = None
         self._queued = 0
-        writer = self._writer
-        if writer is not None and writer is not asyncio.current_task():
-            # Nothing more is sent, and the send it awaits may never end: a connection closed under a write may
-            # leave its future unresolved (Tornado's HTTP/1.1 connection forgets the one of a flush at its close).
-            writer.cancel()
+
