@@ -10,17 +10,16 @@ it on its WebSocket (`{"type": "ack", "cursor"}`) and marks it read (`POST /api/
 that shows the dialog does. Every `dialog:receipt` frame each connection gets is counted.
 
 It prints the receipt frames per connected member per second over the run (PROTOCOL section 11's bound: at most
-one), the shortest time between two of them on one connection (the server writes receipts at least a second
-apart; what a client reads also carries its own and the fan-out's jitter), what the receipts said at the end
-(every reader delivered and read up to the last message), and the server's CPU seconds (user + system, from
-/proc) over the run. Nothing here asserts a time: it prints figures.
+one), the receipts the server logged a second (one event is one frame to each connection), what the receipts said
+at the end (every reader delivered and read up to the last message), and the server's CPU seconds (user + system,
+from /proc) over the run. Nothing here asserts a time: it prints figures. (When a frame arrives is not measured on
+the client: with a thousand sockets in one client process, frames wait in its buffers and arrive in bunches.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import sys
 import tempfile
@@ -99,7 +98,7 @@ class Bench:
         self.server = server
         self.ws_url = server.url.replace("http://", "ws://")
         self.dialog_id = dialog_id
-        self.http = tornado.httpclient.AsyncHTTPClient(max_clients=READS_AT_ONCE)
+        self.http = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=READS_AT_ONCE)
         self.reads: set[asyncio.Task[None]] = set()
         self.read_failures = 0
 
@@ -112,15 +111,10 @@ class Bench:
         response = await self.http.fetch(
             f"{self.server.url}/api/dialogs/{self.dialog_id}/read", method="POST",
             body=jsonutil.dumps_bytes({"messageId": message_id}), headers={"Authorization": f"Bearer {member.token}"},
-            raise_error=False, request_timeout=120,
+            raise_error=False, request_timeout=120, connect_timeout=120,
         )
         if response.code != 200:
             self.read_failures += 1
-
-
-def shortest_gap(times: list[float]) -> float:
-    """The shortest time between two receipt frames on one connection (inf with fewer than two)."""
-    return min((later - earlier for earlier, later in itertools.pairwise(times)), default=float("inf"))
 
 
 async def run(members: int, messages: int, gap: float) -> None:
@@ -164,11 +158,9 @@ async def run(members: int, messages: int, gap: float) -> None:
             print(f"members {members}, messages {messages} ({gap:g} s apart), run {elapsed:.1f} s")
             print(f"reads: {messages * len(readers)} POSTs ({bench.read_failures} failed), "
                   f"{messages * len(readers)} ack frames")
-            print(f"dialog:receipt events logged: {logged}; frames received: {frames} "
-                  f"({frames / members:.2f} per member)")
+            print(f"dialog:receipt events logged: {float(logged):.0f} ({float(logged) / elapsed:.2f} a second); "
+                  f"frames received: {frames} ({frames / members:.2f} per member)")
             print(f"receipt frames per connected member per second: {frames / members / elapsed:.3f} (bound: 1)")
-            print(f"shortest time between two receipt frames on one connection: "
-                  f"{min(shortest_gap(m.receipts) for m in crowd):.3f} s (as the client read them)")
             print(f"members delivered and read up to the last message (GET /api/dialogs/{{id}}): "
                   f"{done} of {len(readers)}")
             print(f"server CPU: {cpu:.2f} s over the run ({cpu / messages:.2f} s per message, reads included)")

@@ -112,11 +112,25 @@ class Metrics:
 
     def observe_broadcaster(self, broadcaster: Broadcaster) -> None:
         """Export the broadcaster's own counts (`chatserver_events_published_total` and the rest)."""
-        self.registry.register(_BroadcasterCollector(broadcaster))
+        b = broadcaster
+        self.registry.register(_ValuesCollector([
+            (CounterMetricFamily, "chatserver_events_published",
+             "Events of the log published to this process's connections", lambda: b.published),
+            (GaugeMetricFamily, "chatserver_log_position",
+             "The last position of the event log published by this process", lambda: b.last_position),
+            (GaugeMetricFamily, "chatserver_history_events", "Events held for resume", lambda: b.history_length),
+            (GaugeMetricFamily, "chatserver_history_bytes", "Bytes of events held for resume",
+             lambda: b.history_bytes),
+        ]))
 
     def observe_store(self, store: Store) -> None:
         """Export the store writer's transactions and writes (`chatserver_store_commits_total`, `..._writes_total`)."""
-        self.registry.register(_StoreCollector(store))
+        self.registry.register(_ValuesCollector([
+            (CounterMetricFamily, "chatserver_store_commits",
+             "Write transactions the store's writer began (each a group of writes)", lambda: store.commits),
+            (CounterMetricFamily, "chatserver_store_writes", "Writes the store's writer ran in those transactions",
+             lambda: store.writes),
+        ]))
 
     def observe_throttle(self, throttle: Throttle) -> None:
         """Export the throttle's refusals as `chatserver_throttled_total{what}`."""
@@ -124,64 +138,29 @@ class Metrics:
 
     def observe_receipts(self, receipts: Receipts) -> None:
         """Export the receipts' counts (`chatserver_receipts_logged_total` and the rest)."""
-        self.registry.register(_ReceiptsCollector(receipts))
+        r = receipts
+        self.registry.register(_ValuesCollector([
+            (CounterMetricFamily, "chatserver_receipts_logged", "dialog:receipt events this process wrote to the log",
+             lambda: r.logged),
+            (GaugeMetricFamily, "chatserver_receipts_pending",
+             "Acknowledgements and read marks waiting for the next write of receipts", lambda: r.pending),
+            (CounterMetricFamily, "chatserver_receipts_dropped",
+             "Acknowledgements dropped while too many users waited for a write", lambda: r.dropped),
+        ]))
 
 
-class _BroadcasterCollector(Collector):
-    """Reads the broadcaster's counters and sizes at scrape time: the domain counts once, in one place."""
-
-    def __init__(self, broadcaster: Broadcaster) -> None:
-        self._broadcaster = broadcaster
-
-    def collect(self) -> Iterator[Metric]:
-        b = self._broadcaster
-        yield CounterMetricFamily(
-            "chatserver_events_published", "Events of the log published to this process's connections",
-            value=b.published,
-        )
-        yield GaugeMetricFamily(
-            "chatserver_log_position", "The last position of the event log published by this process",
-            value=b.last_position,
-        )
-        yield GaugeMetricFamily("chatserver_history_events", "Events held for resume", value=b.history_length)
-        yield GaugeMetricFamily("chatserver_history_bytes", "Bytes of events held for resume", value=b.history_bytes)
+Value = tuple[type[CounterMetricFamily] | type[GaugeMetricFamily], str, str, Callable[[], float]]
 
 
-class _StoreCollector(Collector):
-    """Reads the store writer's counts at scrape time; writes per commit is the size of its groups."""
+class _ValuesCollector(Collector):
+    """Plain numbers a domain object keeps, read at scrape time: the domain counts once, in one place."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, values: list[Value]) -> None:
+        self._values = values
 
     def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
-            "chatserver_store_commits", "Write transactions the store's writer began (each a group of writes)",
-            value=self._store.commits,
-        )
-        yield CounterMetricFamily(
-            "chatserver_store_writes", "Writes the store's writer ran in those transactions", value=self._store.writes
-        )
-
-
-class _ReceiptsCollector(Collector):
-    """Reads what chatserver.receipts counts at scrape time."""
-
-    def __init__(self, receipts: Receipts) -> None:
-        self._receipts = receipts
-
-    def collect(self) -> Iterator[Metric]:
-        r = self._receipts
-        yield CounterMetricFamily(
-            "chatserver_receipts_logged", "dialog:receipt events this process wrote to the log", value=r.logged
-        )
-        yield GaugeMetricFamily(
-            "chatserver_receipts_pending", "Acknowledgements and read marks waiting for the next write of receipts",
-            value=r.pending,
-        )
-        yield CounterMetricFamily(
-            "chatserver_receipts_dropped", "Acknowledgements dropped while too many users waited for a write",
-            value=r.dropped,
-        )
+        for family, name, documentation, value in self._values:
+            yield family(name, documentation, value=value())
 
 
 class _ThrottleCollector(Collector):

@@ -68,6 +68,11 @@ class Receipts:
     def pending(self) -> int:
         return len(self._acks) + len(self._reads)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing waits and nothing is being written: every receipt owed so far is in the log."""
+        return not self.pending and self._timer is None and self._flushing is None
+
     def acknowledge(self, user_id: str, position: int) -> None:
         """The user's client has every event up to `position` (of this log, at most its head): delivered."""
         if position <= (self._written.get(user_id) or 0) or position <= self._acks.get(user_id, 0):

@@ -140,27 +140,21 @@ class Throttle:
 
     def admit_write(self, user_id: str) -> None:
         """Count a message or an edit of the user's; TooManyRequests past `message_burst` at `message_rate`."""
-        writes = self._writes
-        if writes is None:
-            return
-        wait = writes.wait(user_id)
-        if wait > 0:
-            self.refused[MESSAGE] += 1
-            seconds = retry_after(wait)
-            raise TooManyRequests(f"too many messages: try again in {seconds} s", retry_after=seconds)
-        writes.add(user_id)
+        self._admit(self._writes, user_id, MESSAGE, "messages")
 
     def admit_ticket(self, user_id: str) -> None:
         """Count a stream ticket issued to the user; TooManyRequests past `ticket_burst` at `ticket_rate`."""
-        tickets = self._tickets
-        if tickets is None:
+        self._admit(self._tickets, user_id, TICKET, "stream tickets")
+
+    def _admit(self, buckets: Buckets[str] | None, user_id: str, what: str, things: str) -> None:
+        if buckets is None:
             return
-        wait = tickets.wait(user_id)
+        wait = buckets.wait(user_id)
         if wait > 0:
-            self.refused[TICKET] += 1
+            self.refused[what] += 1
             seconds = retry_after(wait)
-            raise TooManyRequests(f"too many stream tickets: try again in {seconds} s", retry_after=seconds)
-        tickets.add(user_id)
+            raise TooManyRequests(f"too many {things}: try again in {seconds} s", retry_after=seconds)
+        buckets.add(user_id)
 
     def admit_typing(self, user_id: str) -> bool:
         """Whether a typing event of the user's may go out, at the rate of messages (in a bucket of its own)."""

@@ -3,7 +3,8 @@ WebSocket `ack` frame, `POST /api/ack`, the next long-poll on either poll path, 
 the member's delivered position, a read moves the read position, each move reaches every member as a
 `dialog:receipt` of the log, coalesced to at most one a second, and `GET /api/dialogs/{id}` tells where every
 other member stands. Non-members move nothing; a server started afresh on the same database (a restart, another
-process) holds the same receipts and replays their events."""
+process) holds the same receipts and replays their events. Last, the domain on a store of its own: positions never
+move back, what waits for a write is bounded, and a write that fails keeps it."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from typing import Any
 
 import pytest
 
-from chatserver import jsonutil
+from chatserver import jsonutil, queries
 from chatserver.config import Config
+from chatserver.receipts import Receipts
 from handlers.base import AppContext
 from run import build_context, close_context
+from tests import storekit
 from tests.conftest import RECEIPT, Client, Socket
 from tests.test_realtime import SseReader, eventually
 from tests.test_rest import assert_error, assert_ok
@@ -35,6 +38,11 @@ async def receipts_within(sock: Socket, seconds: float) -> list[dict[str, Any]]:
         except TimeoutError:
             break
     return found
+
+
+async def dialog_of(creator: Client, *others: Client) -> str:
+    body = {"title": "Trio", "memberIds": [other.user_id for other in others]}
+    return str(assert_ok(*await creator.call("POST", "/api/dialogs", body), 201)["dialogId"])
 
 
 async def stands(client: Client, dialog_id: str) -> list[dict[str, Any]]:
@@ -181,8 +189,7 @@ async def test_receipts_are_coalesced_to_one_a_second(alice: Client, bob: Client
 async def test_a_receipt_carries_every_member_that_moved_in_one_event(
     alice: Client, bob: Client, carol: Client, dialog_id: str
 ) -> None:
-    trio = assert_ok(*await alice.call(
-        "POST", "/api/dialogs", {"title": "Trio", "memberIds": [bob.user_id, carol.user_id]}), 201)["dialogId"]
+    trio = await dialog_of(alice, bob, carol)
     alice_ws = await alice.websocket()
     sent = await alice.post_message(trio, "all of you")
     cursor = (await alice_ws.next_of("message:new"))["cursor"]
@@ -200,8 +207,7 @@ async def test_a_receipt_carries_every_member_that_moved_in_one_event(
 async def test_a_removed_member_neither_moves_nor_gets_receipts(
     alice: Client, bob: Client, carol: Client, dialog_id: str
 ) -> None:
-    trio = assert_ok(*await alice.call(
-        "POST", "/api/dialogs", {"title": "Trio", "memberIds": [bob.user_id, carol.user_id]}), 201)["dialogId"]
+    trio = await dialog_of(alice, bob, carol)
     assert_ok(*await alice.call("PATCH", f"/api/dialogs/{trio}", {"removeMemberIds": [carol.user_id]}))
     carol_ws, alice_ws = await carol.websocket(), await alice.websocket()
     sent = await alice.post_message(trio, "without carol")
@@ -234,3 +240,57 @@ async def test_receipts_are_kept_and_replayed_by_a_server_started_afresh(
         assert jsonutil.loads(replay.events[-1].payload) == live
     finally:
         await close_context(again)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_acknowledgement_on_another_process_reaches_this_ones_connections(
+    alice: Client, bob: Client, dialog_id: str, config: Config
+) -> None:
+    """Another server on the same database (a process of its own, as the store sees it) takes Bob's
+    acknowledgement; its receipt reaches Alice's WebSocket here through the log."""
+    alice_ws = await alice.websocket()
+    sent = await alice.post_message(dialog_id, "hello")
+    cursor = (await alice_ws.next_of("message:new"))["cursor"]
+    other = await build_context(config)
+    try:
+        assert await other.service.acknowledge(bob.user_id, cursor)
+        got = await alice_ws.next_of(RECEIPT)
+        assert got["data"]["receipts"] == [receipt(bob.user_id, sent["messageId"], None)]
+    finally:
+        await close_context(other)
+
+
+# -- the domain, on a store of its own ---------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_positions_never_move_back_waiting_acknowledgements_are_bounded_and_a_failed_write_keeps_them(
+    database: str,
+) -> None:
+    async with storekit.started(database) as store:
+        ann, ben, cid = [await storekit.user(store, phone) for phone in ("701", "702", "703")]
+        talk = await storekit.dialog(store, ann, ben, cid)
+        first = await storekit.post(store, storekit.message(talk.dialog_id, ann, "one"))
+        early = await storekit.head(store)
+        second = await storekit.post(store, storekit.message(talk.dialog_id, ann, "two"))
+        late = await storekit.head(store)
+        logged = await store.write(queries.record_receipts, {ben.user_id: late}, [])
+        assert [jsonutil.loads(e.data)["receipts"] for e in logged] == [
+            [receipt(ben.user_id, second.message_id, None)]]
+        # An older position, acknowledged afterwards (another tab, another process), moves nothing and logs nothing.
+        assert await store.write(queries.record_receipts, {ben.user_id: early}, []) == []
+        view = await store.read(queries.dialog_detail, talk.dialog_id, ann.user_id)
+        assert view is not None and [r.to_json() for r in view.receipts or ()] == [
+            receipt(ben.user_id, second.message_id, None), receipt(cid.user_id, None, None)]
+        assert first.message_id != second.message_id
+
+        await store.close()  # from here every write fails (the database is away)
+        receipts = Receipts(store, max_pending=2)
+        for user in (ben, cid, ann):
+            receipts.acknowledge(user.user_id, late)
+        assert (receipts.pending, receipts.dropped) == (2, 1)
+        receipts.acknowledge(ben.user_id, late)  # the same again: it waits once
+        assert receipts.pending == 2
+        assert await receipts.flush() == 0  # not written: what waited is kept for the next try
+        assert (receipts.pending, receipts.logged) == (2, 0)
+        await receipts.stop()
