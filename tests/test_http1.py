@@ -172,6 +172,13 @@ def store_kind() -> str:
     return "sqlite"
 
 
+@pytest.fixture
+def http_engine() -> str:
+    """The lean engine's own contract, byte by byte (JSON refusals, the parser's reasons, its bounds): with the
+    Tornado engine, Tornado's HTTP1Connection answers malformed requests its own way (docs/protocol.md, "HTTP")."""
+    return "lean"
+
+
 @pytest.mark.gen_test
 async def test_http11_connection_serves_rest_requests_and_polls_until_connection_close(
     alice: Client, base_url: str

@@ -122,6 +122,13 @@ def store_kind() -> str:
     return "sqlite"
 
 
+@pytest.fixture
+def http_engine() -> str:
+    """The lean engine's own contract, byte by byte (JSON refusals, the parser's reasons, its bounds): with the
+    Tornado engine, Tornado's HTTP1Connection answers malformed requests its own way (docs/protocol.md, "HTTP")."""
+    return "lean"
+
+
 @st.composite
 def heads(draw: st.DrawFn, token: str, cursor: str, endpoints: list[Endpoint] = ENDPOINTS) -> Head:
     endpoint = draw(st.sampled_from(endpoints))

@@ -119,8 +119,12 @@ class Server(tornado.httpserver.HTTPServer):
     """
 
     def initialize(self, *args: Any, handover_paths: tuple[str, ...] = (), max_connections: int = 0,
-                   on_refused: Callable[[str], None] | None = None, **kwargs: Any) -> None:
+                   on_refused: Callable[[str], None] | None = None, tornado_only: bool = False,
+                   **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
+        # Every connection to Tornado's HTTP/1.1 server from its first byte (the "tornado" http_engine): this
+        # class then only accepts, bounds and counts.
+        self.tornado_only = tornado_only
         self.params = Limits(
             header_timeout=kwargs.get("idle_connection_timeout") or 3600.0,  # Tornado's default
             body_timeout=kwargs.get("body_timeout"),
@@ -242,7 +246,7 @@ class Server(tornado.httpserver.HTTPServer):
                                       "(max_connections)")
 
     def _handle_accepted(self, connection: socket.socket, address: Any) -> None:
-        if self.ssl_options is not None or self.xheaders or self.params.decompress:
+        if self.tornado_only or self.ssl_options is not None or self.xheaders or self.params.decompress:
             self._serve_with_tornado(connection, address)
             return
         loop = asyncio.get_running_loop()
