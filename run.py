@@ -102,15 +102,19 @@ async def close_context(ctx: AppContext) -> None:
 
 
 def make_http_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:
-    """The listener with bounds on everything a client controls: header size, body size, idle time.
+    """The listener with bounds on everything a client controls: header size, body size, idle time, connections.
 
-    Connections are transport/http1.py's; WebSocket upgrades and the SSE stream are handed to Tornado's HTTP/1.1
-    server. Common long-polls are answered by transport/fastpoll.py's lean path; every other request by `app`.
+    With the lean engine, connections are transport/http1.py's; WebSocket upgrades and the SSE stream are handed to
+    Tornado's HTTP/1.1 server, common long-polls are answered by transport/fastpoll.py's lean path, every other
+    request by `app`. With the Tornado engine, Tornado's HTTP/1.1 server reads every connection, and `app`
+    answers every request.
     """
     found = app.settings.get("chatserver_ctx")
     ctx = found if isinstance(found, AppContext) else None
+    lean = config.http_engine == "lean"
     server = http1.Server(
-        fastpoll.LeanRouter(app, ctx) if ctx is not None else app,
+        fastpoll.LeanRouter(app, ctx) if ctx is not None and lean else app,
+        tornado_only=not lean,
         handover_paths=("/ws", "/api/events"),
         max_connections=config.max_connections,
         on_refused=ctx.metrics.count_refused_connection if ctx is not None else None,

@@ -21,6 +21,12 @@ from tests.conftest import Client
 from transport.fastpoll import LeanPoll
 
 
+@pytest.fixture
+def http_engine() -> str:
+    """The lean poll exists only in the lean engine (the Tornado engine answers every poll with PollHandler)."""
+    return "lean"
+
+
 async def fetch_poll(client: Client, query: str, **headers: str) -> tornado.httpclient.HTTPResponse:
     return await client.http.fetch(
         f"{client.base_url}/api/poll?{query}",
