@@ -1,14 +1,15 @@
 """chatserver's entry point: wiring only.
 
-    python run.py [--demo] [--host H] [--port N] [--db PATH] [--config FILE]
+    python run.py [--demo] [--host H] [--port N] [--workers N|auto] [--db PATH] [--config FILE]
     python run.py users add --phone P --name N --password W [--db PATH] [--config FILE]
     python run.py dialogs add --title T --member PHONE --member PHONE ... [--db PATH] [--config FILE]
     python run.py dialogs members --dialog ID [--add PHONE ...] [--remove PHONE ...] [--db PATH] [--config FILE]
 
 --db is a SQLite file or a postgresql://user@host:port/dbname URL.
 
-config -> store -> broadcaster -> service -> app -> listen; signals. Every failure the operator can cause
-(a bad setting, a taken port, an unreadable database) is one line on stderr and a non-zero exit.
+config -> store -> broadcaster -> service -> app -> listen; signals. With `workers` above 1 this process is the
+supervisor (chatserver/supervisor.py) and each worker is `run.py --worker SPEC`, serving as above. Every failure
+the operator can cause (a bad setting, a taken port, an unreadable database) is one line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -27,26 +28,103 @@ import socket
 import sqlite3
 import sys
 import threading
+import time
 import types
 from collections.abc import Sequence
 from typing import Any
 
 import tornado.httpserver
 import tornado.netutil
+import tornado.web
 
-from chatserver import jsonutil, systemd
+from chatserver import eventlog, jsonutil, systemd
 from chatserver.admin import add_dialog, add_user, change_members, ensure_demo
+from chatserver.auth import TokenSigner, load_or_create_secret
+from chatserver.broadcaster import Broadcaster
 from chatserver.chat3 import Amqp, start_amqp
+from chatserver.cluster import Peers
 from chatserver.config import Config, ConfigError, load_config
 from chatserver.errors import ChatError
-from chatserver.store import StoreError, open_store
-from handlers.app import build_context, close_context, make_app, make_http_server
-from handlers.base import AppContext, redact
+from chatserver.feed import LogFeed, Membership
+from chatserver.metrics import Metrics
+from chatserver.redaction import redact
+from chatserver.service import ChatService
+from chatserver.siblings import WorkerLink
+from chatserver.store import Store, StoreError, open_store
+from chatserver.supervisor import Supervisor, WorkerHandoff
+from chatserver.throttle import Throttle
+from chatserver.tickets import StreamTickets
+from handlers.app import make_app
+from handlers.base import AppContext
+from transport import fastpoll, http1
 
 log = logging.getLogger("chatserver")
 
 # How often shutdown looks whether what was in flight has finished.
 DRAIN_STEP = 0.02
+
+async def build_context(config: Config, *, store: Store | None = None) -> AppContext:
+    """The domain objects for one server, started: the store opened and migrated, the log followed from its head.
+
+    Opening the store may raise StoreError (startup, before serving); the secret's file, OSError.
+    """
+    store = store or open_store(config.database, pool_size=config.db_pool_size)
+    secret = config.secret or load_or_create_secret(config.resolved_state_dir)
+    await store.start()
+    _, head, _ = await store.read(eventlog.meta)
+    broadcaster = Broadcaster(config.history_size, log_id=store.log_id, position=head)
+    feed = LogFeed(store, broadcaster, Membership(store), poll_interval=config.log_poll_interval,
+                   retention=config.event_retention, prune_interval=config.log_prune_interval)
+    throttle = Throttle(config, time.monotonic)
+    service = ChatService(store, broadcaster, feed, config, TokenSigner(secret, config.token_ttl),
+                          StreamTickets(secret), throttle=throttle)
+    peers = Peers(service, feed)
+    peers.attach_store(store)
+    feed.start()
+    metrics = Metrics()
+    metrics.observe_broadcaster(broadcaster)
+    metrics.observe_throttle(throttle)
+    metrics.observe_store(store)
+    metrics.observe_receipts(service.receipts)
+    ctx = AppContext(service=service, broadcaster=broadcaster, config=config, metrics=metrics, peers=peers)
+    ctx.readiness["log"] = lambda: feed.problem
+    metrics.requests_in_flight.set_function(lambda: len(ctx.requests))
+    return ctx
+
+
+async def close_context(ctx: AppContext) -> None:
+    """Write the receipts that wait, stop following the log and close the store (after the server stopped taking
+    work)."""
+    await ctx.service.receipts.stop()
+    await ctx.service.feed.stop()
+    await ctx.service.store.close()
+
+
+
+def make_http_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:
+    """The listener with bounds on everything a client controls: header size, body size, idle time.
+
+    Connections are transport/http1.py's; WebSocket upgrades and the SSE stream are handed to Tornado's HTTP/1.1
+    server. Common long-polls are answered by transport/fastpoll.py's lean path; every other request by `app`.
+    """
+    found = app.settings.get("chatserver_ctx")
+    ctx = found if isinstance(found, AppContext) else None
+    server = http1.Server(
+        fastpoll.LeanRouter(app, ctx) if ctx is not None else app,
+        handover_paths=("/ws", "/api/events"),
+        max_connections=config.max_connections,
+        on_refused=ctx.metrics.count_refused_connection if ctx is not None else None,
+        max_header_size=16 * 1024,
+        # Bodies over max_body_size get a JSON 413 from the handler; this is the hard stop behind it.
+        max_body_size=max(config.max_body_size * 2, 1024 * 1024),
+        idle_connection_timeout=75,
+        body_timeout=30,
+        decompress_request=False,
+    )
+    if ctx is not None:
+        ctx.metrics.connections_open.set_function(server.open_connections)
+    return server
+
 
 class Fatal(Exception):
     """An error the operator must fix; printed as one line, exit code 1."""
@@ -64,6 +142,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     # Parsed with the other settings, so that a bad value is the same one-line ConfigError.
     parser.add_argument("--port", help="port to listen on (default 8888)")
+    parser.add_argument("--workers", help="worker processes: a number, or auto for one per usable core (default 1)")
+    # Set by the supervisor on the workers it starts (chatserver/supervisor.py, WorkerHandoff); not for people.
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command")
     users = commands.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
     add_user = users.add_parser("add", parents=[common], help="create a user and print its JSON")
@@ -81,9 +162,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def configure_logging(config: Config, environ: dict[str, str]) -> None:
+def configure_logging(config: Config, environ: dict[str, str], tag: str = "") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(log_formatter(systemd.is_journal_stream(environ, sys.stderr.fileno())))
+    handler.setFormatter(log_formatter(systemd.is_journal_stream(environ, sys.stderr.fileno()), tag))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
@@ -127,11 +208,13 @@ def _describe(thing: object) -> str:
 _JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
-def log_formatter(journal: bool) -> logging.Formatter:
-    """Under journald (which adds its own timestamps) `<N>` priority prefixes; elsewhere timestamps."""
+def log_formatter(journal: bool, tag: str = "") -> logging.Formatter:
+    """Under journald (which adds its own timestamps) `<N>` priority prefixes; elsewhere timestamps. `tag` (a
+    worker's "worker 2") follows the logger's name."""
+    name = f"%(name)s[{tag}]" if tag else "%(name)s"
     if journal:
-        return OneLineFormatter("%(name)s: %(message)s", journal=True)
-    return OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return OneLineFormatter(f"{name}: %(message)s", journal=True)
+    return OneLineFormatter(f"%(asctime)s %(levelname)s {name}: %(message)s")
 
 
 class OneLineFormatter(logging.Formatter):
@@ -212,6 +295,10 @@ class StopSignal:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: we are exiting anyway
             self._loop.call_soon_threadsafe(self._received, signal.Signals(signum).name)
 
+    def trigger(self, name: str) -> None:
+        """Start the shutdown as a signal would (a worker whose supervisor is gone)."""
+        self._received(name)
+
     def _received(self, name: str) -> None:
         if self._event.is_set():
             log.info("%s received while shutting down; still finishing what is in flight", name)
@@ -269,29 +356,44 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-async def serve(config: Config, *, demo: bool, environ: dict[str, str]) -> None:
+def listening_url(sockets: Sequence[socket.socket]) -> str:
+    address = sockets[0].getsockname()
+    host = f"[{address[0]}]" if ":" in address[0] else address[0]  # an IPv6 address in a URL takes brackets
+    return f"http://{host}:{address[1]}"
+
+
+async def serve(
+    config: Config, *, demo: bool, environ: dict[str, str], handoff: WorkerHandoff | None = None
+) -> None:
+    """Serve clients until SIGTERM: the whole server, or one worker of a supervisor's (`handoff`)."""
     loop = asyncio.get_running_loop()
     stop = StopSignal(loop)
     raise_descriptor_limit(config.max_connections)
-    notifier = systemd.Notifier.from_environ(environ)
+    link = WorkerLink(handoff) if handoff is not None else None
+    notifier = link.notifier if link is not None else systemd.Notifier.from_environ(environ)
     try:
         ctx = await build_context(config)
     except OSError as exc:
         raise Fatal(f"cannot prepare state in {config.resolved_state_dir}: {exc}") from None
     if demo:
         await ensure_demo(ctx.service.store)
-    sockets = adopt_sockets(environ) or bind(config)
+    sockets = link.sockets if link is not None else adopt_sockets(environ) or bind(config)
     server = make_http_server(make_app(ctx), config)
     server.add_sockets(sockets)
     amqp = start_amqp(ctx.service, ctx.peers, config, ctx.metrics, ctx.readiness)
-    address = sockets[0].getsockname()
-    host = f"[{address[0]}]" if ":" in address[0] else address[0]  # an IPv6 address in a URL takes brackets
-    url = f"http://{host}:{address[1]}"
-    log.info("listening on %s", url)
+    url = listening_url(sockets)
+    if link is not None:
+        await link.start(ctx.peers, ctx.metrics, lambda: stop.trigger("supervisor gone"))
+        log.info("%s (pid %d) serving %s", link.name, os.getpid(), url)
+    else:
+        log.info("listening on %s", url)
     tune_gc()
 
     heartbeat = systemd.Heartbeat(
-        notifier, lambda: f"serving {url}: {connection_status(ctx)}", systemd.watchdog_interval(environ, os.getpid())
+        notifier,
+        # A worker's status is one part of its supervisor's line, which names the address once.
+        (lambda: connection_status(ctx)) if link is not None else (lambda: f"serving {url}: {connection_status(ctx)}"),
+        systemd.watchdog_interval(environ, os.getpid()),
     )
     heartbeat.start(loop, "READY=1")  # with the first status line and watchdog ping
     await stop.wait()
@@ -299,7 +401,42 @@ async def serve(config: Config, *, demo: bool, environ: dict[str, str]) -> None:
     log.info("%s: shutting down (%s)", stop.name, connection_status(ctx))
     notifier.stopping(f"stopping: {connection_status(ctx)}")
     await shut_down(ctx, server, amqp, config.shutdown_grace)
+    if link is not None:
+        await link.close()
     notifier.close()
+
+
+async def supervise(config: Config, args: argparse.Namespace, environ: dict[str, str]) -> int:
+    """Prepare the state once (the store's schema, the demo, the secret), bind or adopt the listening sockets,
+    and run `workers` workers on them until SIGTERM (chatserver/supervisor.py)."""
+    stop = StopSignal(asyncio.get_running_loop())
+    raise_descriptor_limit(config.max_connections)
+    store = open_store(config.database, pool_size=1)
+    try:
+        await store.start()
+        if args.demo:
+            await ensure_demo(store)
+    finally:
+        await store.close()
+    try:
+        if not config.secret:
+            load_or_create_secret(config.resolved_state_dir)
+    except OSError as exc:
+        raise Fatal(f"cannot prepare state in {config.resolved_state_dir}: {exc}") from None
+    sockets = adopt_sockets(environ) or bind(config)
+    options = [arg for name in ("config", "db", "host", "port") if getattr(args, name, None) is not None
+               for arg in (f"--{name}", str(getattr(args, name)))]
+    supervisor = Supervisor(
+        count=config.worker_count,
+        command=lambda handoff: [sys.executable, os.path.abspath(__file__), *options, "--worker", handoff.to_arg()],
+        sockets=sockets,
+        notifier=systemd.Notifier.from_environ(environ),
+        watchdog=systemd.watchdog_interval(environ, os.getpid()),
+        grace=config.shutdown_grace,
+        url=listening_url(sockets),
+        environ=environ,
+    )
+    return await supervisor.run(stop)
 
 
 async def shut_down(
@@ -347,18 +484,30 @@ async def finish_in_flight(ctx: AppContext, deadline: float) -> bool:
         await asyncio.sleep(DRAIN_STEP)
 
 
+def worker_handoff(args: argparse.Namespace) -> WorkerHandoff | None:
+    if not getattr(args, "worker", None):
+        return None
+    try:
+        return WorkerHandoff.parse(args.worker)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ) if environ is None else environ
     flags: dict[str, Any] = {"db": getattr(args, "db", None)}
     if args.command is None:
-        flags.update(port=args.port, host=args.host)
+        flags.update(port=args.port, host=args.host, workers=args.workers)
     try:
         config = load_config(flags, environ, getattr(args, "config", None))
-        configure_logging(config, environ)
+        handoff = worker_handoff(args)
+        configure_logging(config, environ, f"worker {handoff.index}" if handoff is not None else "")
         if args.command is not None:
             return asyncio.run(run_command(args, config))
-        asyncio.run(serve(config, demo=args.demo, environ=environ))
+        if handoff is None and config.worker_count > 1:
+            return asyncio.run(supervise(config, args, environ))
+        asyncio.run(serve(config, demo=args.demo and handoff is None, environ=environ, handoff=handoff))
     except (ConfigError, Fatal, StoreError) as exc:
         print(f"chatserver: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1

@@ -55,6 +55,23 @@ def _parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Ne
     return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
 
 
+# The most worker processes `workers` may ask for: far more than any host has cores, still a bound.
+MAX_WORKERS = 256
+
+
+def _workers(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    text = value.strip()
+    if text == "auto":
+        return
+    if not (text.isascii() and text.isdecimal()) or not 1 <= int(text) <= MAX_WORKERS:
+        raise ConfigError(f"setting 'workers' must be 'auto' or a whole number from 1 to {MAX_WORKERS}, got {value!r}")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or systemd's CPUAffinity= narrows)."""
+    return max(len(os.sched_getaffinity(0)), 1)
+
+
 def _port(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
         raise ConfigError(f"setting 'port' must be between 0 and 65535, got {value!r}")
@@ -97,6 +114,8 @@ class Config:
     log_poll_interval: float = attrs.field(default=0.5, validator=_positive)
     log_prune_interval: float = attrs.field(default=60.0, validator=_positive)
     db_pool_size: int = attrs.field(default=4, validator=_positive)
+    # Worker processes on this host (chatserver/supervisor.py): a number, or "auto" for one per usable core.
+    workers: str = attrs.field(default="1", validator=_workers)
 
 
     # Throttling (chatserver/throttle.py): failed logins allowed within login_window seconds, per phone from one
@@ -107,6 +126,9 @@ class Config:
     login_window: float = attrs.field(default=900.0, validator=_positive)
     message_rate: float = attrs.field(default=3.0, validator=_non_negative)
     message_burst: int = attrs.field(default=20, validator=_positive)
+    # Stream tickets (POST /api/stream-ticket) per second per user past a burst: every stream opened costs one.
+    ticket_rate: float = attrs.field(default=1.0, validator=_non_negative)
+    ticket_burst: int = attrs.field(default=20, validator=_positive)
 
     @property
     def resolved_state_dir(self) -> Path:
@@ -121,6 +143,12 @@ class Config:
     def db_path(self) -> Path:
         """The SQLite file (for a PostgreSQL URL, meaningless: see `database`)."""
         return Path(self.database)
+
+    @property
+    def worker_count(self) -> int:
+        """`workers` as a number: "auto" is the cores this process may use, at most MAX_WORKERS."""
+        text = self.workers.strip()
+        return min(usable_cores(), MAX_WORKERS) if text == "auto" else int(text)
 
     @property
     def proxies(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -156,6 +184,8 @@ def _from_text(name: str, raw: str) -> Any:
 def _from_toml(name: str, value: Any) -> Any:
     kind = _field_type(name)
     lists = name in ("trusted_origins", "trusted_proxies")
+    if name == "workers" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # workers = 2 as well as workers = "auto"
     if lists and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return ",".join(value)
     ok = isinstance(value, kind) and not isinstance(value, bool)

@@ -13,15 +13,18 @@ was a tenth of the loop's time.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from chatserver.broadcaster import Broadcaster
+from chatserver.receipts import Receipts
 from chatserver.store import Store
 from chatserver.throttle import Throttle
 
@@ -38,7 +41,7 @@ class Metrics:
         # waits for: two locked gauge updates each time were a few percent of a poll), read at each scrape.
         self.parked_polls = 0
         self.polls_waiting.set_function(lambda: self.parked_polls)
-        # Set to a function of the open requests where the server is assembled (handlers.app.build_context).
+        # Set to a function of the open requests where the server is assembled (run.build_context).
         self.requests_in_flight = Gauge(
             "chatserver_requests_in_flight", "HTTP requests being handled now (parked polls included)", registry=r
         )
@@ -94,57 +97,70 @@ class Metrics:
         for outcome in ("sent", "received", "dropped", "invalid"):
             self.cluster_events.labels(outcome)
 
+        # Under a supervisor, what /metrics answers: every worker's metrics (chatserver/siblings.py).
+        self.gather: Callable[[], Awaitable[bytes]] | None = None
+
+    async def exposition(self) -> bytes:
+        """What `/metrics` answers: this process's metrics, or under a supervisor every worker's, labelled."""
+        if self.gather is not None:
+            return await self.gather()
+        return generate_latest(self.registry)
+
     def count_refused_connection(self, reason: str) -> None:
         """A connection refused, or accepting paused ("limit", "emfile", "error"): for the HTTP listener."""
         self.connections_refused.labels(reason).inc()
 
     def observe_broadcaster(self, broadcaster: Broadcaster) -> None:
         """Export the broadcaster's own counts (`chatserver_events_published_total` and the rest)."""
-        self.registry.register(_BroadcasterCollector(broadcaster))
+        b = broadcaster
+        self.registry.register(_ValuesCollector([
+            (CounterMetricFamily, "chatserver_events_published",
+             "Events of the log published to this process's connections", lambda: b.published),
+            (GaugeMetricFamily, "chatserver_log_position",
+             "The last position of the event log published by this process", lambda: b.last_position),
+            (GaugeMetricFamily, "chatserver_history_events", "Events held for resume", lambda: b.history_length),
+            (GaugeMetricFamily, "chatserver_history_bytes", "Bytes of events held for resume",
+             lambda: b.history_bytes),
+        ]))
 
     def observe_store(self, store: Store) -> None:
         """Export the store writer's transactions and writes (`chatserver_store_commits_total`, `..._writes_total`)."""
-        self.registry.register(_StoreCollector(store))
+        self.registry.register(_ValuesCollector([
+            (CounterMetricFamily, "chatserver_store_commits",
+             "Write transactions the store's writer began (each a group of writes)", lambda: store.commits),
+            (CounterMetricFamily, "chatserver_store_writes", "Writes the store's writer ran in those transactions",
+             lambda: store.writes),
+        ]))
 
     def observe_throttle(self, throttle: Throttle) -> None:
         """Export the throttle's refusals as `chatserver_throttled_total{what}`."""
         self.registry.register(_ThrottleCollector(throttle))
 
-
-class _BroadcasterCollector(Collector):
-    """Reads the broadcaster's counters and sizes at scrape time: the domain counts once, in one place."""
-
-    def __init__(self, broadcaster: Broadcaster) -> None:
-        self._broadcaster = broadcaster
-
-    def collect(self) -> Iterator[Metric]:
-        b = self._broadcaster
-        yield CounterMetricFamily(
-            "chatserver_events_published", "Events of the log published to this process's connections",
-            value=b.published,
-        )
-        yield GaugeMetricFamily(
-            "chatserver_log_position", "The last position of the event log published by this process",
-            value=b.last_position,
-        )
-        yield GaugeMetricFamily("chatserver_history_events", "Events held for resume", value=b.history_length)
-        yield GaugeMetricFamily("chatserver_history_bytes", "Bytes of events held for resume", value=b.history_bytes)
+    def observe_receipts(self, receipts: Receipts) -> None:
+        """Export the receipts' counts (`chatserver_receipts_logged_total` and the rest)."""
+        r = receipts
+        self.registry.register(_ValuesCollector([
+            (CounterMetricFamily, "chatserver_receipts_logged", "dialog:receipt events this process wrote to the log",
+             lambda: r.logged),
+            (GaugeMetricFamily, "chatserver_receipts_pending",
+             "Acknowledgements and read marks waiting for the next write of receipts", lambda: r.pending),
+            (CounterMetricFamily, "chatserver_receipts_dropped",
+             "Acknowledgements dropped while too many users waited for a write", lambda: r.dropped),
+        ]))
 
 
-class _StoreCollector(Collector):
-    """Reads the store writer's counts at scrape time; writes per commit is the size of its groups."""
+Value = tuple[type[CounterMetricFamily] | type[GaugeMetricFamily], str, str, Callable[[], float]]
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+
+class _ValuesCollector(Collector):
+    """Plain numbers a domain object keeps, read at scrape time: the domain counts once, in one place."""
+
+    def __init__(self, values: list[Value]) -> None:
+        self._values = values
 
     def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
-            "chatserver_store_commits", "Write transactions the store's writer began (each a group of writes)",
-            value=self._store.commits,
-        )
-        yield CounterMetricFamily(
-            "chatserver_store_writes", "Writes the store's writer ran in those transactions", value=self._store.writes
-        )
+        for family, name, documentation, value in self._values:
+            yield family(name, documentation, value=value())
 
 
 class _ThrottleCollector(Collector):
@@ -245,3 +261,31 @@ class LoopHistogram(_LoopFamily[Observations]):
                 buckets.append((floatToGoString(bound), cumulative))
             family.add_metric(values, buckets, child.sum)
         yield family
+
+
+class _Families(Collector):
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def labelled_exposition(texts: Mapping[str, str | None]) -> bytes:
+    """The expositions of several workers as one: each metric once, each sample labelled with its `worker`; and
+    `chatserver_worker_scraped{worker}`, 1 for a worker that answered, 0 for one that did not (None)."""
+    scraped = GaugeMetricFamily(
+        "chatserver_worker_scraped", "1 where the worker's metrics are in this answer, 0 where it did not answer",
+        labels=["worker"],
+    )
+    families: dict[str, Metric] = {}
+    for worker, text in texts.items():
+        scraped.add_metric([worker], 0 if text is None else 1)
+        for family in text_string_to_metric_families(text or ""):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            merged.samples.extend(
+                Sample(s.name, {"worker": worker, **s.labels}, s.value, s.timestamp, s.exemplar) for s in family.samples
+            )
+    return generate_latest(_Families([scraped, *families.values()]))  # type: ignore[arg-type]

@@ -264,15 +264,34 @@ class Dialog:
 
 
 @attrs.frozen(slots=True)
+class Receipt:
+    """How far one member of a dialog has been delivered and has read it (PROTOCOL section 11): message ids,
+    None where nothing yet."""
+
+    user_id: str
+    delivered_message_id: str | None
+    read_message_id: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"userId": self.user_id, "deliveredMessageId": self.delivered_message_id,
+                "readMessageId": self.read_message_id}
+
+
+@attrs.frozen(slots=True)
 class DialogView:
-    """A dialog as one member sees it: with its last message and that member's unread count."""
+    """A dialog as one member sees it: with its last message and that member's unread count, and (for one dialog
+    asked for by id) the other members' receipts."""
 
     dialog: Dialog
     last_message: Message | None
     unread_count: int
+    receipts: tuple[Receipt, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return self.dialog.to_json(last_message=self.last_message, unread_count=self.unread_count)
+        data = self.dialog.to_json(last_message=self.last_message, unread_count=self.unread_count)
+        if self.receipts is not None:
+            data["receipts"] = [receipt.to_json() for receipt in self.receipts]
+        return data
 
 
 def _unique(ids: Any) -> tuple[str, ...]:

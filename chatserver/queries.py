@@ -17,12 +17,13 @@ import attrs
 from chatserver import jsonutil
 from chatserver.errors import BadRequest, Conflict, Forbidden, NotFound
 from chatserver.eventlog import record_membership
-from chatserver.models import Dialog, DialogView, Message, User, now_iso
+from chatserver.models import Dialog, DialogView, Message, Receipt, User, now_iso
 from chatserver.store import Db, IntegrityError, LogEvent, Tx
 
 MESSAGE_NEW = "message:new"
 MESSAGE_UPDATE = "message:update"
 DIALOG_UPDATE = "dialog:update"
+DIALOG_RECEIPT = "dialog:receipt"
 
 _MESSAGE_COLUMNS = (
     "message_id, dialog_id, sender_id, content, type, meta, created_at, updated_at, client_message_id"
@@ -343,23 +344,95 @@ async def unread_counts(db: Db, dialog_id: str) -> dict[str, int]:
     return {row[0]: int(row[1]) for row in rows}
 
 
-async def mark_read(tx: Tx, dialog_id: str, user_id: str, message_id: str) -> DialogView:
-    """Move the reader's read mark forward (never back), and log a `dialog:update` for the reader alone."""
+async def mark_read(tx: Tx, dialog_id: str, user_id: str, message_id: str) -> tuple[DialogView, bool]:
+    """Move the reader's read mark forward (never back), and log a `dialog:update` for the reader alone; returns
+    the dialog as the reader sees it and whether the mark moved. What is read was delivered: the delivered
+    position moves up to it too (PROTOCOL section 11)."""
     row = await tx.fetchrow("SELECT seq, dialog_id FROM messages WHERE message_id = ?", message_id)
     if row is None:
         raise NotFound(f"message {message_id} not found", field="messageId")
     if row[1] != dialog_id:
         raise BadRequest("'messageId' is not a message of this dialog", field="messageId")
+    before = await tx.fetchval(
+        "SELECT last_read_seq FROM dialog_members WHERE dialog_id = ? AND user_id = ?", dialog_id, user_id
+    )
     await tx.execute(
-        "UPDATE dialog_members SET last_read_seq = greatest(last_read_seq, ?) WHERE dialog_id = ? AND user_id = ?",
-        row[0], dialog_id, user_id,
+        "UPDATE dialog_members SET last_read_seq = greatest(last_read_seq, ?), "
+        "delivered_seq = greatest(delivered_seq, ?) WHERE dialog_id = ? AND user_id = ?",
+        row[0], row[0], dialog_id, user_id,
     )
     view = await dialog_view(tx, dialog_id, user_id)
     assert view is not None
     version = await tx.fetchval("SELECT members_version FROM dialogs WHERE dialog_id = ?", dialog_id)
     await tx.append(DIALOG_UPDATE, dialog_id, jsonutil.dumps(view.to_json()), members_version=int(version),
                     user_id=user_id)
-    return view
+    return view, before is not None and int(before) < int(row[0])
+
+
+# -- receipts --------------------------------------------------------------------------------------------
+
+
+async def record_receipts(
+    tx: Tx, acks: dict[str, int], reads: Iterable[tuple[str, str]]
+) -> list[LogEvent]:
+    """Move delivered positions for acknowledged log positions, and log one `dialog:receipt` per dialog in which
+    any member's delivered or read position moved (PROTOCOL section 11); returns the events logged.
+
+    `acks`: user -> a log position the user's client acknowledged. In every dialog the user is a member of now,
+    the delivered position becomes the last message at or before it that another member sent (a sender's own
+    messages never move it: they were never delivered to them), and only forward. `reads`: (dialog, user) whose
+    read position `mark_read` moved since the last call. Each event carries, for every member that moved, where
+    they stand now (`receipts`), and the first of them also as the event's own `userId`, `deliveredMessageId`
+    and `readMessageId`.
+    """
+    moved: dict[str, dict[str, None]] = {}  # dialog -> members that moved, in the order they came
+    for user_id, position in acks.items():
+        rows = await tx.fetch(
+            "UPDATE dialog_members SET delivered_seq = (SELECT max(x.seq) FROM messages x "
+            "WHERE x.dialog_id = dialog_members.dialog_id AND x.seq <= ? AND x.sender_id != dialog_members.user_id) "
+            "WHERE user_id = ? AND EXISTS (SELECT 1 FROM messages x WHERE x.dialog_id = dialog_members.dialog_id "
+            "AND x.seq > dialog_members.delivered_seq AND x.seq <= ? AND x.sender_id != dialog_members.user_id) "
+            "RETURNING dialog_id",
+            position, user_id, position,
+        )
+        for row in rows:
+            moved.setdefault(row[0], {})[user_id] = None
+    for dialog_id, user_id in reads:
+        moved.setdefault(dialog_id, {})[user_id] = None
+    events = []
+    for dialog_id, users in moved.items():
+        version = await tx.fetchval("SELECT members_version FROM dialogs WHERE dialog_id = ?", dialog_id)
+        found = {receipt.user_id: receipt for receipt in await _receipts(tx, dialog_id, list(users))}
+        entries = [found[user_id].to_json() for user_id in users if user_id in found]
+        if version is None or not entries:
+            continue  # the dialog or the reader's membership is gone since
+        data = {"dialogId": dialog_id, **entries[0], "receipts": entries}
+        events.append(await tx.append(DIALOG_RECEIPT, dialog_id, jsonutil.dumps(data), members_version=int(version)))
+    return events
+
+
+async def dialog_detail(db: Db, dialog_id: str, user_id: str) -> DialogView | None:
+    """`dialog_view` with the receipts of every other member (`GET /api/dialogs/{id}`), in one snapshot."""
+    view = await dialog_view(db, dialog_id, user_id)
+    if view is None:
+        return None
+    others = [member for member in view.dialog.member_ids if member != user_id]
+    found = {receipt.user_id: receipt for receipt in await _receipts(db, dialog_id, others)}
+    return attrs.evolve(view, receipts=tuple(found[member] for member in others if member in found))
+
+
+async def _receipts(db: Db, dialog_id: str, user_ids: list[str]) -> list[Receipt]:
+    """Where each of these members of the dialog stands (those that are members), as message ids."""
+    found: list[Receipt] = []
+    for chunk in _chunks(user_ids, 500):
+        rows = await db.fetch(
+            "SELECT m.user_id, d.message_id, r.message_id FROM dialog_members m "  # noqa: S608
+            "LEFT JOIN messages d ON d.seq = m.delivered_seq LEFT JOIN messages r ON r.seq = m.last_read_seq "
+            f"WHERE m.dialog_id = ? AND m.user_id IN ({_placeholders(len(chunk))})",
+            dialog_id, *chunk,
+        )
+        found.extend(Receipt(row[0], row[1], row[2]) for row in rows)
+    return found
 
 
 # -- messages --------------------------------------------------------------------------------------------

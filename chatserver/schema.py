@@ -119,6 +119,8 @@ SQLITE: tuple[Step, ...] = (
     INSERT INTO membership (dialog_id, user_id, from_version) SELECT dialog_id, user_id, 1 FROM dialog_members
     """,
     _start_log,
+    # 5: receipts (PROTOCOL section 11): how far each member has been delivered each dialog, as a message seq.
+    "ALTER TABLE dialog_members ADD COLUMN delivered_seq INTEGER NOT NULL DEFAULT 0",
 )
 
 # Every text is COLLATE "C": compared and ordered by bytes, as SQLite does, whatever the database's locale (and
@@ -168,6 +170,8 @@ _POSTGRES_TABLES = """
 POSTGRES: tuple[Step, ...] = (
     (_POSTGRES_TABLES + _LOG_TABLES.format(position="BIGINT")).replace(" TEXT", ' TEXT COLLATE "C"'),
     _start_log,
+    # 3: receipts, as SQLite's 5.
+    "ALTER TABLE dialog_members ADD COLUMN delivered_seq BIGINT NOT NULL DEFAULT 0",
 )
 
 MIGRATIONS = {"sqlite": SQLITE, "postgresql": POSTGRES}

@@ -40,6 +40,7 @@ from chatserver.models import (
     require_id,
     require_str,
 )
+from chatserver.receipts import Receipts
 from chatserver.store import Store, StoreUnavailable
 from chatserver.throttle import Throttle
 from chatserver.tickets import StreamTickets
@@ -85,6 +86,7 @@ class ChatService:
         cache_size: int = 10000,
         user_cache_size: int = 100000,
         throttle: Throttle | None = None,
+        receipts: Receipts | None = None,
     ) -> None:
         self.store = store
         self.broadcaster = broadcaster
@@ -100,6 +102,7 @@ class ChatService:
         self._clock = time.monotonic
         self.throttle = throttle or Throttle(config, self._clock)
         self.typing_relays: list[TypingRelay] = []
+        self.receipts = receipts or Receipts(store)
 
     # -- auth --------------------------------------------------------------------------------------------
 
@@ -134,7 +137,9 @@ class ChatService:
         return user_id
 
     def issue_stream_ticket(self, user_id: str) -> tuple[str, int]:
-        """A ticket for one `/ws` or `/api/events` request of this (authenticated) user, and its lifetime in seconds."""
+        """A ticket for one `/ws` or `/api/events` request of this (authenticated) user, and its lifetime in seconds;
+        TooManyRequests past the user's ticket rate (chatserver.throttle)."""
+        self.throttle.admit_ticket(user_id)
         return self.tickets.issue(user_id), self.tickets.ttl
 
     async def authenticate_stream(self, *, ticket: str | None, token: str | None) -> str:
@@ -206,8 +211,9 @@ class ChatService:
         return await self.store.read(queries.dialog_views, user_id)
 
     async def get_dialog(self, user_id: str, dialog_id: str) -> DialogView:
+        """One dialog as the user sees it, with the other members' receipts (PROTOCOL section 11)."""
         await self.authorize_dialog(user_id, dialog_id)
-        view = await self.store.read(queries.dialog_view, dialog_id, user_id)
+        view = await self.store.read(queries.dialog_detail, dialog_id, user_id)
         if view is None:
             raise NotFound(f"dialog {dialog_id} not found", dialog_id=dialog_id)
         return view
@@ -300,7 +306,31 @@ class ChatService:
     async def mark_read(self, user_id: str, dialog_id: str, body: dict[str, Any]) -> DialogView:
         await self.authorize_dialog(user_id, dialog_id)
         message_id = require_id(body, "messageId", "msg")
-        return await self.store.write(queries.mark_read, dialog_id, user_id, message_id)
+        view, moved = await self.store.write(queries.mark_read, dialog_id, user_id, message_id)
+        if moved:
+            self.receipts.read(dialog_id, user_id)
+        return view
+
+    # -- receipts ----------------------------------------------------------------------------------------
+
+    async def acknowledge(self, user_id: str, cursor: str) -> bool:
+        """A client of the user has every event up to `cursor` (a WebSocket `ack` frame, `POST /api/ack`): its
+        delivered positions move, in the next flush of receipts. BadRequest for a text that is not a cursor or
+        one ahead of any issued; False (nothing acknowledged) for a cursor of another log."""
+        await self.check_cursor(cursor)
+        return self.acknowledged(user_id, cursor)
+
+    def acknowledged(self, user_id: str, cursor: str) -> bool:
+        """`acknowledge` for a cursor already checked (a resume's, a poll's): cheap, never waits."""
+        broadcaster = self.broadcaster
+        try:
+            position = broadcaster.parse_cursor(cursor)
+        except BadRequest:
+            return False
+        if position is None or position > broadcaster.last_position:
+            return False
+        self.receipts.acknowledge(user_id, position)
+        return True
 
     # -- typing ------------------------------------------------------------------------------------------
 

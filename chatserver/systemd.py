@@ -47,16 +47,29 @@ class Notifier:
     def from_environ(cls, environ: Mapping[str, str]) -> Notifier:
         return cls(environ.get("NOTIFY_SOCKET"))
 
+    @classmethod
+    def over(cls, sock: socket.socket) -> Notifier:
+        """A notifier that sends on a connected socket: a worker's channel to its supervisor, which listens as
+        systemd would (chatserver/supervisor.py)."""
+        notifier = cls(None)
+        sock.setblocking(False)
+        notifier._socket = sock
+        return notifier
+
     @property
     def enabled(self) -> bool:
         return self._socket is not None
 
     def send(self, *fields: str) -> bool:
         """Send `KEY=value` fields in one datagram; True if it was sent. Never raises."""
-        if self._socket is None or self._address is None:
+        if self._socket is None:
             return False
+        data = "\n".join(fields).encode()
         try:
-            self._socket.sendto("\n".join(fields).encode(), self._address)
+            if self._address is None:
+                self._socket.send(data)
+            else:
+                self._socket.sendto(data, self._address)
         except OSError as exc:
             if not self._failed:  # once, not at every watchdog tick
                 log.warning("cannot notify systemd at NOTIFY_SOCKET: %s", exc.strerror or exc)
@@ -66,7 +79,7 @@ class Notifier:
         return True
 
     def stopping(self, status: str) -> bool:
-        return self.send("STOPPING=1", _status(status))
+        return self.send("STOPPING=1", status_field(status))
 
     def close(self) -> None:
         if self._socket is not None:
@@ -74,7 +87,8 @@ class Notifier:
             self._socket = None
 
 
-def _status(text: str) -> str:
+def status_field(text: str) -> str:
+    """The `STATUS=` field of a notification."""
     # A field ends at a newline: the status line must be one line.
     return "STATUS=" + " ".join(text.split("\n"))
 
@@ -102,7 +116,8 @@ class Heartbeat:
     """From the event loop: `WATCHDOG=1` at least every half watchdog interval, `STATUS=` whenever it changes.
 
     Each tick is a `loop.call_later` callback: when something blocks the loop, no tick runs, no ping is sent,
-    and systemd (after `WatchdogSec`) kills and restarts the service.
+    and systemd (after `WatchdogSec`) kills and restarts the service. `healthy`, where given, is asked at each
+    tick: while it answers False no ping is sent either (a supervisor one of whose workers is down).
     """
 
     def __init__(
@@ -112,8 +127,10 @@ class Heartbeat:
         watchdog: float | None,
         *,
         status_interval: float = STATUS_INTERVAL,
+        healthy: Callable[[], bool] | None = None,
     ) -> None:
         self._notifier = notifier
+        self._healthy = healthy
         self._status = status
         self._watchdog = watchdog
         self._period = min(watchdog / 2, status_interval) if watchdog else status_interval
@@ -130,19 +147,28 @@ class Heartbeat:
         self._tick(*first)
 
     def _tick(self, *first: str) -> None:
-        fields = [*first, "WATCHDOG=1"] if self._watchdog else list(first)
+        fields = [*first, "WATCHDOG=1"] if self._watchdog and self._is_healthy() else list(first)
         try:
             status = self._status()
         except Exception:  # a broken status line must never stop the watchdog
             log.exception("cannot describe the server's status")
             status = self._last_status
         if status != self._last_status:
-            fields.append(_status(status))
+            fields.append(status_field(status))
             self._last_status = status
         if fields:
             self._notifier.send(*fields)
         if self._loop is not None:
             self._timer = self._loop.call_later(self._period, self._tick)
+
+    def _is_healthy(self) -> bool:
+        if self._healthy is None:
+            return True
+        try:
+            return self._healthy()
+        except Exception:  # as a broken status line: logged, and no ping while it is not known to be healthy
+            log.exception("cannot tell whether the server is healthy")
+            return False
 
     def stop(self) -> None:
         if self._timer is not None:

@@ -1,9 +1,10 @@
-"""Throttling: how often a login may be tried, and how fast one user may write.
+"""Throttling: how often a login may be tried, how fast one user may write, how often one may open a stream.
 
 It owns leaky buckets in bounded memory (one LRU per kind of key, nothing written to the store) and the rules of
 docs/protocol.md, "Throttling": a login is let through or refused before its password is hashed, a message or an
-edit before it is stored, a typing event before it is fanned out. A refusal is `TooManyRequests` with the seconds
-to wait; HTTP never appears here (handlers/base.py turns it into 429 and `Retry-After`). The clock is handed in.
+edit before it is stored, a typing event before it is fanned out, a stream ticket before it is issued. A refusal
+is `TooManyRequests` with the seconds to wait; HTTP never appears here (handlers/base.py turns it into 429 and
+`Retry-After`). The clock is handed in.
 
 Logins, three limits, each a bucket of failures that drains fully over `login_window` seconds:
 - a phone from one address (`login_failures`): a guesser at one address is slowed, nobody else is;
@@ -35,10 +36,10 @@ TRACKED = 50_000
 
 K = TypeVar("K", bound=Hashable)
 
-LOGIN_PAIR, LOGIN_PHONE, LOGIN_ADDRESS, MESSAGE, TYPING = (
-    "login_pair", "login_phone", "login_address", "message", "typing",
+LOGIN_PAIR, LOGIN_PHONE, LOGIN_ADDRESS, MESSAGE, TYPING, TICKET = (
+    "login_pair", "login_phone", "login_address", "message", "typing", "ticket",
 )
-REFUSALS = (LOGIN_PAIR, LOGIN_PHONE, LOGIN_ADDRESS, MESSAGE, TYPING)
+REFUSALS = (LOGIN_PAIR, LOGIN_PHONE, LOGIN_ADDRESS, MESSAGE, TYPING, TICKET)
 
 
 class Buckets(Generic[K]):
@@ -99,6 +100,9 @@ class Throttle:
         if config.message_rate > 0:
             self._writes = Buckets(config.message_burst, config.message_rate, clock, size)
             self._typing = Buckets(config.message_burst, config.message_rate, clock, size)
+        self._tickets: Buckets[str] | None = None
+        if config.ticket_rate > 0:
+            self._tickets = Buckets(config.ticket_burst, config.ticket_rate, clock, size)
         # Requests refused, by what refused them (read by chatserver.metrics at each scrape).
         self.refused: dict[str, int] = dict.fromkeys(REFUSALS, 0)
 
@@ -136,15 +140,21 @@ class Throttle:
 
     def admit_write(self, user_id: str) -> None:
         """Count a message or an edit of the user's; TooManyRequests past `message_burst` at `message_rate`."""
-        writes = self._writes
-        if writes is None:
+        self._admit(self._writes, user_id, MESSAGE, "messages")
+
+    def admit_ticket(self, user_id: str) -> None:
+        """Count a stream ticket issued to the user; TooManyRequests past `ticket_burst` at `ticket_rate`."""
+        self._admit(self._tickets, user_id, TICKET, "stream tickets")
+
+    def _admit(self, buckets: Buckets[str] | None, user_id: str, what: str, things: str) -> None:
+        if buckets is None:
             return
-        wait = writes.wait(user_id)
+        wait = buckets.wait(user_id)
         if wait > 0:
-            self.refused[MESSAGE] += 1
+            self.refused[what] += 1
             seconds = retry_after(wait)
-            raise TooManyRequests(f"too many messages: try again in {seconds} s", retry_after=seconds)
-        writes.add(user_id)
+            raise TooManyRequests(f"too many {things}: try again in {seconds} s", retry_after=seconds)
+        buckets.add(user_id)
 
     def admit_typing(self, user_id: str) -> bool:
         """Whether a typing event of the user's may go out, at the rate of messages (in a bucket of its own)."""

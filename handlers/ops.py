@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from chatserver import queries
 from handlers.base import AppContext, JsonHandler
@@ -44,9 +44,10 @@ class ReadyHandler(JsonHandler):
 
 
 class MetricsHandler(JsonHandler):
-    def get(self) -> None:
+    async def get(self) -> None:
+        body = await self.ctx.metrics.exposition()
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(self.ctx.metrics.registry))
+        self.finish(body)
 
 
 class OpenApiHandler(JsonHandler):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 
 from chatserver.errors import BadRequest
+from chatserver.models import require_str
 from chatserver.service import DEFAULT_LIMIT, MAX_LIMIT
 from handlers.base import ApiHandler, client_address
 
 _LIMIT = re.compile(r"[0-9]{1,6}")
+MAX_CURSOR_LENGTH = 256  # far above any cursor issued (a 16-character log id, a dot, at most 18 digits)
 
 
 class LoginHandler(ApiHandler):
@@ -105,6 +107,15 @@ class TypingHandler(DialogApiHandler):
         await self.service.set_typing(self.user_id, dialog_id, self.json_body().get("typing"))
         self.set_status(204)
         self.finish()
+
+
+class AckHandler(ApiHandler):
+    """`POST /api/ack {"cursor"}` (PROTOCOL section 11): the caller's client has every event up to the cursor (for
+    SSE clients, which cannot write on their stream)."""
+
+    async def post(self) -> None:
+        cursor = require_str(self.json_body(), "cursor", max_length=MAX_CURSOR_LENGTH)
+        self.reply({"acknowledged": await self.service.acknowledge(self.user_id, cursor)})
 
 
 class ReadHandler(DialogApiHandler):

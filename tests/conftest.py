@@ -1,10 +1,11 @@
 """Shared fixtures: a real server on a real port over a real store, and small clients for it.
 
-`app` builds the server exactly as run.py does (handlers.app), with a fresh state folder per test, on each store
-(`store_kind`): a real SQLite file, and a real PostgreSQL database made for the test and dropped after it (on
-127.0.0.1:5432 as user postgres, or `CHATSERVER_TEST_POSTGRES`). A module whose tests do not touch the store or
-the real-time path overrides `store_kind` with SQLite alone. The `http_server` fixture of pytest-tornado is
-replaced so that the listener carries the same limits as production (`make_http_server`). Helpers here wait
+`app` builds the server exactly as run.py does (run.build_context, handlers.app.make_app), with a fresh state
+folder per test, on each store (`store_kind`): a real SQLite file, and a real PostgreSQL database made for the
+test and dropped after it (on 127.0.0.1:5432 as user postgres, or `CHATSERVER_TEST_POSTGRES`). A module whose
+tests do not touch the store or the real-time path overrides `store_kind` with SQLite alone. The `http_server`
+fixture of pytest-tornado is replaced so that the listener carries the same limits as production
+(`make_http_server`). Helpers here wait
 with bounds: a lost event fails a test, never hangs it.
 """
 
@@ -28,13 +29,15 @@ from chatserver import jsonutil
 from chatserver.admin import DEMO_PASSWORD, add_dialog, add_user, ensure_demo
 from chatserver.config import Config, load_config
 from chatserver.store import open_store
-from handlers.app import build_context, close_context, make_app, make_http_server
+from handlers.app import make_app
 from handlers.base import AppContext
+from run import build_context, close_context, make_http_server
 from tests import pg
 from tests.process import ThreadedServer
 
 ALICE_PHONE, BOB_PHONE, CAROL_PHONE = "79111111111", "79777777777", "79000000000"
 PASSWORD = "demo-password"
+RECEIPT = "dialog:receipt"
 
 
 @pytest.fixture
@@ -172,30 +175,47 @@ class Client:
 
 
 class Socket:
-    """A WebSocket client that reads frames with a bound on every wait."""
+    """A WebSocket client that reads frames with a bound on every wait.
+
+    `next` and `nothing_within` pass over `dialog:receipt` frames (PROTOCOL section 11: any poll or resume may
+    cause one, a second later) unless a test asks for them by type with `next_of`.
+    """
 
     def __init__(self, conn: tornado.websocket.WebSocketClientConnection) -> None:
         self.conn = conn
         self.ready: dict[str, Any] = {}
 
-    async def next(self, timeout: float = 5) -> dict[str, Any]:
+    async def _read(self, timeout: float) -> dict[str, Any]:
         raw = await asyncio.wait_for(self.conn.read_message(), timeout)
         assert raw is not None, f"the socket closed ({self.conn.close_code} {self.conn.close_reason})"
         return jsonutil.loads(raw)
 
-    async def next_of(self, *types: str, timeout: float = 5) -> dict[str, Any]:
-        """The next frame of one of these types, skipping others (pong, typing)."""
+    async def next(self, timeout: float = 5) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            frame = await self.next(timeout)
+            frame = await self._read(max(0.0, deadline - asyncio.get_running_loop().time()))
+            if frame.get("type") != RECEIPT:
+                return frame
+
+    async def next_of(self, *types: str, timeout: float = 5) -> dict[str, Any]:
+        """The next frame of one of these types, skipping others (pong, typing, receipts)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            frame = await self._read(max(0.0, deadline - asyncio.get_running_loop().time()))
             if frame["type"] in types:
                 return frame
 
     async def nothing_within(self, seconds: float) -> None:
-        try:
-            frame = await asyncio.wait_for(self.conn.read_message(), seconds)
-        except TimeoutError:
-            return
-        raise AssertionError(f"expected no frame, got {frame!r}")
+        deadline = asyncio.get_running_loop().time() + seconds
+        while True:
+            try:
+                raw = await asyncio.wait_for(self.conn.read_message(),
+                                             max(0.0, deadline - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                return
+            frame = jsonutil.loads(raw) if raw is not None else None
+            if frame is None or frame.get("type") != RECEIPT:
+                raise AssertionError(f"expected no frame, got {raw!r}")
 
     def send(self, frame: dict[str, Any]) -> None:
         self.conn.write_message(jsonutil.dumps(frame))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -99,6 +100,9 @@ def test_trusted_origins_from_a_toml_list_or_comma_text(tmp_path: Path) -> None:
         ("port = 70000\n", ("port", "65535")),
         ('log_level = "loud"\n', ("log_level",)),
         ("port = \n", ("not valid TOML",)),
+        ("workers = 0\n", ("workers", "auto")),
+        ("workers = true\n", ("workers", "str")),
+        ("workers = 1.5\n", ("workers",)),
         ("port = 1\nport = 2\n", ("not valid TOML",)),
     ],
 )
@@ -134,6 +138,11 @@ def test_unreadable_or_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
         ("LOG_LEVEL", "verbose"),
         ("TRUSTED_PROXIES", "10.0.0.1, proxy.local"),
         ("MESSAGE_RATE", "-1"),
+        ("WORKERS", "0"),
+        ("WORKERS", "²"),
+        ("WORKERS", "-1"),
+        ("WORKERS", "Auto"),
+        ("WORKERS", "257"),
     ],
 )
 def test_bad_environment_value_is_a_config_error(name: str, raw: str) -> None:
@@ -148,8 +157,9 @@ def test_every_setting_comes_from_the_environment() -> None:
     environ["CHATSERVER_LOG_LEVEL"] = "debug"
     environ["CHATSERVER_AMQP_URL"] = "amqp://localhost"
     environ["CHATSERVER_TRUSTED_PROXIES"] = "10.0.0.1"
+    environ["CHATSERVER_WORKERS"] = "3"
     config = load_config({}, environ)
-    special = {"log_level": "debug", "amqp_url": "amqp://localhost", "trusted_proxies": "10.0.0.1"}
+    special = {"log_level": "debug", "amqp_url": "amqp://localhost", "trusted_proxies": "10.0.0.1", "workers": "3"}
     for name, field in SETTINGS.items():
         expected = special.get(name, samples[str(field.type)])
         assert str(getattr(config, name)) == expected, name
@@ -171,6 +181,8 @@ def test_the_template_loads_and_equals_the_defaults(tmp_path: Path, monkeypatch:
     assert load_config({}, {}, write(tmp_path / "on.toml", turned_on)) == defaults
     for name, value in values.items():
         field_default = getattr(Config(), name)
+        if name == "workers":  # a number or "auto": the template shows the number
+            value = str(value)
         assert value == field_default, (
             f"conf/chatserver.toml shows {name} = {value!r}, the default is {field_default!r}"
         )
@@ -181,3 +193,11 @@ def test_config_is_frozen() -> None:
     config = load_config({}, {})
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         config.port = 1  # type: ignore[misc]
+
+
+def test_workers_is_a_number_or_auto_for_every_usable_core(tmp_path: Path) -> None:
+    assert load_config({}, {}).worker_count == 1
+    assert load_config({}, {}, write(tmp_path / "two.toml", "workers = 2\n")).worker_count == 2
+    assert load_config({}, {"CHATSERVER_WORKERS": "3"}).worker_count == 3
+    auto = load_config({"workers": "auto"}, {})
+    assert auto.worker_count == len(os.sched_getaffinity(0))

@@ -1,4 +1,4 @@
-"""handlers/http1.py, the server's own HTTP/1.1 connections, proved byte by byte over real sockets.
+"""transport/http1.py, the server's own HTTP/1.1 connections, proved byte by byte over real sockets.
 
 Keep-alive and its HTTP/1.0 form, pipelining, bodies in pieces and `Expect: 100-continue`; every refusal of the
 layer itself (400, 408, 413, 431) a readable JSON answer followed by the end of the connection, never a reset;
@@ -25,10 +25,10 @@ import tornado.httputil
 import tornado.testing
 
 from chatserver import jsonutil
-from handlers import http1
 from handlers.app import make_app
 from handlers.base import AppContext
 from tests.conftest import Client
+from transport import http1
 
 WAIT = 5.0  # the bound on every read that should succeed
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

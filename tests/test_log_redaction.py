@@ -2,7 +2,7 @@
 
 A client may put its token where the server does not look for one (`Authorization: Token …`, `Bearer,…`, a
 WebSocket subprotocol, a bad `Host`, a path, a cookie). The server refuses such requests, and its log lines
-about them (Tornado's own warnings, the access log, handlers/http1.py's "malformed HTTP request") must not
+about them (Tornado's own warnings, the access log, transport/http1.py's "malformed HTTP request") must not
 carry the token: redaction is by value (anything shaped like a token) and by field (auth-like headers), in the
 one formatter every logger goes through.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from chatserver.auth import TokenSigner
-from handlers.base import redact
+from chatserver.redaction import redact
 from tests.process import ROOT, ServerProcess
 
 
@@ -54,7 +54,7 @@ def shapes(token: str) -> list[tuple[str, str, bytes]]:
     body, _, signature = token.partition(".")
     encoded = f"%{ord(body[0]):02X}{body[1:]}.{signature[:5]}%{ord(signature[5]):02x}{signature[6:]}"
     return [
-        # handlers/http1.py's own parser ("chatserver.http: malformed HTTP request ...: Invalid header value '...'")
+        # transport/http1.py's own parser ("chatserver.http: malformed HTTP request ...: Invalid header value '...'")
         ("Token scheme", get("/api/me", f"Authorization: Token {token}\x00"), b"400"),
         ("Bearer,token", get("/api/me", f"Authorization: Bearer,{token}\x00"), b"400"),
         ("subprotocol", get("/api/me", f"Sec-WebSocket-Protocol: chat, {token}\x01"), b"400"),
@@ -64,7 +64,7 @@ def shapes(token: str) -> list[tuple[str, str, bytes]]:
         ("Host with a prefix", get("/api/me", host=f"evil.{token}/x"), b"400"),
         ("two Hosts", get("/api/me", f"Host: {token}"), b"400"),
         # Tornado's own HTTP/1.1 server, for the hand-over paths: its parser refuses a header value ("tornado.general:
-        # Malformed HTTP message ..."), handlers/http1.py's delegate a Host ("chatserver.http: ... Invalid Host")
+        # Malformed HTTP message ..."), transport/http1.py's delegate a Host ("chatserver.http: ... Invalid Host")
         ("subprotocol to /ws", get("/ws", *WS, f"Sec-WebSocket-Protocol: {token}\x01"), b"400"),
         ("bad Host to /ws", get("/ws", *WS, host=f"{token}/x"), b"400"),
         ("bad Host to SSE", get("/api/events", host=f"{token}/x"), b"400"),

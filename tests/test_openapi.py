@@ -26,7 +26,7 @@ from chatserver import jsonutil
 from handlers.app import OPENAPI_DOCUMENT
 from handlers.base import AppContext, implemented_methods
 from tests.conftest import Client
-from tests.test_realtime import SseReader
+from tests.test_realtime import SseReader, eventually
 
 DOCUMENT: dict[str, Any] = jsonutil.loads(OPENAPI_DOCUMENT.read_bytes())
 METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")
@@ -215,7 +215,7 @@ class Caller:
 
 @pytest.mark.gen_test(timeout=60)
 # Next to nothing drains from a write bucket during the test: the answer past the burst is 429 however slow the run.
-@pytest.mark.parametrize("settings", [{"message_rate": 0.001}])
+@pytest.mark.parametrize("settings", [{"message_rate": 0.001, "ticket_rate": 0.001, "ticket_burst": 3}])
 async def test_every_declared_answer_is_given_by_a_real_call_and_matches_the_document(
     alice: Client, bob: Client, carol: Client, dialog_id: str, ctx: AppContext
 ) -> None:
@@ -298,12 +298,20 @@ async def test_every_declared_answer_is_given_by_a_real_call_and_matches_the_doc
     await a.call("POST", read, read_url, body={"messageId": "msg_0000000000000000"}, expect=404)
     await a.call("POST", read, read_url, raw=big, expect=413)
 
+    # acknowledgements (receipts), and a receipt among the events below
+    ack = "/api/ack"
+    await b.call("POST", ack, body={"cursor": ctx.broadcaster.cursor()}, expect=200)
+    await b.call("POST", ack, body={"cursor": "not-a-cursor"}, expect=400)
+    await b.call("POST", ack, body={"cursor": cursor}, token="", expect=401)
+    await b.call("POST", ack, raw=big, expect=413)
+    await eventually(lambda: ctx.service.receipts.logged > 0 and ctx.service.receipts.idle)
+
     # long-poll: every kind of event in one answer or another, each checked against its schema
     poll = "/api/poll"
     await a.call("GET", poll, expect=200)
     answer = await a.call("GET", poll, f"/api/poll?cursor={cursor}&timeout=0", expect=200)
     kinds = {event["type"] for event in jsonutil.loads(answer.body)["data"]["events"]}
-    assert kinds >= {"message:new", "message:update", "dialog:update"}, kinds
+    assert kinds >= {"message:new", "message:update", "dialog:update", "dialog:receipt"}, kinds
     parked = asyncio.ensure_future(
         a.call("GET", poll, f"/api/poll?cursor={ctx.broadcaster.cursor()}&typing={dialog_id}&timeout=10", expect=200)
     )
@@ -352,6 +360,8 @@ async def test_every_declared_answer_is_given_by_a_real_call_and_matches_the_doc
     await a.call("POST", stream_ticket, token=ticket, expect=401)
     await a.call("POST", stream_ticket, token="", expect=401)
     await a.call("POST", stream_ticket, raw=big, expect=413)
+    await a.call("POST", stream_ticket, expect=201)
+    await a.call("POST", stream_ticket, expect=429)
 
     # throttling: failed logins from one address for one phone, then Bob's writes past his burst
     for _ in range(ctx.config.login_failures):

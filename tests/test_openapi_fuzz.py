@@ -58,7 +58,7 @@ def api(live: Live) -> Any:
                     {"include-operation-id": operation, "checks": {"positive_data_acceptance": {
                         "expected-statuses": ["2xx", "101", "400", "401", "403", "404"]}}}
                     for operation in ("createDialog", "updateDialog", "listMessages", "findUsers", "markRead", "poll",
-                                      "eventStream", "webSocket")
+                                      "acknowledge", "eventStream", "webSocket")
                 ),
             ],
         }

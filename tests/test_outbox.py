@@ -1,4 +1,4 @@
-"""handlers/outbox.py on a real loop: the fast path, the end-of-turn batching, order, and the bound.
+"""transport/outbox.py on a real loop: the fast path, the end-of-turn batching, order, and the bound.
 
 The connection side is recorded (what reached `write_now`, what went through the awaited `send`), so that a
 test can tell one joined send from several; the WebSocket tests (test_realtime) prove the same over sockets.
@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from handlers.outbox import Outbox, TurnBatcher
+from transport.outbox import Outbox, TurnBatcher
 
 
 class Wire:
@@ -116,3 +116,34 @@ async def test_a_batcher_is_ignored_without_a_fast_path() -> None:
     box.push(b"b")
     await turns(6)
     assert wire.writes == [("sent", b"a"), ("sent", b"b")]
+
+
+@pytest.mark.gen_test
+async def test_a_paced_replay_never_queues_past_the_bound_and_sends_everything_in_order() -> None:
+    # Ten frames of 4 bytes through a bound of 10: the replay waits for the wire instead of being cut off.
+    wire = Wire(accept_now=False)
+    box = wire.outbox(limit=10)
+    most = 0
+    for n in range(10):
+        assert await box.push_paced(b"f%03d" % n, timeout=5)
+        most = max(most, box.queued_bytes)
+    await box.drained()
+    assert most <= 10 and wire.overflowed == 0 and not box.closed
+    assert [data for _, data in wire.writes] == [b"f%03d" % n for n in range(10)]
+
+
+@pytest.mark.gen_test
+async def test_a_paced_replay_that_the_client_does_not_take_is_cut_off_after_the_timeout() -> None:
+    taken = asyncio.Event()
+
+    async def never(data: bytes) -> None:  # a client that stopped reading: the socket never takes the bytes
+        await asyncio.wait_for(taken.wait(), 10)
+
+    overflowed: list[bool] = []
+    box = Outbox(10, never, lambda: overflowed.append(True))
+    assert await box.push_paced(b"first", timeout=0.1)
+    assert await box.push_paced(b"2nd", timeout=0.1)  # still within the bound: queued at once
+    assert not await box.push_paced(b"third", timeout=0.1)  # past it: waited 0.1 s for the client, then cut off
+    assert box.closed and overflowed == [True]
+    taken.set()
+    await turns()  # the writer's last send ends, and with it the writer

@@ -503,7 +503,7 @@ async def read_server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 async def read_past_pings(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """The server's next frame other than a ping: the keep-alive sweep (handlers/pings.py) pings every socket on its
+    """The server's next frame other than a ping: the keep-alive sweep (transport/pings.py) pings every socket on its
     own clock, so its ping may come before any frame, even the ready frame (queued) or the echo of a close."""
     opcode, payload = await read_server_frame(reader)
     while opcode == 0x9:

@@ -23,8 +23,9 @@ import tornado.websocket
 
 import run
 from chatserver import jsonutil
-from handlers.app import build_context, close_context, make_app, make_http_server
+from handlers.app import make_app
 from handlers.base import AppContext
+from run import build_context, close_context, make_http_server
 from tests.conftest import Client
 from tests.test_ops import scrape
 
@@ -554,6 +555,33 @@ async def test_client_that_stops_reading_is_cut_off_while_others_keep_receiving(
         await eventually(lambda: len(ctx.connections) == 1, 10)
     finally:
         stalled.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("settings", [
+    {"client_buffer_limit": 64 * 1024, "message_rate": 0.0},  # the missed events are in memory
+    {"client_buffer_limit": 64 * 1024, "message_rate": 0.0, "history_size": 5},  # in the store alone
+], ids=["memory", "store"])
+async def test_client_behind_by_more_than_its_buffer_resumes_on_websocket_and_sse(
+    alice: Client, bob: Client, dialog_id: str, ctx: AppContext
+) -> None:
+    # A reader that keeps up, coming back after 40 events of 10 kB each: six times its connection's bound. The
+    # replay is paced by what it reads (never queued past the bound), so it is served, not cut off as slow.
+    _, hello = await bob.poll()
+    cursor = hello["data"]["cursor"]
+    sent = [(await alice.post_message(dialog_id, f"{i} " + "ж" * 5000))["messageId"] for i in range(40)]
+    ws = await bob.websocket(cursor)
+    assert [(await ws.next_of("message:new"))["data"]["messageId"] for _ in sent] == sent
+    sse = SseReader(bob, cursor=cursor)
+    try:
+        assert message_ids(await sse.wait_for(len(sent) + 1)) == sent
+        # Both subscribed after their replay: a new event comes live, once.
+        live = await alice.post_message(dialog_id, "live")
+        assert (await ws.next_of("message:new"))["data"]["messageId"] == live["messageId"]
+        assert message_ids(await sse.wait_for(len(sent) + 2)) == [*sent, live["messageId"]]
+    finally:
+        sse.close()
+    assert ctx.metrics.slow_clients_closed._value.get() == 0
 
 
 async def raw_event_stream(client: Client, receive_buffer: int = 4096) -> socket.socket:

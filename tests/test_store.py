@@ -99,7 +99,8 @@ TABLES: dict[str, list[tuple[str, bool]]] = {
     "users": [("user_id", True), ("phone", True), ("name", True), ("password_hash", True), ("created_at", True)],
     "dialogs": [("dialog_id", True), ("title", True), ("created_at", True), ("updated_at", True),
                 ("last_seq", True), ("activity_at", True), ("members_version", True), ("created_by", False)],
-    "dialog_members": [("dialog_id", True), ("user_id", True), ("position", True), ("last_read_seq", True)],
+    "dialog_members": [("dialog_id", True), ("user_id", True), ("position", True), ("last_read_seq", True),
+                       ("delivered_seq", True)],
     "messages": [("seq", True), ("message_id", True), ("dialog_id", True), ("sender_id", True), ("content", True),
                  ("type", True), ("meta", True), ("created_at", True), ("updated_at", True),
                  ("client_message_id", False)],
@@ -287,8 +288,10 @@ async def test_an_old_sqlite_file_is_migrated_keeping_its_data_and_its_history_o
         # Old data keeps deduplicating and its read marks keep moving forward only.
         again = message(talk.dialog_id, ann, "a retry of an old send", client_id="c-old")
         assert await store.write(queries.insert_message, again) == (sent[0], False)
-        assert (await store.write(queries.mark_read, talk.dialog_id, ben.user_id, sent[0].message_id)).unread_count == 2
-        assert (await store.write(queries.mark_read, talk.dialog_id, ben.user_id, newer.message_id)).unread_count == 0
+        read, _ = await store.write(queries.mark_read, talk.dialog_id, ben.user_id, sent[0].message_id)
+        assert read.unread_count == 2
+        read, _ = await store.write(queries.mark_read, talk.dialog_id, ben.user_id, newer.message_id)
+        assert read.unread_count == 0
         assert await store.read(queries.unread_counts, talk.dialog_id) == {ann.user_id: 1, ben.user_id: 0}
     async with started(str(path)) as store:  # a second start migrates nothing and keeps the log's name
         assert await store.read(eventlog.meta) == (log_id, 7, 4)
@@ -536,7 +539,7 @@ async def test_unread_counts_follow_messages_of_others_and_read_marks(
     assert await store.read(queries.unread_counts, talk.dialog_id) == {ann.user_id: 1, ben.user_id: 3}
 
     async def mark(message_id: str) -> int:
-        return (await store.write(queries.mark_read, talk.dialog_id, ben.user_id, message_id)).unread_count
+        return (await store.write(queries.mark_read, talk.dialog_id, ben.user_id, message_id))[0].unread_count
 
     assert await mark(sent[1].message_id) == 1
     assert await mark(sent[0].message_id) == 1  # never backwards

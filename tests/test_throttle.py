@@ -1,6 +1,6 @@
-"""Throttling over real sockets: logins per (phone, address), per phone and per address; messages, edits and
-typing per user. Each refusal is a 429 with an integer `Retry-After` and the JSON error envelope; what is refused
-is never hashed, stored or published; /metrics counts every refusal.
+"""Throttling over real sockets: logins per (phone, address), per phone and per address; messages, edits,
+typing and stream tickets per user. Each refusal is a 429 with an integer `Retry-After` and the JSON error
+envelope; what is refused is never hashed, stored or published; /metrics counts every refusal.
 
 Logins come from several real source addresses (127.0.0.2, 127.0.0.3, ...: the whole of 127/8 is loopback), so
 the server sees each as its own client. The windows are configured short: recovery is waited for in seconds.
@@ -281,3 +281,22 @@ async def test_typing_over_the_rate_is_dropped_on_every_transport_not_fanned_out
     # Messages have a bucket of their own: typing did not use it up.
     for n in range(3):
         await alice.post_message(dialog_id, f"after typing {n}")
+
+
+# -- stream tickets ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings", [{**SETTINGS, "ticket_burst": 3, "ticket_rate": 1.0}])
+@pytest.mark.gen_test(timeout=30)
+async def test_stream_tickets_over_the_rate_get_429_and_another_users_are_their_own(
+    alice: Client, bob: Client, http_port: int
+) -> None:
+    for _ in range(3):
+        assert (await request(http_port, "POST", "/api/stream-ticket", {}, token=alice.token)).code == 201
+    wait = assert_throttled(await request(http_port, "POST", "/api/stream-ticket", {}, token=alice.token))
+    assert await throttled_count(http_port, "ticket") == 1
+    assert (await request(http_port, "POST", "/api/stream-ticket", {}, token=bob.token)).code == 201
+    await asyncio.sleep(wait)
+    answer = await request(http_port, "POST", "/api/stream-ticket", {}, token=alice.token)
+    assert answer.code == 201
+    assert jsonutil.loads(answer.body)["data"]["expiresIn"] == 30

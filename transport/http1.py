@@ -1,7 +1,7 @@
 """The server's own HTTP/1.1 connections: the listener, and every plain request-response exchange on it.
 
 A connection here is an asyncio Protocol: bytes arrive in `data_received`, a request's head is parsed with
-Tornado's own parsers, the request goes to the application (or to handlers/fastpoll.py's lean poll) through
+Tornado's own parsers, the request goes to the application (or to transport/fastpoll.py's lean poll) through
 Tornado's `HTTPMessageDelegate` interface, and its answer leaves in one `transport.write`. Tornado's
 `HTTP1Connection` does the same with a coroutine, a `Future` per read and per write and IOStream's buffers
 per request; for a long-poll, answered once per event and asked again at once, that was most of its cost.
@@ -41,15 +41,16 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeGuard, cast
 
+import attrs
 import tornado.httpserver
 import tornado.httputil
 import tornado.ioloop
 import tornado.iostream
 import tornado.netutil
-from tornado.http1connection import parse_int
-from tornado.httputil import _normalize_header
 
-from handlers.base import error_body, redact
+from chatserver.jsonutil import error_body
+from chatserver.redaction import redact
+from transport import compat
 
 log = logging.getLogger("chatserver.http")
 
@@ -97,6 +98,18 @@ _ONE_CONNECTION_ERRORS = frozenset((
 _LIMIT_ANSWER = refusal(503, "the server is at its connection limit; retry later", "Retry-After: 1\r\n")
 
 
+@attrs.frozen
+class Limits:
+    """The bounds of a connection, from HTTPServer's keyword arguments of the same meaning."""
+
+    header_timeout: float  # the idle wait for a request (idle_connection_timeout)
+    body_timeout: float | None
+    max_header_size: int
+    max_body_size: int | None
+    no_keep_alive: bool
+    decompress: bool
+
+
 class Server(tornado.httpserver.HTTPServer):
     """Tornado's HTTPServer with the same parameters and methods, whose connections start here.
 
@@ -114,6 +127,14 @@ class Server(tornado.httpserver.HTTPServer):
     def initialize(self, *args: Any, handover_paths: tuple[str, ...] = (), max_connections: int = 0,
                    on_refused: Callable[[str], None] | None = None, **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
+        self.params = Limits(
+            header_timeout=kwargs.get("idle_connection_timeout") or 3600.0,  # Tornado's default
+            body_timeout=kwargs.get("body_timeout"),
+            max_header_size=kwargs.get("max_header_size") or 65536,
+            max_body_size=kwargs.get("max_body_size"),
+            no_keep_alive=bool(kwargs.get("no_keep_alive")),
+            decompress=bool(kwargs.get("decompress_request")),
+        )
         self.handover_paths = frozenset(handover_paths)
         self._handover_prefixes = tuple(p + c for p in handover_paths for c in "?/")
         # A connection whose first request is for one of these paths goes to Tornado before a byte of it is
@@ -226,7 +247,7 @@ class Server(tornado.httpserver.HTTPServer):
                                       "(max_connections)")
 
     def _handle_accepted(self, connection: socket.socket, address: Any) -> None:
-        if self.ssl_options is not None or self.xheaders or self.conn_params.decompress:
+        if self.ssl_options is not None or self.xheaders or self.params.decompress:
             self._serve_with_tornado(connection, address)
             return
         loop = asyncio.get_running_loop()
@@ -325,7 +346,7 @@ class Server(tornado.httpserver.HTTPServer):
         now = asyncio.get_running_loop().time()
         for conn in [c for c in self.front if 0 < c.deadline <= now]:
             conn.timed_out()
-        timeout = self.conn_params.header_timeout
+        timeout = self.params.header_timeout
         if timeout:
             for connection in [c for c, (_, accepted) in self._unread.items() if accepted + timeout <= now]:
                 self._drop_unread(connection)  # connected and never said a word within the idle timeout
@@ -463,14 +484,6 @@ class _CountedSSLStream(_Counted, tornado.iostream.SSLIOStream):
         self._count(server)
 
 
-class _Headers(tornado.httputil.HTTPHeaders):
-    """An empty HTTPHeaders, made without its constructor's generic `update()` (a tenth of a request's parsing)."""
-
-    def __init__(self) -> None:
-        self._as_list: dict[str, list[str]] = {}
-        self._combined_cache: dict[str, str] = {}
-
-
 _CR_LF = b"\r\n"
 
 
@@ -488,8 +501,7 @@ def parse_headers(block: str) -> tornado.httputil.HTTPHeaders:
     """HTTPHeaders.parse's result for a header block (latin-1 text, the empty line included), or its error."""
     if _PLAIN_HEADERS.fullmatch(block) is None:
         return tornado.httputil.HTTPHeaders.parse(block)
-    headers = _Headers()
-    fields = headers._as_list  # filled as HTTPHeaders.add fills it: normalized name -> its values in order
+    fields: dict[str, list[str]] = {}  # as HTTPHeaders.add fills it: normalized name -> its values in order
     for line in block.split("\n"):
         name, colon, value = line.partition(":")
         if not colon:
@@ -497,7 +509,7 @@ def parse_headers(block: str) -> tornado.httputil.HTTPHeaders:
         value = value.rstrip("\r").strip(" \t")
         normalized = _NORMALIZED.get(name)
         if normalized is None:
-            normalized = _normalize_header(name)
+            normalized = compat.normalize_header(name)
             if len(_NORMALIZED) < 1000:  # the names clients send are few; a bound for those who invent more
                 _NORMALIZED[name] = normalized
         values = fields.get(normalized)
@@ -505,7 +517,7 @@ def parse_headers(block: str) -> tornado.httputil.HTTPHeaders:
             fields[normalized] = [value]
         else:
             values.append(value)  # a repeated field: a list, as HTTPHeaders.parse makes it
-    return headers
+    return compat.headers_from_fields(fields)
 
 
 _NORMALIZED: dict[str, str] = {}
@@ -598,7 +610,7 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         # The loop, looked up once: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
         self.loop = asyncio.get_running_loop()
-        self.params = server.conn_params
+        self.params = server.params
         self.address = address
         self.context = _Context(address)
         self.transport: asyncio.Transport | None = None
@@ -732,8 +744,9 @@ class Connection(asyncio.BufferedProtocol):
             log.info("malformed HTTP request from %s: %s", self.context.remote_ip, redact(str(exc)))
             self._refuse(400, "malformed HTTP request")
             return False
-        if "Transfer-Encoding" in headers._as_list:
-            problem = transfer_encoding_problem(start_line, headers._as_list)
+        fields = compat.header_fields(headers)
+        if "Transfer-Encoding" in fields:
+            problem = transfer_encoding_problem(start_line, fields)
             if problem is not None:
                 self._refuse(400, problem)  # here, as JSON: Tornado's refusal of it would be a bare 400
                 return False
@@ -836,7 +849,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _content_length(self, headers: tornado.httputil.HTTPHeaders) -> int:
         """Tornado's reading of Content-Length (duplicates that agree are one; anything else is a 400)."""
-        values = headers._as_list.get("Content-Length")
+        values = compat.header_fields(headers).get("Content-Length")
         if values is None:
             return 0
         value = values[0] if len(values) == 1 else headers["Content-Length"]
@@ -845,10 +858,9 @@ class Connection(asyncio.BufferedProtocol):
             if any(piece != pieces[0] for piece in pieces):
                 raise tornado.httputil.HTTPInputError(f"multiple unequal Content-Lengths: {value!r}")
             headers["Content-Length"] = value = pieces[0]
-        try:
-            return parse_int(value)
-        except ValueError:
-            raise tornado.httputil.HTTPInputError(f"only an integer Content-Length is allowed: {value!r}") from None
+        if not (value.isascii() and value.isdecimal()):
+            raise tornado.httputil.HTTPInputError(f"only an integer Content-Length is allowed: {value!r}")
+        return int(value)
 
     def _can_keep_alive(self, start_line: tornado.httputil.RequestStartLine,
                         headers: tornado.httputil.HTTPHeaders) -> bool:
@@ -857,7 +869,7 @@ class Connection(asyncio.BufferedProtocol):
         end is known (a Content-Length, or a HEAD or GET)."""
         if self.params.no_keep_alive:
             return False
-        fields = headers._as_list
+        fields = compat.header_fields(headers)
         options = connection_options(fields["Connection"]) if "Connection" in fields else _NO_OPTIONS
         if "close" in options:
             return False
@@ -868,7 +880,7 @@ class Connection(asyncio.BufferedProtocol):
     def _for_tornado(self, start_line: tornado.httputil.RequestStartLine,
                      headers: tornado.httputil.HTTPHeaders) -> bool:
         """Whether this request (and the rest of its connection) is Tornado's: upgrades, streams, chunked bodies."""
-        fields = headers._as_list  # HTTPHeaders' own map of normalized names: `in` without normalizing again
+        fields = compat.header_fields(headers)  # `in` without normalizing the name again
         if "Upgrade" in fields or "Transfer-Encoding" in fields:
             return True
         path = start_line.path
@@ -1052,8 +1064,7 @@ class Connection(asyncio.BufferedProtocol):
         stream = _CountedStream(server, raw, max_buffer_size=server.max_buffer_size,
                                 read_chunk_size=server.read_chunk_size)
         # What was read already is the start of what Tornado reads (IOStream has no public way to put it back).
-        stream._read_buffer += data
-        stream._read_buffer_size += len(data)
+        compat.unread(stream, data)
         server.handle_stream(stream, self.address)
 
 
@@ -1096,7 +1107,7 @@ class Exchange(tornado.httputil.HTTPConnection):
         if request.method == "HEAD" or code == 304:
             self.expected_remaining = 0
         elif "Content-Length" in headers:
-            self.expected_remaining = parse_int(headers["Content-Length"])
+            self.expected_remaining = int(headers["Content-Length"])
         else:
             self.expected_remaining = None
         lines = [f"HTTP/1.1 {code} {start_line.reason}".encode("latin1")]
@@ -1142,7 +1153,7 @@ class Exchange(tornado.httputil.HTTPConnection):
     # -- ours ------------------------------------------------------------------------------------------
 
     def write_answer(self, data: bytes) -> None:
-        """A complete answer (head and a Content-Length body) written at once, for handlers/fastpoll.py."""
+        """A complete answer (head and a Content-Length body) written at once, for transport/fastpoll.py."""
         if self.disconnect_on_finish or self.start_line.version != "HTTP/1.1":
             raise ValueError("write_answer is for kept-alive HTTP/1.1 requests only")  # callers check first
         conn = self.conn

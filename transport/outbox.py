@@ -4,7 +4,9 @@ The broadcaster hands a connection its events synchronously; the connection must
 without bound. `Outbox.push` appends the event's bytes and, when nothing is being written, starts the one
 writer task. The writer awaits each write, so at most one write sits in the socket layer's buffer and the
 queue here holds the rest. Past `limit` bytes queued, the connection is cut off (`on_overflow`) and its client
-resumes later from its cursor: nothing is lost, and the server's memory stays bounded.
+resumes later from its cursor: nothing is lost, and the server's memory stays bounded. A replay is queued with
+`push_paced`, which waits for the client to take what is queued rather than go past the bound, so a client that
+comes back far behind is served as fast as it reads.
 
 The fast path: with nothing queued and no writer running, `write_now` (where the transport offers one) hands
 the bytes to the socket at once, with no task and no future; it declines when the socket layer still holds
@@ -80,8 +82,8 @@ class Outbox:
         return self._queued
 
     def push(self, data: bytes, *, direct: bool = True) -> None:
-        """Send `data` after everything pushed before it. `direct=False` skips the fast path: a replay is
-        queued whole, so that one bigger than the bound is cut off as it always was."""
+        """Send `data` after everything pushed before it. `direct=False` skips the fast path: the frame is
+        queued and counted against the bound (a replay paces itself with `push_paced`)."""
         if self.closed:
             return
         waiting = self._waiting
@@ -139,6 +141,27 @@ class Outbox:
             self._writer = None
             if not self._queue:
                 self._queue = None  # drained: the deque goes until the next queued write
+
+    @property
+    def room(self) -> int:
+        """Bytes that may still be queued before the bound."""
+        return self._limit - self._queued
+
+    async def push_paced(self, data: bytes, timeout: float) -> bool:
+        """Queue `data` (a replayed frame, never the fast path) without taking the queue past the bound: where it
+        would, first wait for what is queued to be handed to the socket, at most `timeout` seconds; a client that
+        takes nothing in that time is cut off. A frame bigger than the bound alone is still cut off, as a live
+        one is. False once the outbox is closed."""
+        if self._queued and self._queued + len(data) > self._limit:
+            try:
+                await asyncio.wait_for(self.drained(), timeout)
+            except TimeoutError:
+                if not self.closed:
+                    self.close()
+                    self._on_overflow()
+                return False
+        self.push(data, direct=False)
+        return not self.closed
 
     async def drained(self) -> None:
         """Return once everything queued is handed to the transport, or the outbox is closed (a replay read in
