@@ -88,7 +88,8 @@ def cpu_seconds(pids: list[int]) -> tuple[float, float]:
 
 
 def write_calls(pids: list[int]) -> int:
-    """System calls that wrote (write, send, sendmsg...) by `pids` so far: /proc/<pid>/io's syscw, all threads."""
+    """/proc/<pid>/io's syscw of `pids` so far: the write(2) family (files, pipes such as the loop's wake-up, and
+    sockets written with write/writev, as nginx does); a socket's send/sendto/sendmsg is not counted there."""
     total = 0
     for pid in pids:
         try:
