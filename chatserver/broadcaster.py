@@ -97,6 +97,9 @@ class Broadcaster:
         self._history_bytes = 0
         self._history_positions = 0  # distinct positions held (a position may have several records)
         self.last_position = position
+        # The position of the last `message:new` published; at start the head, which may be one (a bound, never
+        # below the true one). An acknowledgement past it moves no delivered position further than one of it.
+        self.last_message_position = position
         # A user's live connections, as a tuple replaced at each (un)subscribe: a delivery that unsubscribes
         # (a cut-off) never changes the tuple a fan-out iterates, so the fan-out needs no copy per recipient.
         # (Un)subscribing copies the user's few connections: linear in them, where a set would be constant.
@@ -156,6 +159,8 @@ class Broadcaster:
         subscribers = self._subscribers
         for record in records:
             self._remember(record)
+            if record.type == MESSAGE_NEW:
+                self.last_message_position = position
             # The fan-out, inlined: per recipient a lookup and a call, nothing more (it runs a thousand times an
             # event).
             for user_id in record.recipients:

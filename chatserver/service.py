@@ -329,7 +329,9 @@ class ChatService:
             return False
         if position is None or position > broadcaster.last_position:
             return False
-        self.receipts.acknowledge(user_id, position)
+        # Only messages move a delivered position: a cursor past the last one acknowledges no more than it does, so
+        # acknowledgements that differ only by receipts, typing or dialog events after it cost nothing.
+        self.receipts.acknowledge(user_id, min(position, broadcaster.last_message_position))
         return True
 
     # -- typing ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from handlers.base import ApiHandler, AppContext, JsonErrors
 from transport import compat, wsframes
 from transport.outbox import Outbox
 from transport.pings import HeartbeatSweep, PingSweep
-from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, poll_body
+from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, RECEIPT_LINGER, lingers, poll_body
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,7 @@ class PollHandler(ApiHandler):
         self.typing_dialogs: frozenset[str] = frozenset()
         self._typing: list[EventRecord] = []
         self._wake: asyncio.Future[None] | None = None
+        self._linger: asyncio.TimerHandle | None = None
         self._gone = False
 
     async def get(self) -> None:
@@ -436,12 +437,18 @@ class PollHandler(ApiHandler):
             self.ctx.connections.discard(self)
             self.ctx.metrics.parked_polls -= 1
             self._wake = None
+            if self._linger is not None:
+                self._linger.cancel()
+                self._linger = None
 
     def deliver(self, record: EventRecord) -> None:
         # Logged events are read back from the history on wake-up; typing events exist only here.
         if record.ephemeral:
             self._typing.append(record)
-        self._release()
+        if not lingers(record):
+            self._release()
+        elif self._linger is None and self._wake is not None:  # a receipt alone waits for company (transport/poll.py)
+            self._linger = asyncio.get_running_loop().call_later(RECEIPT_LINGER, self._release)
 
     def wants_typing(self, dialog_id: str) -> bool:
         return dialog_id in self.typing_dialogs

@@ -28,7 +28,7 @@ from chatserver.broadcaster import EventRecord, Replay
 from chatserver.errors import ChatError
 from transport import compat, http1
 from transport.access import log_access
-from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, PollContext, poll_body
+from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, RECEIPT_LINGER, PollContext, lingers, poll_body
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ class LeanRouter(tornado.httputil.HTTPServerConnectionDelegate):
         self.latency = ctx.metrics.request_latency.labels("GET", "PollHandler")
         self.delivered = ctx.metrics.events_delivered.labels(LeanPoll.transport)  # looked up once, not per answer
         self._waking: list[LeanPoll] = []
+        # Polls woken only by receipts (transport/poll.py), answered together when the one timer of the oldest fires.
+        self._lingering: dict[LeanPoll, None] = {}
+        self._linger_timer: asyncio.TimerHandle | None = None
         self.deadlines = Deadlines()
         self._answer_memo: tuple[int, str, bool, list[EventRecord], bytes] | None = None
 
@@ -96,6 +99,25 @@ class LeanRouter(tornado.httputil.HTTPServerConnectionDelegate):
             assert loop is not None  # set when the first poll parked
             loop.call_soon(self._wake_all)
         self._waking.append(poll)
+
+    def linger(self, poll: LeanPoll) -> None:
+        """Answer this parked poll within RECEIPT_LINGER seconds, unless another event wakes it before."""
+        if poll in self._lingering:
+            return
+        self._lingering[poll] = None
+        if self._linger_timer is None:
+            loop = self.deadlines.loop
+            assert loop is not None  # set when the first poll parked
+            self._linger_timer = loop.call_later(RECEIPT_LINGER, self._linger_over)
+
+    def unlinger(self, poll: LeanPoll) -> None:
+        self._lingering.pop(poll, None)
+
+    def _linger_over(self) -> None:
+        self._linger_timer = None
+        polls, self._lingering = self._lingering, {}
+        for poll in polls:
+            poll.wake_soon()
 
     def _wake_all(self) -> None:
         # The WebSocket frames of the same events first (outbox.TurnBatcher): a frame costs a few microseconds,
@@ -378,7 +400,15 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
     # -- as a broadcaster subscriber -------------------------------------------------------------------
 
     def deliver(self, record: EventRecord) -> None:
-        # Woken on the next turn of the loop, as PollHandler is: events published together leave together.
+        # Woken on the next turn of the loop, as PollHandler is: events published together leave together. A
+        # receipt alone lingers (transport/poll.py).
+        if self._parked and not self._waking:
+            if lingers(record):
+                self.router.linger(self)
+            else:
+                self.wake_soon()
+
+    def wake_soon(self) -> None:
         if self._parked and not self._waking:
             self._waking = True
             self.router.wake(self)
@@ -404,6 +434,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
             return
         self._parked = False
         self.router.deadlines.discard(self, self.timeout)
+        self.router.unlinger(self)
         self.ctx.broadcaster.unsubscribe(self)
         self.ctx.connections.discard(self)
         self.ctx.metrics.parked_polls -= 1
