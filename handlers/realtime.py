@@ -27,7 +27,7 @@ from handlers.base import ApiHandler, AppContext, JsonErrors
 from transport import compat, wsframes
 from transport.outbox import Outbox
 from transport.pings import HeartbeatSweep, PingSweep
-from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, RECEIPT_LINGER, lingers, poll_body
+from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, lingers, poll_body
 
 log = logging.getLogger(__name__)
 
@@ -445,10 +445,11 @@ class PollHandler(ApiHandler):
         # Logged events are read back from the history on wake-up; typing events exist only here.
         if record.ephemeral:
             self._typing.append(record)
-        if not lingers(record):
+        linger = self.ctx.config.poll_receipt_linger
+        if not lingers(record) or not linger:
             self._release()
         elif self._linger is None and self._wake is not None:  # a receipt alone waits for company (transport/poll.py)
-            self._linger = asyncio.get_running_loop().call_later(RECEIPT_LINGER, self._release)
+            self._linger = asyncio.get_running_loop().call_later(linger, self._release)
 
     def wants_typing(self, dialog_id: str) -> bool:
         return dialog_id in self.typing_dialogs

@@ -133,6 +133,63 @@ async def test_the_next_long_poll_acknowledges_its_cursor(
     assert got["data"]["receipts"] == [receipt(bob.user_id, sent["messageId"], None)]
 
 
+async def parked_poll_of(alice: Client, bob: Client, dialog_id: str, extra: dict[str, str]) -> tuple[
+        asyncio.Task[tuple[int, Any]], Socket, dict[str, Any]]:
+    """Alice's poll parked after her message, and Bob's acknowledgement of it logged as a receipt (seen on his
+    WebSocket): the poll, his socket and the message."""
+    bob_ws = await bob.websocket()
+    handshake = (await alice.poll(**extra))[1]["data"]["cursor"]
+    sent = await alice.post_message(dialog_id, "hello")
+    status, body = await alice.poll(handshake, timeout="0", **extra)
+    assert status == 200 and [e["type"] for e in body["data"]["events"]] == ["message:new"]
+    poll = asyncio.ensure_future(alice.poll(body["data"]["cursor"], timeout="20", **extra))
+    bob_ws.send({"type": "ack", "cursor": (await bob_ws.next_of("message:new"))["cursor"]})
+    await bob_ws.next_of(RECEIPT)
+    return poll, bob_ws, sent
+
+
+@pytest.mark.gen_test(timeout=40)
+@pytest.mark.parametrize("settings", [{"poll_receipt_linger": 8.0}])
+@pytest.mark.parametrize("path", ["lean", "handler"])
+async def test_a_poll_woken_only_by_a_receipt_lingers_and_answers_it_with_the_next_message(
+    alice: Client, bob: Client, dialog_id: str, ctx: AppContext, path: str
+) -> None:
+    extra = {} if path == "lean" else {"typing": dialog_id}
+    poll, bob_ws, sent = await parked_poll_of(alice, bob, dialog_id, extra)
+    await asyncio.sleep(0.3)
+    assert not poll.done()  # the receipt alone did not answer it
+    # Bob's acknowledgement of the log's head (the receipt, after the last message) moves nothing and waits for no
+    # write.
+    status, body = await bob.poll(timeout="0")
+    assert_ok(*await bob.call("POST", "/api/ack", {"cursor": body["data"]["cursor"]}))
+    assert ctx.service.receipts.idle
+    reply = await bob.post_message(dialog_id, "hi")
+    status, body = await poll
+    events = body["data"]["events"]
+    assert status == 200 and [e["type"] for e in events] == [RECEIPT, "message:new"]
+    assert events[0]["data"]["receipts"] == [receipt(bob.user_id, sent["messageId"], None)]
+    assert events[1]["data"]["messageId"] == reply["messageId"] and body["data"]["cursor"] == events[1]["cursor"]
+    # Alice's next poll acknowledges Bob's reply: a real move, and its receipt follows.
+    await alice.poll(body["data"]["cursor"], timeout="0", **extra)
+    got = await bob_ws.next_of(RECEIPT)
+    assert got["data"]["receipts"] == [receipt(alice.user_id, reply["messageId"], None)]
+
+
+@pytest.mark.gen_test(timeout=40)
+@pytest.mark.parametrize("settings", [{"poll_receipt_linger": 0.5}])
+@pytest.mark.parametrize("path", ["lean", "handler"])
+async def test_a_lingering_poll_answers_with_the_receipt_within_the_linger(
+    alice: Client, bob: Client, dialog_id: str, path: str
+) -> None:
+    extra = {} if path == "lean" else {"typing": dialog_id}
+    poll, _, sent = await parked_poll_of(alice, bob, dialog_id, extra)
+    status, body = await asyncio.wait_for(poll, 10)  # well before the poll's own 20 s
+    events = body["data"]["events"]
+    assert status == 200 and [e["type"] for e in events] == [RECEIPT]
+    assert events[0]["data"]["receipts"] == [receipt(bob.user_id, sent["messageId"], None)]
+    assert body["data"]["cursor"] == events[0]["cursor"]
+
+
 @pytest.mark.gen_test(timeout=30)
 @pytest.mark.parametrize("transport", ["websocket", "sse"])
 async def test_a_resume_acknowledges_its_cursor(alice: Client, bob: Client, dialog_id: str, transport: str) -> None:

@@ -28,7 +28,7 @@ from chatserver.broadcaster import EventRecord, Replay
 from chatserver.errors import ChatError
 from transport import compat, http1
 from transport.access import log_access
-from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, RECEIPT_LINGER, PollContext, lingers, poll_body
+from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, PollContext, lingers, poll_body
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class LeanRouter(tornado.httputil.HTTPServerConnectionDelegate):
         # Polls woken only by receipts (transport/poll.py), answered together when the one timer of the oldest fires.
         self._lingering: dict[LeanPoll, None] = {}
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._linger_seconds = ctx.config.poll_receipt_linger
         self.deadlines = Deadlines()
         self._answer_memo: tuple[int, str, bool, list[EventRecord], bytes] | None = None
 
@@ -101,14 +102,17 @@ class LeanRouter(tornado.httputil.HTTPServerConnectionDelegate):
         self._waking.append(poll)
 
     def linger(self, poll: LeanPoll) -> None:
-        """Answer this parked poll within RECEIPT_LINGER seconds, unless another event wakes it before."""
+        """Answer this parked poll within `poll_receipt_linger` seconds, unless another event wakes it before."""
+        if not self._linger_seconds:
+            poll.wake_soon()
+            return
         if poll in self._lingering:
             return
         self._lingering[poll] = None
         if self._linger_timer is None:
             loop = self.deadlines.loop
             assert loop is not None  # set when the first poll parked
-            self._linger_timer = loop.call_later(RECEIPT_LINGER, self._linger_over)
+            self._linger_timer = loop.call_later(self._linger_seconds, self._linger_over)
 
     def unlinger(self, poll: LeanPoll) -> None:
         self._lingering.pop(poll, None)

@@ -3,11 +3,11 @@ handlers/realtime.py's PollHandler.
 
 What both answer the same: the timeout's reading, the answer's body, and which events wake a parked poll at once.
 
-A parked poll woken only by `dialog:receipt` events lingers up to RECEIPT_LINGER seconds (never past its own
-timeout) before it answers, and answers at once when any other event comes meanwhile: receipts ride along with the
-next message's answer instead of costing every member's poller an answer and a new poll of their own (PROTOCOL
-section 11 coalesces them to one a second per dialog; a long-poller may see one up to RECEIPT_LINGER later).
-WebSocket and SSE connections get them as they come.
+A parked poll woken only by `dialog:receipt` events lingers up to `config.poll_receipt_linger` seconds (never
+past its own timeout) before it answers, and answers at once when any other event comes meanwhile: receipts ride
+along with the next message's answer instead of costing every member's poller an answer and a new poll of its
+own (PROTOCOL section 11 coalesces them to one a second per dialog; a long-poller may see one up to that much
+later). WebSocket and SSE connections get them as they come.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from transport.outbox import TurnBatcher
 
 POLL_DEFAULT_TIMEOUT = 25.0
 POLL_MAX_TIMEOUT = 60.0
-RECEIPT_LINGER = 1.0  # seconds a poll woken only by receipts waits for another event to answer with them
 
 
 def lingers(record: EventRecord) -> bool:
-    """Whether this event alone lets a parked poll linger (RECEIPT_LINGER) rather than answer at once."""
+    """Whether this event alone lets a parked poll linger (`poll_receipt_linger`) rather than answer at once."""
     return record.type == DIALOG_RECEIPT
 
 
