@@ -372,6 +372,9 @@ async def mark_read(tx: Tx, dialog_id: str, user_id: str, message_id: str) -> tu
 # -- receipts --------------------------------------------------------------------------------------------
 
 
+ACK_CHUNK = 400  # users per statement of record_receipts (two parameters each, under SQLite's 999 of old builds)
+
+
 async def record_receipts(
     tx: Tx, acks: dict[str, int], reads: Iterable[tuple[str, str]]
 ) -> list[LogEvent]:
@@ -386,17 +389,24 @@ async def record_receipts(
     and `readMessageId`.
     """
     moved: dict[str, dict[str, None]] = {}  # dialog -> members that moved, in the order they came
-    for user_id, position in acks.items():
-        rows = await tx.fetch(
-            "UPDATE dialog_members SET delivered_seq = (SELECT max(x.seq) FROM messages x "
-            "WHERE x.dialog_id = dialog_members.dialog_id AND x.seq <= ? AND x.sender_id != dialog_members.user_id) "
-            "WHERE user_id = ? AND EXISTS (SELECT 1 FROM messages x WHERE x.dialog_id = dialog_members.dialog_id "
-            "AND x.seq > dialog_members.delivered_seq AND x.seq <= ? AND x.sender_id != dialog_members.user_id) "
-            "RETURNING dialog_id",
-            position, user_id, position,
-        )
-        for row in rows:
-            moved.setdefault(row[0], {})[user_id] = None
+    order = {user_id: n for n, user_id in enumerate(acks)}
+    rows = []
+    for chunk in _chunks(list(acks), ACK_CHUNK):
+        # One statement for a chunk of users: (user, position) pairs as a VALUES table (its columns are column1,
+        # column2 in SQLite and PostgreSQL alike).
+        pairs = ",".join(["(CAST(? AS TEXT), CAST(? AS BIGINT))"] * len(chunk))
+        rows.extend(await tx.fetch(
+            "UPDATE dialog_members SET delivered_seq = (SELECT max(x.seq) FROM messages x "  # noqa: S608
+            "WHERE x.dialog_id = dialog_members.dialog_id AND x.seq <= a.column2 "
+            "AND x.sender_id != dialog_members.user_id) "
+            f"FROM (VALUES {pairs}) AS a WHERE dialog_members.user_id = a.column1 AND EXISTS (SELECT 1 FROM messages x "
+            "WHERE x.dialog_id = dialog_members.dialog_id AND x.seq > dialog_members.delivered_seq "
+            "AND x.seq <= a.column2 AND x.sender_id != dialog_members.user_id) "
+            "RETURNING dialog_members.dialog_id, dialog_members.user_id",
+            *[value for user_id in chunk for value in (user_id, acks[user_id])],
+        ))
+    for dialog_id, user_id in sorted(((row[0], row[1]) for row in rows), key=lambda row: order[row[1]]):
+        moved.setdefault(dialog_id, {})[user_id] = None
     for dialog_id, user_id in reads:
         moved.setdefault(dialog_id, {})[user_id] = None
     events = []
