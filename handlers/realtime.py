@@ -27,7 +27,7 @@ from handlers.base import ApiHandler, AppContext, JsonErrors
 from transport import compat, wsframes
 from transport.outbox import Outbox
 from transport.pings import HeartbeatSweep, PingSweep
-from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, lingers, poll_body
+from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, lingers, only_lingering, poll_body
 
 log = logging.getLogger(__name__)
 
@@ -391,11 +391,14 @@ class PollHandler(ApiHandler):
         limit = self.ctx.config.poll_max_events
         replay = await self.service.replay(self.user_id, cursor, limit)
         self.service.acknowledged(self.user_id, cursor)  # the poll's cursor is its acknowledgement
-        if not replay.events and timeout > 0 and not self.ctx.shutting_down:
-            await self._park(timeout)
+        # Receipts alone (and no more beyond) park and linger, as a parked poll does that a receipt wakes.
+        receipts_only = not replay.more and only_lingering(replay.events)
+        if (not replay.events or receipts_only) and timeout > 0 and not self.ctx.shutting_down:
+            await self._park(timeout, linger=receipts_only)
             if self._gone:
                 return
-            replay = await self.service.replay(self.user_id, replay.cursor, limit)
+            # From the poll's own cursor where receipts waited: they go in this answer.
+            replay = await self.service.replay(self.user_id, cursor if receipts_only else replay.cursor, limit)
         _count_resets(self.ctx, replay)
         self._answer(self._typing + replay.events, replay.cursor, replay.more)
 
@@ -423,11 +426,13 @@ class PollHandler(ApiHandler):
             await self.service.authorize_dialog(self.user_id, dialog_id.strip())
         return frozenset(d.strip() for d in names)
 
-    async def _park(self, seconds: float) -> None:
+    async def _park(self, seconds: float, *, linger: bool) -> None:
         self._wake = asyncio.get_running_loop().create_future()
         self.ctx.broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.parked_polls += 1  # chatserver_polls_waiting and chatserver_connections{longpoll}
+        if linger:
+            self._start_linger()
         try:
             await asyncio.wait_for(asyncio.shield(self._wake), seconds)
         except TimeoutError:
@@ -445,10 +450,17 @@ class PollHandler(ApiHandler):
         # Logged events are read back from the history on wake-up; typing events exist only here.
         if record.ephemeral:
             self._typing.append(record)
-        linger = self.ctx.config.poll_receipt_linger
-        if not lingers(record) or not linger:
+        if lingers(record):
+            self._start_linger()
+        else:
             self._release()
-        elif self._linger is None and self._wake is not None:  # a receipt alone waits for company (transport/poll.py)
+
+    def _start_linger(self) -> None:
+        """Answer within `poll_receipt_linger` seconds, unless another event releases it before (transport/poll.py)."""
+        linger = self.ctx.config.poll_receipt_linger
+        if not linger:
+            self._release()
+        elif self._linger is None and self._wake is not None:
             self._linger = asyncio.get_running_loop().call_later(linger, self._release)
 
     def wants_typing(self, dialog_id: str) -> bool:

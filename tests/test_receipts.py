@@ -133,33 +133,41 @@ async def test_the_next_long_poll_acknowledges_its_cursor(
     assert got["data"]["receipts"] == [receipt(bob.user_id, sent["messageId"], None)]
 
 
-async def parked_poll_of(alice: Client, bob: Client, dialog_id: str, extra: dict[str, str]) -> tuple[
+async def parked_poll_of(alice: Client, bob: Client, dialog_id: str, extra: dict[str, str], when: str) -> tuple[
         asyncio.Task[tuple[int, Any]], Socket, dict[str, Any]]:
-    """Alice's poll parked after her message, and Bob's acknowledgement of it logged as a receipt (seen on his
-    WebSocket): the poll, his socket and the message."""
+    """Alice's poll with the cursor of her message, and Bob's acknowledgement of it logged as a receipt (seen on
+    his WebSocket), the poll parked before it or arriving after it (`when`): the poll, his socket and the
+    message."""
     bob_ws = await bob.websocket()
     handshake = (await alice.poll(**extra))[1]["data"]["cursor"]
     sent = await alice.post_message(dialog_id, "hello")
     status, body = await alice.poll(handshake, timeout="0", **extra)
     assert status == 200 and [e["type"] for e in body["data"]["events"]] == ["message:new"]
-    poll = asyncio.ensure_future(alice.poll(body["data"]["cursor"], timeout="20", **extra))
+    cursor = body["data"]["cursor"]
+    if when == "parked":
+        poll = asyncio.ensure_future(alice.poll(cursor, timeout="20", **extra))
     bob_ws.send({"type": "ack", "cursor": (await bob_ws.next_of("message:new"))["cursor"]})
     await bob_ws.next_of(RECEIPT)
+    if when == "arriving":
+        poll = asyncio.ensure_future(alice.poll(cursor, timeout="20", **extra))
     return poll, bob_ws, sent
 
 
 @pytest.mark.gen_test(timeout=40)
 @pytest.mark.parametrize("settings", [{"poll_receipt_linger": 8.0}])
+@pytest.mark.parametrize("when", ["parked", "arriving"])
 @pytest.mark.parametrize("path", ["lean", "handler"])
 async def test_a_poll_woken_only_by_a_receipt_lingers_and_answers_it_with_the_next_message(
-    alice: Client, bob: Client, dialog_id: str, ctx: AppContext, path: str
+    alice: Client, bob: Client, dialog_id: str, ctx: AppContext, path: str, when: str
 ) -> None:
+    """Parked when the receipt comes, or finding only the receipt when it comes: it waits for company."""
     extra = {} if path == "lean" else {"typing": dialog_id}
-    poll, bob_ws, sent = await parked_poll_of(alice, bob, dialog_id, extra)
+    poll, bob_ws, sent = await parked_poll_of(alice, bob, dialog_id, extra, when)
     await asyncio.sleep(0.3)
     assert not poll.done()  # the receipt alone did not answer it
     # Bob's acknowledgement of the log's head (the receipt, after the last message) moves nothing and waits for no
-    # write.
+    # write (once Alice's own, of her message, is written).
+    await eventually(lambda: ctx.service.receipts.idle)
     status, body = await bob.poll(timeout="0")
     assert_ok(*await bob.call("POST", "/api/ack", {"cursor": body["data"]["cursor"]}))
     assert ctx.service.receipts.idle
@@ -177,12 +185,13 @@ async def test_a_poll_woken_only_by_a_receipt_lingers_and_answers_it_with_the_ne
 
 @pytest.mark.gen_test(timeout=40)
 @pytest.mark.parametrize("settings", [{"poll_receipt_linger": 0.5}])
+@pytest.mark.parametrize("when", ["parked", "arriving"])
 @pytest.mark.parametrize("path", ["lean", "handler"])
 async def test_a_lingering_poll_answers_with_the_receipt_within_the_linger(
-    alice: Client, bob: Client, dialog_id: str, path: str
+    alice: Client, bob: Client, dialog_id: str, path: str, when: str
 ) -> None:
     extra = {} if path == "lean" else {"typing": dialog_id}
-    poll, _, sent = await parked_poll_of(alice, bob, dialog_id, extra)
+    poll, _, sent = await parked_poll_of(alice, bob, dialog_id, extra, when)
     status, body = await asyncio.wait_for(poll, 10)  # well before the poll's own 20 s
     events = body["data"]["events"]
     assert status == 200 and [e["type"] for e in events] == [RECEIPT]

@@ -28,7 +28,7 @@ from chatserver.broadcaster import EventRecord, Replay
 from chatserver.errors import ChatError
 from transport import compat, http1
 from transport.access import log_access
-from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, PollContext, lingers, poll_body
+from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, PollContext, lingers, only_lingering, poll_body
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,9 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
             replay = self._replay()
             if replay is None:
                 return  # answered from the store
-        if replay is not None and (replay.events or answer_now):
+        # Receipts alone (and no more beyond) park and linger, as a parked poll does that a receipt wakes.
+        receipts_only = replay is not None and not replay.more and only_lingering(replay.events)
+        if replay is not None and (answer_now or (replay.events and not receipts_only)):
             self._answer(replay)
             return
         self.connection.set_close_callback(self._gone)  # type: ignore[union-attr]
@@ -397,6 +399,8 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         self.ctx.connections.add(self)
         self.ctx.metrics.parked_polls += 1  # chatserver_polls_waiting and chatserver_connections{longpoll}
         self.router.deadlines.add(self, self.timeout)
+        if receipts_only:
+            self.router.linger(self)
 
     def on_connection_close(self) -> None:
         self._gone()

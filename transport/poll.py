@@ -3,11 +3,11 @@ handlers/realtime.py's PollHandler.
 
 What both answer the same: the timeout's reading, the answer's body, and which events wake a parked poll at once.
 
-A parked poll woken only by `dialog:receipt` events lingers up to `config.poll_receipt_linger` seconds (never
-past its own timeout) before it answers, and answers at once when any other event comes meanwhile: receipts ride
-along with the next message's answer instead of costing every member's poller an answer and a new poll of its
-own (PROTOCOL section 11 coalesces them to one a second per dialog; a long-poller may see one up to that much
-later). WebSocket and SSE connections get them as they come.
+A parked poll woken only by `dialog:receipt` events, or a poll that finds only those waiting, lingers up to
+`config.poll_receipt_linger` seconds (never past its own timeout) before it answers, and answers at once when any
+other event comes meanwhile: receipts ride along with the next message's answer instead of costing every member's
+poller an answer and a new poll of its own (PROTOCOL section 11 coalesces them to one a second per dialog; a
+long-poller may see one up to that much later). WebSocket and SSE connections get them as they come.
 """
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ POLL_MAX_TIMEOUT = 60.0
 def lingers(record: EventRecord) -> bool:
     """Whether this event alone lets a parked poll linger (`poll_receipt_linger`) rather than answer at once."""
     return record.type == DIALOG_RECEIPT
+
+
+def only_lingering(events: list[EventRecord]) -> bool:
+    """Whether a poll that finds these events waiting may park and linger rather than answer at once: receipts
+    alone, as for a parked poll a receipt wakes."""
+    return bool(events) and all(lingers(record) for record in events)
 
 
 class PollContext(Protocol):
