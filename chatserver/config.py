@@ -111,7 +111,8 @@ class Config:
     ws_ping_timeout: float = attrs.field(default=20.0, validator=_positive)
     client_buffer_limit: int = attrs.field(default=1024 * 1024, validator=_positive)
     max_connections: int = attrs.field(default=10000, validator=_positive)
-    # Seconds a parked long-poll woken only by receipts waits for another event to answer with (0: at once).
+    # Seconds a long-poll woken by receipts alone (or finding only those) waits for another event to answer with
+    # them (0: at once).
     poll_receipt_linger: float = attrs.field(default=1.0, validator=_non_negative)
     # Who reads HTTP/1.1 (transport/http1.py): "lean", this server's own connections (httptools, the lean
     # long-poll); "tornado", Tornado's own HTTP1Connection for every request. Both give the same answers.
