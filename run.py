@@ -28,29 +28,107 @@ import socket
 import sqlite3
 import sys
 import threading
+import time
 import types
 from collections.abc import Sequence
 from typing import Any
 
 import tornado.httpserver
 import tornado.netutil
+import tornado.web
 
-from chatserver import jsonutil, systemd
+from chatserver import eventlog, jsonutil, systemd
 from chatserver.admin import add_dialog, add_user, change_members, ensure_demo
-from chatserver.auth import load_or_create_secret
+from chatserver.auth import TokenSigner, load_or_create_secret
+from chatserver.broadcaster import Broadcaster
 from chatserver.chat3 import Amqp, start_amqp
+from chatserver.cluster import Peers
 from chatserver.config import Config, ConfigError, load_config
 from chatserver.errors import ChatError
+from chatserver.feed import LogFeed, Membership
+from chatserver.metrics import Metrics
+from chatserver.redaction import redact
+from chatserver.service import ChatService
 from chatserver.siblings import WorkerLink
-from chatserver.store import StoreError, open_store
+from chatserver.store import Store, StoreError, open_store
 from chatserver.supervisor import Supervisor, WorkerHandoff
-from handlers.app import build_context, close_context, make_app, make_http_server
-from handlers.base import AppContext, redact
+from chatserver.throttle import Throttle
+from chatserver.tickets import StreamTickets
+from handlers.app import make_app
+from handlers.base import AppContext
+from transport import fastpoll, http1
 
 log = logging.getLogger("chatserver")
 
 # How often shutdown looks whether what was in flight has finished.
 DRAIN_STEP = 0.02
+
+async def build_context(config: Config, *, store: Store | None = None) -> AppContext:
+    """The domain objects for one server, started: the store opened and migrated, the log followed from its head.
+
+    Opening the store may raise StoreError (startup, before serving); the secret's file, OSError.
+    """
+    store = store or open_store(config.database, pool_size=config.db_pool_size)
+    secret = config.secret or load_or_create_secret(config.resolved_state_dir)
+    await store.start()
+    _, head, _ = await store.read(eventlog.meta)
+    broadcaster = Broadcaster(config.history_size, log_id=store.log_id, position=head)
+    feed = LogFeed(store, broadcaster, Membership(store), poll_interval=config.log_poll_interval,
+                   retention=config.event_retention, prune_interval=config.log_prune_interval)
+    throttle = Throttle(config, time.monotonic)
+    service = ChatService(store, broadcaster, feed, config, TokenSigner(secret, config.token_ttl),
+                          StreamTickets(secret), throttle=throttle)
+    peers = Peers(service, feed)
+    peers.attach_store(store)
+    feed.start()
+    metrics = Metrics()
+    metrics.observe_broadcaster(broadcaster)
+    metrics.observe_throttle(throttle)
+    metrics.observe_store(store)
+    metrics.observe_receipts(service.receipts)
+    ctx = AppContext(service=service, broadcaster=broadcaster, config=config, metrics=metrics, peers=peers)
+    ctx.readiness["log"] = lambda: feed.problem
+    metrics.requests_in_flight.set_function(lambda: len(ctx.requests))
+    return ctx
+
+
+async def close_context(ctx: AppContext) -> None:
+    """Write the receipts that wait, stop following the log and close the store (after the server stopped taking
+    work)."""
+    await ctx.service.receipts.stop()
+    await ctx.service.feed.stop()
+    await ctx.service.store.close()
+
+
+
+def make_http_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:
+    """The listener with bounds on everything a client controls: header size, body size, idle time, connections.
+
+    With the lean engine, connections are transport/http1.py's; WebSocket upgrades and the SSE stream are handed to
+    Tornado's HTTP/1.1 server, common long-polls are answered by transport/fastpoll.py's lean path, every other
+    request by `app`. With the Tornado engine, Tornado's HTTP/1.1 server reads every connection, and `app`
+    answers every request.
+    """
+    found = app.settings.get("chatserver_ctx")
+    ctx = found if isinstance(found, AppContext) else None
+    lean = config.http_engine == "lean"
+    server = http1.Server(
+        fastpoll.LeanRouter(app, ctx) if ctx is not None and lean else app,
+        tornado_only=not lean,
+        handover_paths=("/ws", "/api/events"),
+        max_connections=config.max_connections,
+        on_refused=ctx.metrics.count_refused_connection if ctx is not None else None,
+        max_header_size=16 * 1024,
+        # Bodies over max_body_size get a JSON 413 from the handler; this is the hard stop behind it.
+        max_body_size=max(config.max_body_size * 2, 1024 * 1024),
+        idle_connection_timeout=75,
+        body_timeout=30,
+        decompress_request=False,
+    )
+    if ctx is not None:
+        ctx.metrics.connections_open.set_function(server.open_connections)
+    return server
+
 
 class Fatal(Exception):
     """An error the operator must fix; printed as one line, exit code 1."""

@@ -168,7 +168,9 @@ async def main(args: argparse.Namespace) -> None:
                 conn = await tornado.websocket.websocket_connect(
                     f"ws://127.0.0.1:{port}/ws?token={signer.issue(user_id)}", max_message_size=1 << 20
                 )
-                ready = jsonutil.loads(await conn.read_message())
+                raw = await conn.read_message()
+                assert raw is not None, "the server closed a WebSocket before its ready frame"
+                ready = jsonutil.loads(raw)
                 assert ready["type"] == "ready", ready
                 receivers.append(Receiver(conn, args.events, done))
             bodies = [

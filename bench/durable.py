@@ -285,7 +285,7 @@ def bench_compare(args: argparse.Namespace, peers: list[str]) -> list[dict[str, 
             ratio = f"{after / before:.2f}x" if before and after else "—"
             print(f"  {label:<48} before {fmt_runs(figures['before'])}   after {fmt_runs(figures['after'])}   "
                   f"after ÷ before {ratio} (medians)", flush=True)
-            print(f"  {'':<48} write system calls per delivery: before {fmt_runs(writes['before'])}   "
+            print(f"  {'':<48} write(2)-family calls (syscw) per delivery: before {fmt_runs(writes['before'])}   "
                   f"after {fmt_runs(writes['after'])}", flush=True)
             for name in peers:
                 result = run_peer_workload(name, workload, args.quick)

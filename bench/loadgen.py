@@ -88,16 +88,9 @@ def cpu_seconds(pids: list[int]) -> tuple[float, float]:
 
 
 def write_calls(pids: list[int]) -> int:
-    """System calls that wrote (write, send, sendmsg...) by `pids` so far: /proc/<pid>/io's syscw, all threads."""
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-                if line.startswith("syscw:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total
+    """/proc/<pid>/io's syscw of `pids` so far: the write(2) family (files, pipes such as the loop's wake-up, and
+    sockets written with write/writev, as nginx does); a socket's send/sendto/sendmsg is not counted there."""
+    return proc_total(pids, "io", "syscw:")
 
 
 def server_pids(roots: list[int]) -> list[int]:
@@ -105,11 +98,16 @@ def server_pids(roots: list[int]) -> list[int]:
 
 
 def rss_kb(pids: list[int]) -> int:
+    return proc_total(pids, "status", "VmRSS:")
+
+
+def proc_total(pids: list[int], name: str, key: str) -> int:
+    """The sum over `pids` of the number after `key` in /proc/<pid>/<name> (a process gone meanwhile counts 0)."""
     total = 0
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+                if line.startswith(key):
                     total += int(line.split()[1])
         except OSError:
             continue

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     started = time.time()
     for workload in workloads:
-        sizes = WORKLOADS[workload][2 if args.full else 1]
+        _, quick_sizes, full_sizes = WORKLOADS[workload]
+        sizes = full_sizes if args.full else quick_sizes
         for name in systems:
             if name in skipped:
                 continue

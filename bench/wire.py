@@ -260,7 +260,7 @@ class HttpConnection(asyncio.Protocol):
 
 
 def _dechunk(buf: bytes) -> tuple[bytes | None, bytes]:
-    parts = []
+    parts: list[bytes] = []
     pos = 0
     while True:
         line_end = buf.find(b"\r\n", pos)

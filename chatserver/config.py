@@ -72,6 +72,14 @@ def usable_cores() -> int:
     return max(len(os.sched_getaffinity(0)), 1)
 
 
+HTTP_ENGINES = ("lean", "tornado")
+
+
+def _http_engine(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value not in HTTP_ENGINES:
+        raise ConfigError(f"setting 'http_engine' must be one of {', '.join(HTTP_ENGINES)}, got {value!r}")
+
+
 def _port(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
         raise ConfigError(f"setting 'port' must be between 0 and 65535, got {value!r}")
@@ -103,6 +111,9 @@ class Config:
     ws_ping_timeout: float = attrs.field(default=20.0, validator=_positive)
     client_buffer_limit: int = attrs.field(default=1024 * 1024, validator=_positive)
     max_connections: int = attrs.field(default=10000, validator=_positive)
+    # Who reads HTTP/1.1 (transport/http1.py): "lean", this server's own connections (httptools, the lean
+    # long-poll); "tornado", Tornado's own HTTP1Connection for every request. Both give the same answers.
+    http_engine: str = attrs.field(default="lean", validator=_http_engine)
     sse_heartbeat: float = attrs.field(default=15.0, validator=_positive)
     amqp_prefetch: int = attrs.field(default=64, validator=_positive)
     cluster_exchange: str = ""

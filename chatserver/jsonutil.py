@@ -23,6 +23,11 @@ def dumps_bytes(obj: Any) -> bytes:
     return dumps(obj).encode("utf-8")
 
 
+def error_body(message: str) -> bytes:
+    """PROTOCOL section 2's error envelope, as every refusal carries it (the handlers', and the HTTP layer's own)."""
+    return dumps_bytes({"success": False, "error": message})
+
+
 def loads(raw: bytes | str) -> Any:
     """Decode JSON, raising BadRequest for anything that is not strict, valid JSON text.
 

@@ -41,7 +41,7 @@ class Metrics:
         # waits for: two locked gauge updates each time were a few percent of a poll), read at each scrape.
         self.parked_polls = 0
         self.polls_waiting.set_function(lambda: self.parked_polls)
-        # Set to a function of the open requests where the server is assembled (handlers.app.build_context).
+        # Set to a function of the open requests where the server is assembled (run.build_context).
         self.requests_in_flight = Gauge(
             "chatserver_requests_in_flight", "HTTP requests being handled now (parked polls included)", registry=r
         )

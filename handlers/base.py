@@ -9,27 +9,27 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote, unquote_plus
 
 import attrs
 import tornado.web
 
 from chatserver import jsonutil
-from chatserver.auth import token_spans
 from chatserver.broadcaster import Broadcaster
 from chatserver.cluster import Peers
 from chatserver.config import Config
 from chatserver.errors import ChatError, TooLarge, TooManyRequests, Unauthorized, Unavailable
+from chatserver.jsonutil import error_body
 from chatserver.metrics import Metrics
+from chatserver.redaction import redact
 from chatserver.service import ChatService
-from handlers.outbox import TurnBatcher
+from transport import compat
+from transport.access import log_access
+from transport.outbox import TurnBatcher
 
 log = logging.getLogger("chatserver.http")
-access_log = logging.getLogger("chatserver.access")
 
 STATUS = {
     "bad_request": 400,
@@ -41,32 +41,6 @@ STATUS = {
     "too_many_requests": 429,
     "unavailable": 503,
 }
-# A value ends at '&', or at whitespace where a whole log line is redacted (run.py's log formatter).
-_SECRET_PARAM = re.compile(r"(?i)\b(token|access_token|ticket|password)=[^&\s]*")
-# A query parameter whose name is percent-encoded (`?%74oken=`): Tornado decodes names, so it may be a secret too.
-_ENCODED_PARAM = re.compile(r"(?<=[?&])([^=&\s]*%[^=&\s]*)=[^&\s]*")
-_SECRET_NAMES = frozenset(("token", "access_token", "ticket", "password"))
-_SCHEMES = ("bearer", "basic", "digest", "negotiate", "ntlm", "token")
-# A credential after its scheme, as Tornado logs a header value it refuses (`'Bearer <token>\x00'`, repr-escaped),
-# whatever separates the two (`Bearer,<token>`).
-_SCHEME_CREDENTIAL = re.compile(
-    r"(?i)\b(bearer|basic|digest|negotiate|ntlm|(?-i:Token))(?:[\s,:=]|\\t|\\x[0-9a-f]{2})+[^\s'\"&,]+"
-)
-# The value of an auth-like header wherever a line names one: `Cookie: <value>` (to the end of the line or of the
-# folded traceback's part), or `'Authorization': '<value>'` as a dict of headers prints.
-_AUTH_FIELD = re.compile(
-    r"(?i)(?<![\w-])((?:proxy-)?authorization|(?:set-)?cookie|sec-websocket-protocol"
-    r"|x-[a-z0-9-]*(?:auth|token|key|secret|session)[a-z0-9-]*)(['\"]?[ \t]*[:=][ \t]*)"
-    r"('(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"|[^\s'\"|\\](?:[^\r\n'\"|\\]*[^\s'\"|\\])?)"
-)
-_AUTH_NAMES = ("authorization", "cookie", "sec-websocket-protocol", "x-")
-# A header value Tornado refuses (`Invalid header value '<value>'`): the line does not say which header it was, so
-# it may be any credential: the value is dropped whatever it is.
-_REFUSED_VALUE = re.compile(r"(Invalid header value )(?:'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\")")
-# A run of URL characters with percent-escapes in it, which may spell a token once decoded (`<body>%2E<signature>`).
-# It starts only where such a run starts: linear in the line's length.
-_ESCAPED_RUN = re.compile(r"(?<![A-Za-z0-9_.~%-])(?:[A-Za-z0-9_.~-]|%[0-9A-Fa-f]{2})*%[0-9A-Fa-f]{2}[A-Za-z0-9_.~%-]*")
-REDACTED = "[redacted]"
 
 
 @attrs.define(slots=True, eq=False)
@@ -92,11 +66,6 @@ class AppContext:
     shutting_down: bool = False
 
 
-def error_body(message: str) -> bytes:
-    """PROTOCOL section 2's error envelope, as every refusal carries it (handlers, and handlers/http1.py's own)."""
-    return jsonutil.dumps_bytes({"success": False, "error": message})
-
-
 def implemented_methods(handler_class: type[tornado.web.RequestHandler]) -> tuple[str, ...]:
     """The methods a handler class implements: what the `Allow` header of its 405 lists (RFC 9110 10.2.1)."""
     base = tornado.web.RequestHandler
@@ -105,53 +74,6 @@ def implemented_methods(handler_class: type[tornado.web.RequestHandler]) -> tupl
         if getattr(handler_class, method.lower(), None) is not getattr(base, method.lower(), None)
     )
 
-
-def redact(text: str) -> str:
-    """The URI (or a whole log line) with every credential in it replaced: a log must never hold one.
-
-    By value: anything shaped like a token (chatserver.auth.token_spans), also percent-encoded, wherever it is.
-    By field: `token=`/`password=` parameters, a credential after an auth scheme, the value of an auth-like header
-    (Authorization, Cookie, Sec-WebSocket-Protocol, X-Auth-…), and a header value Tornado refused unnamed. Each
-    pattern runs only on a line holding the words it needs: this runs on every access line.
-    """
-    lower = text.lower()
-    if "token=" in lower or "password=" in lower:
-        text = _SECRET_PARAM.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
-    if any(scheme in lower for scheme in _SCHEMES):
-        text = _SCHEME_CREDENTIAL.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    if any(name in lower for name in _AUTH_NAMES):
-        text = _AUTH_FIELD.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
-    if "Invalid header value" in text:
-        text = _REFUSED_VALUE.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
-    text = _redact_spans(text, token_spans(text))
-    if "%" in text:
-        text = _ESCAPED_RUN.sub(_redact_escaped, text)
-        text = _ENCODED_PARAM.sub(
-            lambda m: f"{m.group(1)}={REDACTED}" if unquote_plus(m.group(1)).lower() in _SECRET_NAMES else m.group(0),
-            text,
-        )
-    return text
-
-
-def _redact_spans(text: str, spans: Iterable[tuple[int, int]]) -> str:
-    parts, end = [], 0
-    for start, stop in spans:
-        parts += (text[end:start], REDACTED)
-        end = stop
-    return "".join((*parts, text[end:])) if parts else text
-
-
-def _redact_escaped(match: re.Match[str]) -> str:
-    """The run, or REDACTED where it decodes (once, twice or three times: a path may be encoded over again) to
-    something holding a token."""
-    run = decoded = match.group(0)
-    for _ in range(3):
-        decoded = unquote(decoded)
-        if next(token_spans(decoded), None) is not None:
-            return REDACTED
-        if "%" not in decoded:
-            break
-    return run
 
 def client_address(request: Any, proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
     """The address of the client behind a request: the peer's, or where the peer is a trusted proxy, the nearest
@@ -184,27 +106,8 @@ def _is_among(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's `log_function`: one access line per request, with secrets redacted."""
     ctx = getattr(handler, "ctx", None)
-    log_access(ctx if isinstance(ctx, AppContext) else None, handler.request, handler.get_status(),
+    log_access(ctx.metrics if isinstance(ctx, AppContext) else None, handler.request, handler.get_status(),
                type(handler).__name__)
-
-
-def log_access(
-    ctx: AppContext | None, request: Any, status: int, handler_name: str, latency: Any = None
-) -> None:
-    """The access line and the latency metric of one request (also for handlers/fastpoll.py's lean polls).
-
-    `latency` is the metric's child for this method and handler where the caller has it at hand.
-    """
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    if access_log.isEnabledFor(level):  # redact() is a regex: not run for a line nobody will read
-        access_log.log(
-            level, "%d %s %s (%s) %.1fms",
-            status, request.method, redact(request.uri or ""), request.remote_ip, 1000.0 * request.request_time(),
-        )
-    if ctx is not None:
-        if latency is None:
-            latency = ctx.metrics.request_latency.labels(request.method, handler_name)
-        latency.observe(request.request_time())
 
 
 class JsonErrors(tornado.web.RequestHandler):
@@ -235,7 +138,7 @@ class JsonErrors(tornado.web.RequestHandler):
         super().on_connection_close()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        message = self._reason
+        message = compat.status_reason(self)
         exc_info = kwargs.get("exc_info")
         error = exc_info[1] if exc_info else None
         if isinstance(error, ChatError):
@@ -296,7 +199,7 @@ class ApiHandler(JsonHandler):
             self.user_id = await self.authenticate()
 
     def data_received(self, chunk: bytes) -> None:
-        if self._finished:
+        if compat.handler_finished(self):
             return
         limit = self.ctx.config.max_body_size
         if len(self._body) + len(chunk) > limit:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import logging
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import tornado.httputil
@@ -22,20 +21,20 @@ import tornado.websocket
 
 from chatserver import jsonutil
 from chatserver.broadcaster import EventRecord, Replay
-from chatserver.errors import BadRequest, ChatError, Forbidden
+from chatserver.errors import BadRequest, ChatError, Forbidden, Unavailable
 from chatserver.models import check_id
-from handlers import wsframes
 from handlers.base import ApiHandler, AppContext, JsonErrors
-from handlers.outbox import Outbox
-from handlers.pings import HeartbeatSweep, PingSweep
+from transport import compat, wsframes
+from transport.outbox import Outbox
+from transport.pings import HeartbeatSweep, PingSweep
+from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, poll_body
 
 log = logging.getLogger(__name__)
 
 SLOW_CLIENT_CLOSE = 4008
+TRY_AGAIN_CLOSE = 1013  # RFC 6455 7.4.1 "Try Again Later": a resume the database could not serve for now
 WEBSOCKET_VERSION = "13"
 _NONE_JOINED: frozenset[str] = frozenset()
-POLL_DEFAULT_TIMEOUT = 25.0
-POLL_MAX_TIMEOUT = 60.0
 # Seconds a resuming stream may take nothing of its replay before it is cut off as slow (see replay_into).
 REPLAY_STALL = 20.0
 
@@ -80,15 +79,6 @@ def event_frame(record: EventRecord) -> bytes:
     return frame
 
 
-def poll_body(events: list[EventRecord], cursor: str, more: bool) -> bytes:
-    """A poll's answer. The events are spliced in as the bytes they were encoded to once: no re-encoding. The
-    cursor is one this server issued (letters, digits, a dot): nothing in it to escape."""
-    tail = b',"more":true' if more else b""
-    events_json = b",".join(record.payload for record in events)
-    return b"".join((b'{"success":true,"data":{"events":[', events_json, b'],"cursor":"', cursor.encode(),
-                     b'"', tail, b"}}"))
-
-
 async def replay_into(
     handler: ApiHandler | EventSocket,
     outbox: Outbox,
@@ -101,7 +91,8 @@ async def replay_into(
 
     Returns True where the caller may subscribe at once: the last of memory's answer was queued with no await
     after it, so no event can fall between the replay and the live ones, or come twice. Returns False when the
-    client was cut off or went away meanwhile (nothing to subscribe).
+    client was cut off or went away meanwhile, or when the database could not serve the replay for now (logged;
+    the caller ends the stream, and the client resumes from its cursor later): nothing to subscribe.
 
     A replay is never queued past the outbox's bound: where a frame would take it past, the replay waits for the
     client to take what is queued (at most REPLAY_STALL seconds, else it is cut off as slow). So a client that
@@ -109,20 +100,25 @@ async def replay_into(
     each try. Memory's last page goes in one step only when it fits; otherwise it is paced like the others and
     the replay goes on from where it ended.
     """
-    while True:
-        async for replay, last in handler.service.replay_pages(handler.user_id, cursor):
-            count(replay)
-            frames = [frame(record) for record in replay.events]
-            if last and sum(len(f) for f in frames) <= outbox.room:
+    try:
+        while True:
+            async for replay, last in handler.service.replay_pages(handler.user_id, cursor):
+                count(replay)
+                frames = [frame(record) for record in replay.events]
+                if last and sum(len(f) for f in frames) <= outbox.room:
+                    for one in frames:
+                        outbox.push(one, direct=False)
+                    return not outbox.closed and not gone()
                 for one in frames:
-                    outbox.push(one, direct=False)
-                return not outbox.closed and not gone()
-            for one in frames:
-                if not await outbox.push_paced(one, REPLAY_STALL) or gone():
-                    return False
-            cursor = replay.cursor
-            if last:
-                break
+                    if not await outbox.push_paced(one, REPLAY_STALL) or gone():
+                        return False
+                cursor = replay.cursor
+                if last:
+                    break
+    except Unavailable as exc:
+        # The stream's head is out: no error answer can follow it. The stream ends, and the client comes back.
+        log.warning("a resume of %s ended: %s", handler.user_id, exc)
+        return False
 
 
 def _count_resets(ctx: AppContext, replay: Replay) -> None:
@@ -130,12 +126,11 @@ def _count_resets(ctx: AppContext, replay: Replay) -> None:
         ctx.metrics.resets.labels(replay.reset).inc()
 
 
-class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
+class EventSocket(JsonErrors, compat.LeanDetach):
     """`GET /ws?ticket=&cursor=` (or `?token=`): events of every dialog of the user, and join/leave/typing/ping
     frames."""
 
     transport = "websocket"
-    _upgraded = False
 
     def initialize(self, ctx: AppContext, pings: PingSweep) -> None:
         super().initialize(ctx)
@@ -160,10 +155,10 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         connection = {part.strip().lower() for part in headers.get("Connection", "").split(",")}
         if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in connection:
             raise BadRequest("this is a WebSocket endpoint: send 'Upgrade: websocket' and 'Connection: Upgrade'")
-        # The very check WebSocketHandler.get makes next (same origin by Origin/Host or Sec-Fetch-Site, else
-        # check_origin), made here first so that its refusal is JSON too.
-        if self._check_cross_origin(self.check_origin) is not None:
-            raise Forbidden("a WebSocket from this origin is not allowed here (see trusted_origins)")
+        # Tornado's get() checks the origin next (same origin by Origin/Host or Sec-Fetch-Site, else check_origin,
+        # which refuses as JSON); a cross-site fetch without an Origin never reaches check_origin: refused here.
+        if headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none") and not headers.get("Origin"):
+            raise Forbidden("a cross-site WebSocket must say its Origin")
         if "Host" not in headers:  # HTTP/1.0 allows a request without one; RFC 6455 4.1 does not
             raise BadRequest("a WebSocket upgrade needs a 'Host' header")
         if not _is_websocket_key(headers.get("Sec-WebSocket-Key", "")):
@@ -178,29 +173,14 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         super().write_error(status_code, **kwargs)
 
     def check_origin(self, origin: str) -> bool:
-        if origin.rstrip("/") in self.ctx.config.origins:
+        """Tornado's get() asks this of an origin that is not the request's own: a refusal is a JSON 403."""
+        if origin.rstrip("/") in self.ctx.config.origins or super().check_origin(origin):  # or the same host
             return True
-        return super().check_origin(origin)  # same host as the request
-
-    def get(self, *args: Any, **kwargs: Any) -> Awaitable[None]:
-        """Tornado's WebSocketHandler.get without its checks of Upgrade, Connection, origin and version, which
-        prepare() made already (as JSON errors). Its suspended frame would hold the request's headers (and a map over
-        them) for the socket's whole life; returning the protocol's coroutine leaves no frame of ours behind."""
-        self.open_args = args
-        self.open_kwargs = kwargs
-        self.ws_connection = self.get_websocket_protocol()
-        assert self.ws_connection is not None  # prepare() refused every other version
-        return self.ws_connection.accept_connection(self)
+        raise Forbidden("a WebSocket from this origin is not allowed here (see trusted_origins)")
 
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
-        """Tornado's protocol, reading the client's frames with handlers/wsframes.py's RFC 6455 checks."""
+        """Tornado's protocol, reading the client's frames with transport/wsframes.py's RFC 6455 checks."""
         return wsframes.strict(super().get_websocket_protocol())
-
-    def _detach_stream(self) -> tornado.iostream.IOStream:
-        # Tornado's version also sets seven instance attributes (write, finish, ... raising "not supported"), which
-        # grows every socket's __dict__ by 1.5 kB; `_upgraded` makes the same refusal from the class (below).
-        self._upgraded = True
-        return self.detach()
 
     def _release_handshake(self) -> None:
         """Let go of what only the HTTP handshake needed and would otherwise be held for the socket's life.
@@ -215,7 +195,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
             arguments.clear()
         request.connection = None
         request.server_connection = None
-        self._headers = tornado.httputil.HTTPHeaders()
+        compat.drop_response_headers(self)
         self.ui = None  # type: ignore[assignment]  # what _break_cycles does at the close: no templates here
 
     async def open(self, *args: Any, **kwargs: Any) -> None:
@@ -238,13 +218,15 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
 
             if not await replay_into(self, outbox, self._cursor, event_frame, count,
                                      lambda: self.ws_connection is None):
-                return  # cut off, or gone, while resuming: nothing to subscribe
+                if not outbox.closed and self.ws_connection is not None:
+                    self.close(TRY_AGAIN_CLOSE, "the database is unavailable: reconnect with your cursor")
+                return  # cut off, gone, or the database away while resuming: nothing to subscribe
         broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections.labels(self.transport).inc()
         self._pings.add(self)
 
-    # -- keep-alive: one server-wide sweep (handlers/pings.py) instead of Tornado's task per connection ------
+    # -- keep-alive: one server-wide sweep (transport/pings.py) instead of Tornado's task per connection ------
 
     def send_ping(self) -> bool:
         try:
@@ -285,16 +267,15 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         socket does not take at once is left to the stream, which sends it when the socket drains; until then
         the stream is writing and the next frames wait in the Outbox, counted against its bound.
 
-        It runs once per event and connection, so it reads Tornado's state rather than calling for it: the
-        protocol's `client_terminated`/`server_terminated` (what `is_closing()` reads, but for the stream's
-        closed flag: the send of a closed socket fails instead) and the stream's write indexes (equal when
-        `writing()` would say False). Tornado is pinned; tests/test_realtime.py's backpressure tests cover both.
+        It runs once per event and connection: the protocol's `client_terminated`/`server_terminated` are what
+        `is_closing()` reads but for the stream's closed flag (the send of a closed socket fails instead).
+        tests/test_realtime.py's backpressure tests cover both paths.
         """
         connection = self.ws_connection
         if connection is None or connection.client_terminated or connection.server_terminated:
             raise tornado.websocket.WebSocketClosedError()
         stream = connection.stream  # type: ignore[attr-defined]
-        if stream._total_write_index != stream._total_write_done_index or self._tls:
+        if self._tls or stream.writing():
             return False
         try:
             sent = stream.socket.send(frame)
@@ -383,19 +364,7 @@ class EventSocket(JsonErrors, tornado.websocket.WebSocketHandler):
         self.close(1001, "server shutting down")
 
 
-def _refused_after_upgrade(method: Any) -> Any:
-    @functools.wraps(method)
-    def guarded(self: EventSocket, *args: Any, **kwargs: Any) -> Any:
-        if self._upgraded:
-            raise RuntimeError("Method not supported for Web Sockets")  # Tornado's words
-        return method(self, *args, **kwargs)
-
-    return guarded
-
-
-# The methods Tornado's _detach_stream disables on the instance, disabled here for every upgraded EventSocket.
-for _name in ("write", "redirect", "set_header", "set_cookie", "set_status", "flush", "finish"):
-    setattr(EventSocket, _name, _refused_after_upgrade(getattr(EventSocket, _name)))
+compat.refuse_after_upgrade(EventSocket)
 
 
 class PollHandler(ApiHandler):
@@ -536,7 +505,7 @@ class EventStreamHandler(ApiHandler):
 
             if not await replay_into(self, self._outbox, cursor, self._event_frame, count, lambda: self._gone):
                 self._outbox.close()
-                if not self._finished and not self._gone:
+                if not compat.handler_finished(self) and not self._gone:
                     self.finish()
                 return
         broadcaster.subscribe(self)
@@ -551,7 +520,7 @@ class EventStreamHandler(ApiHandler):
             self._outbox.close()
             self.ctx.connections.discard(self)
             self.ctx.metrics.connections.labels(self.transport).dec()
-        if not self._finished and not self._gone:
+        if not compat.handler_finished(self) and not self._gone:
             self.finish()
 
     @staticmethod
@@ -574,7 +543,15 @@ class EventStreamHandler(ApiHandler):
 
     async def _send(self, data: bytes) -> None:
         self.write(data)
-        await self.flush()
+        flushed = self.flush()
+        assert self._done is not None  # made before the outbox that calls this
+        # Until the bytes are out or the stream has ended: a connection closed under a flush (a cut-off) may
+        # never resolve the flush's future (Tornado's HTTP/1.1 connection forgets it at its close), and the
+        # outbox's writer must not wait on it for ever.
+        await asyncio.wait((flushed, self._done), return_when=asyncio.FIRST_COMPLETED)
+        if not flushed.done():
+            raise tornado.iostream.StreamClosedError()
+        flushed.result()
 
     def _count_delivery(self) -> None:
         self.ctx.metrics.events_delivered.labels(self.transport).inc()

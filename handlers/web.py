@@ -13,7 +13,9 @@ from typing import Any
 
 import tornado.web
 
-from handlers.base import error_body, implemented_methods
+from chatserver.jsonutil import error_body
+from handlers.base import implemented_methods
+from transport import compat
 
 # A Host header we are willing to echo into connect-src; anything else gets 'self' alone.
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
@@ -65,7 +67,7 @@ class WebFileHandler(tornado.web.StaticFileHandler):
             self.set_header("Allow", ", ".join(implemented_methods(type(self))))
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
-        self.finish(error_body(self._reason))
+        self.finish(error_body(compat.status_reason(self)))
 
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Cache-Control", "no-cache")

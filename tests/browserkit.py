@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import pwd
@@ -47,6 +48,25 @@ SET_VISIBILITY = """(hidden) => {
     Object.defineProperty(document, "hidden", { value: hidden, configurable: true });
     document.dispatchEvent(new Event("visibilitychange"));
 }"""
+# An init script that records, in `window.__acks`, every acknowledgement the page sends (`{via, at}`: a WebSocket
+# `ack` frame or a `POST /api/ack`, at performance.now()), by wrapping the browser's own WebSocket.send and fetch.
+ACK_SPY = """(() => {
+    window.__acks = [];
+    const send = WebSocket.prototype.send;
+    WebSocket.prototype.send = function (data) {
+        if (typeof data === "string" && JSON.parse(data).type === "ack") {
+            window.__acks.push({ via: "websocket", at: performance.now() });
+        }
+        return send.call(this, data);
+    };
+    const fetch = window.fetch;
+    window.fetch = function (input, init) {
+        if (new URL(String(input), location.href).pathname === "/api/ack") {
+            window.__acks.push({ via: "post", at: performance.now() });
+        }
+        return fetch.call(this, input, init);
+    };
+})();"""
 
 
 def chromium_path() -> str | None:
@@ -137,6 +157,19 @@ class ServerProcess:
     def login(self, phone: str) -> dict[str, Any]:
         return dict(self.api("POST", "/api/auth/login", {"phone": phone, "password": DEMO_PASSWORD}))
 
+    def add_user(self, name: str) -> dict[str, Any]:
+        """A new user with the demo password and a phone of its own, made by the command line on this server's
+        database while it runs (as an operator would): `{userId, name, phone}`."""
+        phone = f"7{secrets.randbelow(10**10):010d}"
+        argv = [sys.executable, str(ROOT / "run.py"), "users", "add", "--db", str(self.db), "--phone", phone,
+                "--name", name, "--password", DEMO_PASSWORD]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSERVER_")}
+        env["CHATSERVER_STATE_DIR"] = str(self.state_dir)
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=START_TIMEOUT,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
 
 class ChatPage:
     """One user's tab: a browser context of its own, logged in through the login form."""
@@ -211,6 +244,12 @@ class ChatPage:
 
     def csp_violations(self) -> list[str]:
         return [line for line in self.console if "Content Security Policy" in line]
+
+
+def ack_gaps(page: Page) -> list[float]:
+    """Milliseconds between the acknowledgements the page sent (ACK_SPY)."""
+    times = [ack["at"] for ack in page.evaluate("window.__acks")]
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
 
 
 def unique(label: str) -> str:

@@ -1,10 +1,11 @@
 """Shared fixtures: a real server on a real port over a real store, and small clients for it.
 
-`app` builds the server exactly as run.py does (handlers.app), with a fresh state folder per test, on each store
-(`store_kind`): a real SQLite file, and a real PostgreSQL database made for the test and dropped after it (on
-127.0.0.1:5432 as user postgres, or `CHATSERVER_TEST_POSTGRES`). A module whose tests do not touch the store or
-the real-time path overrides `store_kind` with SQLite alone. The `http_server` fixture of pytest-tornado is
-replaced so that the listener carries the same limits as production (`make_http_server`). Helpers here wait
+`app` builds the server exactly as run.py does (run.build_context, handlers.app.make_app), with a fresh state
+folder per test, on each store (`store_kind`): a real SQLite file, and a real PostgreSQL database made for the
+test and dropped after it (on 127.0.0.1:5432 as user postgres, or `CHATSERVER_TEST_POSTGRES`). A module whose
+tests do not touch the store or the real-time path overrides `store_kind` with SQLite alone. The `http_server`
+fixture of pytest-tornado is replaced so that the listener carries the same limits as production
+(`make_http_server`), on each HTTP engine (`http_engine`), the Tornado one on SQLite only. Helpers here wait
 with bounds: a lost event fails a test, never hangs it.
 """
 
@@ -26,10 +27,11 @@ import tornado.websocket
 
 from chatserver import jsonutil
 from chatserver.admin import DEMO_PASSWORD, add_dialog, add_user, ensure_demo
-from chatserver.config import Config, load_config
+from chatserver.config import HTTP_ENGINES, Config, load_config
 from chatserver.store import open_store
-from handlers.app import build_context, close_context, make_app, make_http_server
+from handlers.app import make_app
 from handlers.base import AppContext
+from run import build_context, close_context, make_http_server
 from tests import pg
 from tests.process import ThreadedServer
 
@@ -48,6 +50,27 @@ def settings() -> dict[str, Any]:
 def store_kind(request: Any) -> str:
     """Which store the test's server runs on: every test that touches the store runs on both."""
     return str(request.param)
+
+
+@pytest.fixture(params=HTTP_ENGINES)
+def http_engine(request: Any) -> str:
+    """Which engine reads the test's HTTP requests (the `http_engine` setting): every test over HTTP runs on both,
+    so that the suite is the differential test of the lean engine against Tornado's own. The Tornado engine runs
+    on SQLite only (see pytest_collection_modifyitems): engines and stores are not crossed."""
+    return str(request.param)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    crossed = [item for item in items if _params(item).get("http_engine") == "tornado"
+               and _params(item).get("store_kind", "sqlite") != "sqlite"]
+    if crossed:
+        config.hook.pytest_deselected(items=crossed)
+        items[:] = [item for item in items if item not in set(crossed)]
+
+
+def _params(item: pytest.Item) -> dict[str, Any]:
+    callspec = getattr(item, "callspec", None)
+    return dict(callspec.params) if callspec is not None else {}
 
 
 @pytest.fixture
@@ -100,8 +123,9 @@ def app(ctx: AppContext) -> Any:
 
 
 @pytest.fixture
-def http_server(request: Any, io_loop: Any, _unused_port: Any, app: Any, config: Config) -> Iterator[Any]:
-    server: tornado.httpserver.HTTPServer = make_http_server(app, config)
+def http_server(request: Any, io_loop: Any, _unused_port: Any, app: Any, config: Config, http_engine: str
+                ) -> Iterator[Any]:
+    server: tornado.httpserver.HTTPServer = make_http_server(app, attrs.evolve(config, http_engine=http_engine))
     server.add_socket(_unused_port[0])
     yield server
     server.stop()
@@ -270,8 +294,8 @@ class Live:
         return response.json()["data"]
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+@pytest.fixture(scope="module", params=HTTP_ENGINES)
+def live(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("live")
 
     async def seed() -> None:
@@ -284,7 +308,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             await store.close()
 
     asyncio.run(seed())
-    server = ThreadedServer(tmp)
+    server = ThreadedServer(tmp, env={"CHATSERVER_HTTP_ENGINE": request.param})
     try:
         login = requests.post(server.url + "/api/auth/login", json={"phone": ALICE_PHONE, "password": DEMO_PASSWORD},
                               timeout=10)

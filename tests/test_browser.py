@@ -11,6 +11,7 @@ import itertools
 import json
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,13 @@ import pytest
 from playwright.sync_api import Browser, Route, WebSocketRoute, expect, sync_playwright
 
 from tests.browserkit import (
+    ACK_SPY,
     ALICE_PHONE,
     BOB_PHONE,
     SET_VISIBILITY,
     ChatPage,
     ServerProcess,
+    ack_gaps,
     chromium_path,
     demo_dialog,
     exchange_typing_and_messages,
@@ -439,6 +442,97 @@ def test_sender_edits_own_message_and_receiver_sees_the_edit(open_page: OpenPage
     expect(bob.page.locator("#messages .message.mine .edit-button")).to_have_count(
         bob.page.locator("#messages .message.mine").count()
     )
+
+
+def pair_with(server: ServerProcess, creator: ChatPage, *others: str) -> str:
+    """A dialog of the creator's page with these users (ids), made over REST; the page lists it. Its title."""
+    title = unique("Receipts")
+    server.api("POST", "/api/dialogs", {"title": title, "memberIds": list(others)}, creator.token)
+    expect(creator.dialog_row(title)).to_have_count(1, timeout=3000)
+    return title
+
+
+def test_the_sender_sees_sent_then_delivered_then_read_in_a_dialog_of_two(
+    open_page: OpenPage, server: ServerProcess
+) -> None:
+    alice = open_page(ALICE_PHONE)
+    title = pair_with(server, alice, server.login(BOB_PHONE)["user"]["userId"])
+    alice.open_dialog(title)
+    first = unique("while Bob is away")
+    alice.send(first)
+    status = alice.message_node(first).locator(".status")
+    expect(status).to_have_text("Sent", timeout=3000)
+    alice.page.wait_for_timeout(1500)  # receipts are written within about a second: none, for nobody has it
+    expect(status).to_have_text("Sent")
+
+    # Bob comes online: his stream starts from a position after the message, which acknowledges it.
+    bob = open_page(BOB_PHONE, init_script=ACK_SPY)
+    expect(status).to_have_text("Delivered", timeout=5000)
+    # A message that reaches his page while he looks at another dialog: his page acknowledges it on its socket.
+    second = unique("while Bob looks elsewhere")
+    alice.send(second)
+    expect(bob.dialog_row(title).locator(".preview")).to_have_text(second, timeout=3000)
+    expect(alice.message_node(second).locator(".status")).to_have_text("Delivered", timeout=5000)
+    assert {ack["via"] for ack in bob.page.evaluate("window.__acks")} == {"websocket"}
+    expect(status).to_have_attribute("data-receipt", "delivered")
+
+    bob.open_dialog(title)
+    for text in (first, second):
+        expect(alice.message_node(text).locator(".status")).to_have_text("Read", timeout=5000)
+    expect(status).to_have_attribute("data-receipt", "read")
+    expect(bob.message_node(first).locator(".status")).to_have_text("")  # others' messages carry no status
+    # And the other way: Alice has the dialog open, so Bob's reply is read at once.
+    reply = unique("seen it")
+    bob.send(reply)
+    expect(bob.message_node(reply).locator(".status")).to_have_text("Read", timeout=5000)
+
+
+def test_a_dialog_of_three_tells_how_many_have_read_a_message(open_page: OpenPage, server: ServerProcess) -> None:
+    carol = server.add_user("Carol")
+    alice = open_page(ALICE_PHONE)
+    title = pair_with(server, alice, server.login(BOB_PHONE)["user"]["userId"], carol["userId"])
+    alice.open_dialog(title)
+    text = unique("to both")
+    alice.send(text)
+    status = alice.message_node(text).locator(".status")
+    expect(status).to_have_text("Sent", timeout=3000)
+
+    bob = open_page(BOB_PHONE)
+    bob.open_dialog(title)
+    expect(status).to_have_text("Read by 1 of 2", timeout=5000)
+    carol_page = open_page(carol["phone"])
+    expect(carol_page.dialog_row(title)).to_have_count(1, timeout=3000)
+    alice.page.wait_for_timeout(1500)  # Carol has it now, unread: still one reader
+    expect(status).to_have_text("Read by 1 of 2")
+    carol_page.open_dialog(title)
+    expect(status).to_have_text("Read by 2 of 2", timeout=5000)
+    expect(status).to_have_attribute("data-receipt", "read")
+
+
+def test_a_page_acknowledges_at_most_once_a_second_while_messages_arrive(
+    open_page: OpenPage, server: ServerProcess
+) -> None:
+    bob = open_page(BOB_PHONE, init_script=ACK_SPY)
+    expect(bob.connection()).to_have_attribute("data-state", "websocket", timeout=5000)
+    alice = server.login(ALICE_PHONE)
+    dialog_id = demo_dialog(server, alice["token"])
+    started = time.monotonic()
+    sent = []
+    for n in range(24):  # eight a second for three seconds
+        sent.append(server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": unique(f"burst {n}")},
+                               alice["token"]))
+        bob.page.wait_for_timeout(125)
+
+    def bob_has_the_last() -> bool:
+        receipts = server.api("GET", f"/api/dialogs/{dialog_id}", token=alice["token"])["receipts"]
+        return any(r["deliveredMessageId"] == sent[-1]["messageId"] for r in receipts)
+
+    wait_until(bob.page, bob_has_the_last, 5)
+    acks = bob.page.evaluate("window.__acks")
+    assert {ack["via"] for ack in acks} == {"websocket"}, acks
+    # Acknowledged while the messages came (not once at the end), never two within a second (timer granularity).
+    assert 3 <= len(acks) <= time.monotonic() - started + 2, acks  # one a second, and one more after
+    assert min(ack_gaps(bob.page)) >= 995, acks
 
 
 def test_older_pages_load_on_scroll_up_and_nothing_is_rebuilt(open_page: OpenPage, server: ServerProcess) -> None:

@@ -20,12 +20,14 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from tests.browserkit import (
+    ACK_SPY,
     ALICE_PHONE,
     BOB_PHONE,
     SET_VISIBILITY,
     ChatPage,
     ServerProcess,
     StockSquid,
+    ack_gaps,
     chromium_path,
     demo_dialog,
     exchange_typing_and_messages,
@@ -143,6 +145,51 @@ def test_two_users_chat_through_the_stock_squid_on_a_working_transport(
         assert squid.passed(server.port, path) - carried_before[path] >= 2, (path, squid.log_lines())
     assert server.log().count("GET /ws") == upgrades_before, "a WebSocket upgrade got past squid"
     check_clean(alice, bob)
+
+
+def test_receipts_reach_the_sender_through_squid_and_only_the_leader_tab_acknowledges(
+    browser: Browser, contexts: list[BrowserContext], squid: StockSquid, server: ServerProcess
+) -> None:
+    """Behind squid the pages stream over SSE, which cannot write on its stream: Bob's leader tab acknowledges with
+    `POST /api/ack`, at most once a second while messages arrive, and his other tab, a follower, never does."""
+    acks_before = squid.passed(server.port, "/api/ack")
+    alice = ChatPage(person(browser, contexts), server.base_url).login(ALICE_PHONE)
+    bob_context = person(browser, contexts)
+    bob_context.add_init_script(ACK_SPY)
+    bob_tabs = [ChatPage(bob_context, server.base_url).login(BOB_PHONE), ChatPage(bob_context, server.base_url)]
+    for page in (alice, *bob_tabs):
+        expect(page.connection()).to_have_attribute("data-state", "sse", timeout=8000)
+    for tab in bob_tabs:
+        tab.token = tab.session_token()
+    roles = [tab.connection().get_attribute("data-role") for tab in bob_tabs]
+    assert sorted(map(str, roles)) == ["follower", "leader"], roles
+    leader = bob_tabs[roles.index("leader")]
+    follower = bob_tabs[roles.index("follower")]
+
+    title = unique("Receipts through squid")
+    bob_id = server.login(BOB_PHONE)["user"]["userId"]
+    dialog_id = server.api("POST", "/api/dialogs", {"title": title, "memberIds": [bob_id]}, alice.token)["dialogId"]
+    expect(alice.dialog_row(title)).to_have_count(1, timeout=3000)
+    alice.open_dialog(title)
+    texts = [unique(f"through squid {n}") for n in range(12)]
+    started = time.monotonic()
+    for text in texts:  # about six a second for two seconds, while Bob's tabs look at another dialog
+        server.api("POST", f"/api/messages/dialog/{dialog_id}", {"content": text}, alice.token)
+        alice.page.wait_for_timeout(170)
+    for text in texts:
+        expect(alice.message_node(text).locator(".status")).to_have_text("Delivered", timeout=5000)
+
+    acks = leader.page.evaluate("window.__acks")
+    assert {ack["via"] for ack in acks} == {"post"}, acks
+    assert 2 <= len(acks) <= time.monotonic() - started + 2, acks  # one a second, and one more after
+    assert min(ack_gaps(leader.page)) >= 995, acks
+    assert follower.page.evaluate("window.__acks") == []
+    assert squid.passed(server.port, "/api/ack") - acks_before == len(acks), squid.log_lines()
+
+    follower.open_dialog(title)  # read in the follower tab: the mark goes over REST from there
+    for text in texts:
+        expect(alice.message_node(text).locator(".status")).to_have_text("Read", timeout=5000)
+    check_clean(alice, *bob_tabs)
 
 
 def test_eight_tabs_of_one_user_share_one_connection_load_at_once_and_all_receive(

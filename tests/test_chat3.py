@@ -31,8 +31,8 @@ from chatserver.config import ConfigError, load_config
 from chatserver.metrics import Metrics
 from chatserver.models import new_id, now_iso
 from chatserver.sqlite import SQLiteStore
-from handlers.app import build_context, close_context
 from handlers.base import AppContext
+from run import build_context, close_context
 from tests.conftest import Client, Socket, require_service
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"

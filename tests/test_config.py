@@ -103,6 +103,7 @@ def test_trusted_origins_from_a_toml_list_or_comma_text(tmp_path: Path) -> None:
         ("workers = 0\n", ("workers", "auto")),
         ("workers = true\n", ("workers", "str")),
         ("workers = 1.5\n", ("workers",)),
+        ('http_engine = "nginx"\n', ("http_engine", "lean, tornado", "'nginx'")),
         ("port = 1\nport = 2\n", ("not valid TOML",)),
     ],
 )
@@ -158,8 +159,10 @@ def test_every_setting_comes_from_the_environment() -> None:
     environ["CHATSERVER_AMQP_URL"] = "amqp://localhost"
     environ["CHATSERVER_TRUSTED_PROXIES"] = "10.0.0.1"
     environ["CHATSERVER_WORKERS"] = "3"
+    environ["CHATSERVER_HTTP_ENGINE"] = "tornado"
     config = load_config({}, environ)
-    special = {"log_level": "debug", "amqp_url": "amqp://localhost", "trusted_proxies": "10.0.0.1", "workers": "3"}
+    special = {"log_level": "debug", "amqp_url": "amqp://localhost", "trusted_proxies": "10.0.0.1", "workers": "3",
+               "http_engine": "tornado"}
     for name, field in SETTINGS.items():
         expected = special.get(name, samples[str(field.type)])
         assert str(getattr(config, name)) == expected, name

@@ -1,4 +1,4 @@
-"""The lean long-poll path (handlers/fastpoll.py) answers exactly as the full PollHandler does.
+"""The lean long-poll path (transport/fastpoll.py) answers exactly as the full PollHandler does.
 
 A poll with `If-None-Match` is one the lean path leaves to PollHandler, so the same poll asked both ways must
 get the same status, body and headers (but Date, which names the second).
@@ -17,8 +17,14 @@ import tornado.httpclient
 from chatserver import jsonutil
 from chatserver.auth import TokenSigner
 from chatserver.errors import Unauthorized
-from handlers.fastpoll import LeanPoll
 from tests.conftest import Client
+from transport.fastpoll import LeanPoll
+
+
+@pytest.fixture
+def http_engine() -> str:
+    """The lean poll exists only in the lean engine (the Tornado engine answers every poll with PollHandler)."""
+    return "lean"
 
 
 async def fetch_poll(client: Client, query: str, **headers: str) -> tornado.httpclient.HTTPResponse:

@@ -224,7 +224,7 @@ async def test_outbound_without_a_broker_is_a_config_error(tmp_path: Path) -> No
     from chatserver.chat3 import start_amqp
     from chatserver.config import ConfigError, load_config
     from chatserver.metrics import Metrics
-    from handlers.app import build_context, close_context
+    from run import build_context, close_context
 
     ctx = await build_context(load_config({"state_dir": str(tmp_path), "chat3_outbound_exchange": "out"}, {}))
     try:

@@ -1,4 +1,4 @@
-"""handlers/outbox.py on a real loop: the fast path, the end-of-turn batching, order, and the bound.
+"""transport/outbox.py on a real loop: the fast path, the end-of-turn batching, order, and the bound.
 
 The connection side is recorded (what reached `write_now`, what went through the awaited `send`), so that a
 test can tell one joined send from several; the WebSocket tests (test_realtime) prove the same over sockets.
@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from handlers.outbox import Outbox, TurnBatcher
+from transport.outbox import Outbox, TurnBatcher
 
 
 class Wire:
@@ -147,3 +147,4 @@ async def test_a_paced_replay_that_the_client_does_not_take_is_cut_off_after_the
     assert box.closed and overflowed == [True]
     taken.set()
     await turns()  # the writer's last send ends, and with it the writer
+

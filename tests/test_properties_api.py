@@ -140,7 +140,7 @@ def test_any_json_body_gets_a_success_or_a_json_4xx(live: Live, session: request
     headers = {"Content-Type": "application/json"}
     if endpoint.token:
         headers["Authorization"] = f"Bearer {live.token}"
-    # A chunked body goes to Tornado's own HTTP/1.1 server; one with a length is read by handlers/http1.py.
+    # A chunked body goes to Tornado's own HTTP/1.1 server; one with a length is read by transport/http1.py.
     sent: Any = iter([body]) if data.draw(st.booleans()) else body
     response = session.request(endpoint.method, live.url + url, data=sent, headers=headers, timeout=10)
     answered(response, endpoint.method, endpoint.path)

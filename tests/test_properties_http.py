@@ -1,9 +1,10 @@
 """Property tests (Hypothesis) of what clients send, over real sockets to a real server.
 
-Request heads for the HTTP layer: well-formed ones, in every shape the RFCs allow (either line ending, any
-order and case, connection options in lists and in several fields, both versions), get their endpoint's answer
-and the keep-alive RFC 9112 calls for; heads with a defect the RFCs require a server to refuse get a JSON 400 (or
-431) and the end of the connection; any byte-level mutation of a head gets well-formed answers and never a 5xx.
+Request heads for the HTTP layer: well-formed ones, in every shape the RFCs allow (any order and case,
+connection options in lists and in several fields, both versions; CRLF line ends), get their endpoint's answer
+and the keep-alive RFC 9112 calls for; heads with a defect the RFCs require a server to refuse, and any head with a
+bare LF (which RFC 9112 2.2 lets a server refuse, and this one does), get a JSON 400 (or 431) and the end of the
+connection; any byte-level mutation of a head gets well-formed answers and never a 5xx.
 WebSocket frames from clients (RFC 6455): messages in fragments with control frames between them and any mask
 get their replies and pongs; every violation (an unmasked frame, reserved bits or opcodes, broken
 fragmentation, an oversized or fragmented control frame, text that is not UTF-8, a bad close, a message over the
@@ -121,6 +122,13 @@ def store_kind() -> str:
     return "sqlite"
 
 
+@pytest.fixture
+def http_engine() -> str:
+    """The lean engine's own contract, byte by byte (JSON refusals, the parser's reasons, its bounds): with the
+    Tornado engine, Tornado's HTTP1Connection answers malformed requests its own way (docs/protocol.md, "HTTP")."""
+    return "lean"
+
+
 @st.composite
 def heads(draw: st.DrawFn, token: str, cursor: str, endpoints: list[Endpoint] = ENDPOINTS) -> Head:
     endpoint = draw(st.sampled_from(endpoints))
@@ -140,7 +148,7 @@ def heads(draw: st.DrawFn, token: str, cursor: str, endpoints: list[Endpoint] = 
         body = draw(st.binary(max_size=40))
         fields.append(("Content-Length", str(len(body))))
     fields = draw(st.permutations(fields))
-    ending = draw(st.sampled_from(["\r\n", "\n"]))
+    ending = "\r\n"  # a bare LF is refused (a defect below)
     lines = [f"{endpoint.method} {path} {version}"] + [
         f"{name}:{draw(st.sampled_from(['', ' ', '  ', chr(9)]))}{value}" for name, value in fields
     ]
@@ -230,7 +238,8 @@ DEFECTS = [
       for version in ("HTTP/1", "http/1.1", "HTTP/1.1.1", "HTTP/x.y", "HTTP/11")),
     # A version of the right shape that this server does not speak: 505 says so (RFC 9110 15.6.6), 400 refuses it.
     Defect("version-HTTP/2.0", _in_request_line(lambda m, t, v: f"{m} {t} HTTP/2.0"), 400, also=505),
-    Defect("two-spaces", _in_request_line(lambda m, t, v: f"{m}  {t} {v}"), 400),
+    # RFC 9112 3: a recipient MAY split the request line at any run of whitespace (llhttp reads two spaces as one).
+    Defect("two-spaces", _in_request_line(lambda m, t, v: f"{m}  {t} {v}"), 400, may_be_served=True),
     Defect("four-parts", _in_request_line(lambda m, t, v: f"{m} {t} {v} extra"), 400),
     Defect("no-version", _in_request_line(lambda m, t, v: f"{m} {t}"), 400),
     Defect("bad-method", _in_request_line(lambda m, t, v: f"G(E)T {t} {v}"), 400),
@@ -255,9 +264,10 @@ def test_request_heads_with_a_defect_the_rfcs_refuse_get_a_json_refusal_and_the_
 
     @PROPERTY
     @given(defect=st.sampled_from(DEFECTS), extra=st.lists(st.tuples(field_names, field_values), max_size=3),
-           ending=st.sampled_from(["\r\n", "\n"]))
-    def check(defect: Defect, extra: list[tuple[str, str]], ending: str) -> None:
+           bare_lf=st.booleans())
+    def check(defect: Defect, extra: list[tuple[str, str]], bare_lf: bool) -> None:
         lines = ["GET /healthz HTTP/1.1", "Host: x", *(f"{name}: {value}" for name, value in extra)]
+        ending = "\n" if bare_lf else "\r\n"
         raw = (ending.join(defect.apply(lines)) + ending + ending).encode("latin1")
         note(f"{defect.name}: sent {raw!r}")
 
@@ -265,7 +275,7 @@ def test_request_heads_with_a_defect_the_rfcs_refuse_get_a_json_refusal_and_the_
             async with connect(port) as (reader, writer):
                 writer.write(raw)
                 answer = await read_answer(reader)
-                if defect.may_be_served and answer.status == 200:
+                if defect.may_be_served and answer.status == 200 and not bare_lf:
                     return
                 assert answer.status in (defect.status, defect.also), (defect.name, answer)
                 assert_json_error(answer)
@@ -503,7 +513,7 @@ async def read_server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 async def read_past_pings(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """The server's next frame other than a ping: the keep-alive sweep (handlers/pings.py) pings every socket on its
+    """The server's next frame other than a ping: the keep-alive sweep (transport/pings.py) pings every socket on its
     own clock, so its ping may come before any frame, even the ready frame (queued) or the echo of a close."""
     opcode, payload = await read_server_frame(reader)
     while opcode == 0x9:

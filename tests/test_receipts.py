@@ -16,8 +16,8 @@ import pytest
 from chatserver import jsonutil, queries
 from chatserver.config import Config
 from chatserver.receipts import Receipts
-from handlers.app import build_context, close_context
 from handlers.base import AppContext
+from run import build_context, close_context
 from tests import storekit
 from tests.conftest import RECEIPT, Client, Socket
 from tests.test_realtime import SseReader, eventually

@@ -1,6 +1,6 @@
-// app.js: the chat page. Login, the dialog list, the open dialog (with the names of who wrote what), the
-// composer, a form to start a dialog by phone number, and the connection indicator, drawn from the events of
-// ChatClient (web/chatclient.js).
+// app.js: the chat page. Login, the dialog list, the open dialog (with the names of who wrote what, and how far
+// one's own messages got: sent, delivered, read), the composer, a form to start a dialog by phone number, and the
+// connection indicator, drawn from the events of ChatClient (web/chatclient.js).
 //
 // Two rules hold everywhere below. User data reaches the DOM through textContent only, never as HTML. And a
 // change touches only the nodes it changes: a new message appends one node, a dialog update rewrites one row;
@@ -198,6 +198,7 @@ async function startChat(session) {
   client.on("message:update", onUpdate);
   client.on("dialog:update", (dialog) => upsertDialog(dialog, { moveToTop: !dialogs.has(dialog.dialogId) }));
   client.on("typing", ({ dialogId, userIds }) => dialogId === openId && showTyping(userIds));
+  client.on("receipts", ({ dialogId }) => dialogId === openId && showReceipts());
   client.on("reset", ({ reason }) => {
     console.info(`chat: the server reset the event stream (${reason}); reloading over REST`);
     reload();
@@ -266,7 +267,10 @@ async function reload() {
       try {
         syncDialogs(await client.listDialogs());
         if (openId && !dialogs.has(openId)) closeDialog();
-        else if (openId) await refreshOpenDialog();
+        else if (openId) {
+          loadReceipts(openId); // receipts of a stretch the stream lost are in the snapshot
+          await refreshOpenDialog();
+        }
       } catch (error) {
         if (!(error instanceof ApiError) || error.status !== 401) console.warn("chat: reload failed", error);
       }
@@ -405,6 +409,7 @@ async function openDialog(dialogId) {
   client.setOpenDialog(dialogId);
   requestNames(entry.data.memberIds);
   needsRead = entry.data.unreadCount > 0;
+  loadReceipts(dialogId);
   await showLatest(dialogId);
   if (openId !== dialogId) return;
   scheduleRead();
@@ -510,7 +515,8 @@ function fillMessageNode(node, message) {
   if (message.messageId) {
     node.dataset.messageId = message.messageId;
     node.classList.remove("pending", "failed");
-    status.textContent = "";
+    if (node.classList.contains("mine")) showReceipt(node);
+    else status.textContent = "";
   } else {
     node.classList.add("pending");
     status.textContent = "Sending…";
@@ -705,6 +711,42 @@ view.scroll.addEventListener(
   },
   { passive: true },
 );
+
+// -- receipts -----------------------------------------------------------------------------------------------
+
+/** Where the other members of a dialog stand, from the server (the client keeps it current from events). */
+function loadReceipts(dialogId) {
+  client.getDialog(dialogId).catch((error) => {
+    if (!(error instanceof ApiError) || error.status !== 401) console.warn("chat: could not load receipts", error);
+  });
+}
+
+/**
+ * How far one of this user's stored messages got: Sent, Delivered or Read in a dialog of two; in a larger one,
+ * how many of the others have read it once someone has ("Read by k of n"), else Sent or Delivered.
+ */
+function receiptText({ state, read, members }) {
+  if (members > 1 && read > 0) return `Read by ${read} of ${members}`;
+  return { sent: "Sent", delivered: "Delivered", read: "Read" }[state] || "";
+}
+
+/** Write one own message's status; only a node whose status changed is touched. */
+function showReceipt(node) {
+  const receipt = client.messageStatus({
+    messageId: node.dataset.messageId,
+    dialogId: openId,
+    createdAt: node.dataset.createdAt,
+  });
+  const text = receiptText(receipt);
+  const status = node.querySelector(".status");
+  if (status.textContent !== text) status.textContent = text;
+  if (status.dataset.receipt !== receipt.state) status.dataset.receipt = receipt.state;
+}
+
+/** The open dialog's receipts changed: the statuses of the own messages shown follow. */
+function showReceipts() {
+  for (const node of view.messages.querySelectorAll(".message.mine[data-message-id]")) showReceipt(node);
+}
 
 // -- names --------------------------------------------------------------------------------------------------
 

@@ -16,6 +16,10 @@
 // holds, which is the last one the leader handed over. The long-lived token never appears in a URL: WebSocket
 // and SSE URLs carry a one-use stream ticket (`POST /api/stream-ticket`).
 //
+// Receipts (PROTOCOL section 11): the tab holding the connection acknowledges what it applied, at most once a
+// second while messages of others arrive, and every tab keeps where the other members of each dialog stand
+// (delivered, read), from `dialog:receipt` events and `GET /api/dialogs/{id}`, to tell a message's status.
+//
 // It never touches the DOM: rendering is the application's (web/app.js).
 
 const DEFAULTS = {
@@ -37,6 +41,7 @@ const DEFAULTS = {
   typingIdle: 3000, // typing:stop after this long without a keystroke
   typingExpiry: 5000, // a remote typing:start without a stop is forgotten after this long
   knownLimit: 20000, // message ids remembered for dedupe
+  ackInterval: 1000, // acknowledgements at most this often while messages of others arrive
 };
 
 export const STATES = Object.freeze(["connecting", "websocket", "sse", "long-poll", "offline"]);
@@ -134,6 +139,7 @@ function sleep(ms, signal) {
  *   message:update   message                      only when newer (updatedAt) than what was seen
  *   dialog:update    dialog
  *   typing           {dialogId, userIds}          who is typing in a dialog now
+ *   receipts         {dialogId, receipts}         where the other members of a dialog stand changed
  *   reset            {reason, cursor}             reload dialogs and the open dialog over REST
  *   unauthorized     {error}                      the token is no longer valid; the client has stopped
  */
@@ -182,6 +188,13 @@ export class ChatClient {
     this._typingOut = null; // {dialogId, sentAt}
     this._typingIdleTimer = null;
     this._typingIn = new Map(); // dialogId -> Map(userId -> timer)
+    this._created = new Map(); // messageId -> createdAt, to place a receipt's message in its dialog's order
+    this._members = new Map(); // dialogId -> memberIds, from the last snapshot of the dialog
+    this._receipts = new Map(); // dialogId -> Map(userId -> {userId, deliveredMessageId, readMessageId})
+    this._receiptMoves = new Map(); // dialogId -> Map(userId -> n): receipt events applied, per member
+    this._ackTimer = null; // the pending acknowledgement
+    this._ackedAt = -Infinity; // when the last one went (performance.now())
+    this._ackedCursor = null; // and what it acknowledged
   }
 
   get useWebSocket() {
@@ -313,6 +326,8 @@ export class ChatClient {
     this.role = "solo";
     this._disconnect();
     clearTimeout(this._typingIdleTimer);
+    clearTimeout(this._ackTimer);
+    this._ackTimer = null;
     for (const users of this._typingIn.values()) for (const timer of users.values()) clearTimeout(timer);
     this._typingIn.clear();
     this.retryAt = null;
@@ -938,10 +953,47 @@ export class ChatClient {
 
   // -- applying events ------------------------------------------------------------------------------------
 
-  /** An event from this tab's own connection: applied here, and handed to the other tabs. */
+  /** An event from this tab's own connection: applied here, handed to the other tabs, acknowledged. */
   _receive(event) {
     this._apply(event);
     if (this._tabs) this._tabs.share(event);
+    if (event.type === "message:new" && event.data && event.data.senderId !== this.userId) this._scheduleAck();
+  }
+
+  // -- acknowledgements -----------------------------------------------------------------------------------
+
+  /**
+   * Acknowledge the cursor soon: at once after a quiet `ackInterval`, else when it has passed since the last
+   * acknowledgement, so a stream of messages costs at most one a second. Only messages of others call for one:
+   * nothing else moves a delivered position (PROTOCOL section 11), so acknowledging receipts or one's own sends
+   * would cost requests that move nothing.
+   */
+  _scheduleAck() {
+    if (this._ackTimer) return;
+    const wait = Math.max(0, this._ackedAt + this.options.ackInterval - performance.now());
+    this._ackTimer = setTimeout(() => {
+      this._ackTimer = null;
+      this._ack();
+    }, wait);
+  }
+
+  /**
+   * Send the acknowledgement: a frame on the WebSocket, `POST /api/ack` on SSE (which cannot write on its
+   * stream). A long-poll needs none (its next poll, made at once, carries the cursor), nor does a transport
+   * that is reconnecting (its resume carries it). One that fails is not repeated: the next one carries it.
+   */
+  _ack() {
+    const cursor = this.cursor;
+    if (!this._running || !this.holdsConnection || !cursor || cursor === this._ackedCursor) return;
+    if (this.transport === "websocket") {
+      if (!this._sendFrame({ type: "ack", cursor })) return;
+    } else if (this.transport === "sse") {
+      this.api("POST", "/api/ack", { cursor }, this._stop.signal).catch(() => {});
+    } else {
+      return;
+    }
+    this._ackedAt = performance.now();
+    this._ackedCursor = cursor;
   }
 
   _apply(event) {
@@ -962,7 +1014,11 @@ export class ChatClient {
         this._acceptUpdate(data);
         break;
       case "dialog:update":
+        this._noteDialog(data);
         this._emit("dialog:update", data);
+        break;
+      case "dialog:receipt":
+        this._receiptEvent(data);
         break;
       default:
         break; // a type this version does not know: skip it, keep its cursor
@@ -973,7 +1029,12 @@ export class ChatClient {
   _remember(message) {
     this._known.delete(message.messageId);
     this._known.set(message.messageId, message.updatedAt);
-    if (this._known.size > this.options.knownLimit) this._known.delete(this._known.keys().next().value);
+    if (!this._created.has(message.messageId)) this._created.set(message.messageId, message.createdAt);
+    if (this._known.size > this.options.knownLimit) {
+      const oldest = this._known.keys().next().value;
+      this._known.delete(oldest);
+      this._created.delete(oldest);
+    }
   }
 
   /** A message the application loaded over REST: later events for it are then duplicates. */
@@ -1031,12 +1092,18 @@ export class ChatClient {
   async listDialogs() {
     const dialogs = await this.api("GET", "/api/dialogs");
     this.remember(dialogs.map((d) => d.lastMessage));
+    for (const dialog of dialogs) this._noteDialog(dialog);
     return dialogs;
   }
 
+  /** One dialog, with `receipts` (where every other member stands), which are taken in: see `receiptsIn`. */
   async getDialog(dialogId) {
+    const moves = this._receiptMoves.get(dialogId);
+    const before = new Map(moves || []);
     const dialog = await this.api("GET", `/api/dialogs/${encodeURIComponent(dialogId)}`);
     this.remember([dialog.lastMessage]);
+    this._noteDialog(dialog);
+    if (Array.isArray(dialog.receipts)) this._takeReceipts(dialogId, dialog.receipts, before);
     return dialog;
   }
 
@@ -1051,8 +1118,10 @@ export class ChatClient {
     return found.length ? found[0] : null;
   }
 
-  createDialog(title, memberIds) {
-    return this.api("POST", "/api/dialogs", { title, memberIds });
+  async createDialog(title, memberIds) {
+    const dialog = await this.api("POST", "/api/dialogs", { title, memberIds });
+    this._noteDialog(dialog);
+    return dialog;
   }
 
   /** A page of a dialog's messages, oldest first: the latest `limit`, or those before/after a message id. */
@@ -1073,8 +1142,117 @@ export class ChatClient {
   }
 
   /** Mark a dialog read up to a message; the server answers every connection of this user with dialog:update. */
-  markRead(dialogId, messageId) {
-    return this.api("POST", `/api/dialogs/${encodeURIComponent(dialogId)}/read`, { messageId });
+  async markRead(dialogId, messageId) {
+    const dialog = await this.api("POST", `/api/dialogs/${encodeURIComponent(dialogId)}/read`, { messageId });
+    this._noteDialog(dialog);
+    return dialog;
+  }
+
+  // -- receipts -------------------------------------------------------------------------------------------
+
+  /** A dialog's snapshot: its members are who receipts are counted over. */
+  _noteDialog(dialog) {
+    if (!dialog || !dialog.dialogId || !Array.isArray(dialog.memberIds)) return;
+    const known = this._members.get(dialog.dialogId);
+    if (this.userId && !dialog.memberIds.includes(this.userId)) {
+      // Removed from it: nothing of it is told any more.
+      this._members.delete(dialog.dialogId);
+      this._receipts.delete(dialog.dialogId);
+      this._receiptMoves.delete(dialog.dialogId);
+      return;
+    }
+    this._members.set(dialog.dialogId, [...dialog.memberIds]);
+    if (known && (known.length !== dialog.memberIds.length || known.some((id) => !dialog.memberIds.includes(id)))) {
+      this._emit("receipts", { dialogId: dialog.dialogId, receipts: this.receiptsIn(dialog.dialogId) });
+    }
+  }
+
+  /** A `dialog:receipt`: its `receipts` list every member that moved (the single fields repeat the first). */
+  _receiptEvent(data) {
+    if (!data || typeof data.dialogId !== "string") return;
+    const moved = Array.isArray(data.receipts) ? data.receipts : [data];
+    let moves = this._receiptMoves.get(data.dialogId);
+    if (!moves) {
+      moves = new Map();
+      this._receiptMoves.set(data.dialogId, moves);
+    }
+    for (const entry of moved) if (entry && entry.userId) moves.set(entry.userId, (moves.get(entry.userId) || 0) + 1);
+    this._takeReceipts(data.dialogId, moved, null);
+  }
+
+  /**
+   * Take positions in. From a snapshot (`before`: the receipt events applied per member when it was asked for), a
+   * member for whom an event came meanwhile keeps the event's: the event may be newer than the snapshot, and a
+   * move the snapshot holds and the event did not has an event of its own still to come (receipts are events
+   * of the log, and this client took its place in the log before it asked).
+   */
+  _takeReceipts(dialogId, entries, before) {
+    let stands = this._receipts.get(dialogId);
+    if (!stands) {
+      stands = new Map();
+      this._receipts.set(dialogId, stands);
+    }
+    const moves = this._receiptMoves.get(dialogId);
+    let changed = false;
+    for (const entry of entries) {
+      if (!entry || typeof entry.userId !== "string" || entry.userId === this.userId) continue;
+      if (before && moves && (moves.get(entry.userId) || 0) !== (before.get(entry.userId) || 0)) continue;
+      const next = {
+        userId: entry.userId,
+        deliveredMessageId: entry.deliveredMessageId || null,
+        readMessageId: entry.readMessageId || null,
+      };
+      const known = stands.get(entry.userId);
+      if (known && known.deliveredMessageId === next.deliveredMessageId && known.readMessageId === next.readMessageId) {
+        continue;
+      }
+      stands.set(entry.userId, next);
+      changed = true;
+    }
+    if (changed) this._emit("receipts", { dialogId, receipts: this.receiptsIn(dialogId) });
+  }
+
+  /**
+   * Where the other members of a dialog stand: `[{userId, deliveredMessageId, readMessageId}]`, one for every
+   * member but this user (ids null where nothing is known yet). Loaded by `getDialog`, kept by `dialog:receipt`.
+   */
+  receiptsIn(dialogId) {
+    const stands = this._receipts.get(dialogId) || new Map();
+    const members = this._members.get(dialogId) || [...stands.keys()];
+    return members
+      .filter((userId) => userId !== this.userId)
+      .map((userId) => stands.get(userId) || { userId, deliveredMessageId: null, readMessageId: null });
+  }
+
+  /** Whether a member's position (a message id) is at or after `message` in its dialog. */
+  _reached(position, message) {
+    if (!position) return false;
+    if (position === message.messageId) return true;
+    const at = this._created.get(position);
+    // A position this client never saw is older than everything it loaded: it has seen every message since it
+    // started, and every message it loaded over REST.
+    return at !== undefined && at > message.createdAt;
+  }
+
+  /**
+   * The status of one of this user's messages: `{state, delivered, read, members}`, with `state` one of
+   * `pending` (not stored yet), `sent` (stored), `delivered` (every other member has it) or `read` (every other
+   * member has read it); `delivered` and `read` count the other members that have it, have read it, of
+   * `members`. A message's place is its `createdAt`, the order the server accepted it in.
+   */
+  messageStatus(message) {
+    if (!message.messageId) return { state: "pending", delivered: 0, read: 0, members: 0 };
+    const others = this.receiptsIn(message.dialogId);
+    let delivered = 0;
+    let read = 0;
+    for (const stand of others) {
+      const hasRead = this._reached(stand.readMessageId, message);
+      if (hasRead) read += 1;
+      if (hasRead || this._reached(stand.deliveredMessageId, message)) delivered += 1; // read implies delivered
+    }
+    const members = others.length;
+    const state = members && read === members ? "read" : members && delivered === members ? "delivered" : "sent";
+    return { state, delivered, read, members };
   }
 
   // -- optimistic send ------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The server's own HTTP/1.1 connections: the listener, and every plain request-response exchange on it.
 
 A connection here is an asyncio Protocol: bytes arrive in `data_received`, a request's head is parsed with
-Tornado's own parsers, the request goes to the application (or to handlers/fastpoll.py's lean poll) through
+httptools (transport/heads.py), the request goes to the application (or to transport/fastpoll.py's lean poll) through
 Tornado's `HTTPMessageDelegate` interface, and its answer leaves in one `transport.write`. Tornado's
 `HTTP1Connection` does the same with a coroutine, a `Future` per read and per write and IOStream's buffers
 per request; for a long-poll, answered once per event and asked again at once, that was most of its cost.
@@ -13,16 +13,17 @@ chunked and fixed-length answers, the bounds (header block size, body size, the 
 wait for a body, the wait for a closing connection's last bytes), write flow control (a handler's `flush()`
 waits while the socket is full), and telling a handler that its client went away. Beyond Tornado's: accepting
 (the number of connections, and a pause when the process is out of file descriptors: see `Server`).
-Refusals come as JSON like every other error (400 for a malformed request, 413 for a body over the hard
-limit, 431 for a header block over its limit, 408 for a request that stalls past its timeout), and the
-connection then closes without losing the answer to
-a reset: the rest of the request is read and dropped for a moment first. A handler's answer given before the
+Refusals come as JSON like every other error (400 for a malformed request, with the parser's reason, 505 for
+an HTTP version other than 1.0 and 1.1, 413 for a body over the hard limit, 431 for a header block over its
+limit, 408 for a request that stalls past its timeout), and the connection then closes without losing the
+answer to a reset: the rest of the request is read and dropped for a moment first. A handler's answer given before the
 body is read ends the connection the same way, and says `Connection: close`.
 
 What is not a plain exchange is handed, with the bytes already read, to Tornado's own HTTP/1.1 server for the
 rest of the connection's life: a WebSocket upgrade (any `Upgrade` header), the hand-over paths (the SSE stream,
 the WebSocket endpoint), and a chunked request body. A connection whose first request is for a hand-over path
-is Tornado's from the start: a peek at its first bytes tells, before any of them is read. A listener with TLS,
+is Tornado's from the start: a peek at its first bytes tells, before any of them is read (the head is parsed
+here first all the same, so that Tornado never reads a head this layer refuses). A listener with TLS,
 `xheaders` or request decompression is Tornado's entirely. On Tornado's connections, too, a malformed `Host` is
 a JSON 400 and an answer before the body says `Connection: close` (_TornadoRequest, _TornadoExchange).
 """
@@ -34,32 +35,26 @@ import errno
 import functools
 import logging
 import os
-import re
 import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeGuard, cast
 
+import attrs
 import tornado.httpserver
 import tornado.httputil
 import tornado.ioloop
 import tornado.iostream
 import tornado.netutil
-from tornado.http1connection import parse_int
-from tornado.httputil import _normalize_header
 
-from handlers.base import error_body, redact
+from chatserver.jsonutil import error_body
+from chatserver.redaction import redact
+from transport import compat
+from transport.heads import HeadParser, MalformedHead, head_end
 
 log = logging.getLogger("chatserver.http")
 
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-# A header block every line of which HTTPHeaders.parse would accept as it is (a token, a colon, a value of
-# visible characters, spaces and tabs), ending in the empty line. Such a block (nearly every one) is split here
-# with no per-line regular expressions; any other goes to HTTPHeaders.parse, which accepts or refuses it.
-_PLAIN_HEADERS = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r?\n)*\r?\n")
-_CR_OR_LF = re.compile(rb"\r|\n")
-_LIST_SEP = re.compile(r",[ \t]*")
 # After a refusal, how long the rest of the request is read and dropped before the connection closes: closing
 # with unread bytes makes the kernel send a reset, which can destroy the answer before the client reads it.
 LINGER = 2.0
@@ -77,7 +72,7 @@ ACCEPT_PAUSE = 0.1
 LOG_INTERVAL = 10.0
 
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Payload Too Large",
-            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+            431: "Request Header Fields Too Large", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 
 
 def refusal(status: int, message: str, extra: str = "") -> bytes:
@@ -97,6 +92,18 @@ _ONE_CONNECTION_ERRORS = frozenset((
 _LIMIT_ANSWER = refusal(503, "the server is at its connection limit; retry later", "Retry-After: 1\r\n")
 
 
+@attrs.frozen
+class Limits:
+    """The bounds of a connection, from HTTPServer's keyword arguments of the same meaning."""
+
+    header_timeout: float  # the idle wait for a request (idle_connection_timeout)
+    body_timeout: float | None
+    max_header_size: int
+    max_body_size: int | None
+    no_keep_alive: bool
+    decompress: bool
+
+
 class Server(tornado.httpserver.HTTPServer):
     """Tornado's HTTPServer with the same parameters and methods, whose connections start here.
 
@@ -112,14 +119,26 @@ class Server(tornado.httpserver.HTTPServer):
     """
 
     def initialize(self, *args: Any, handover_paths: tuple[str, ...] = (), max_connections: int = 0,
-                   on_refused: Callable[[str], None] | None = None, **kwargs: Any) -> None:
+                   on_refused: Callable[[str], None] | None = None, tornado_only: bool = False,
+                   **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
+        # Every connection to Tornado's HTTP/1.1 server from its first byte (the "tornado" http_engine): this
+        # class then only accepts, bounds and counts.
+        self.tornado_only = tornado_only
+        self.params = Limits(
+            header_timeout=kwargs.get("idle_connection_timeout") or 3600.0,  # Tornado's default
+            body_timeout=kwargs.get("body_timeout"),
+            max_header_size=kwargs.get("max_header_size") or 65536,
+            max_body_size=kwargs.get("max_body_size"),
+            no_keep_alive=bool(kwargs.get("no_keep_alive")),
+            decompress=bool(kwargs.get("decompress_request")),
+        )
         self.handover_paths = frozenset(handover_paths)
         self._handover_prefixes = tuple(p + c for p in handover_paths for c in "?/")
         # A connection whose first request is for one of these paths goes to Tornado before a byte of it is
         # read (a peek tells): no asyncio transport to build and drop, no descriptor to duplicate.
         self._tornado_starts = tuple(f"GET {p}{c}".encode() for p in handover_paths for c in "? /")
-        self._peek = max((len(start) for start in self._tornado_starts), default=0)
+        self._peek = bool(self._tornado_starts)
         # Accepted, first bytes awaited: (address, when it was accepted).
         self._unread: dict[socket.socket, tuple[Any, float]] = {}
         self.front: set[Connection] = set()
@@ -133,6 +152,7 @@ class Server(tornado.httpserver.HTTPServer):
         self._starting: set[socket.socket] = set()  # accepted, given to asyncio, not yet a Connection
         self.tornado_streams = 0  # open connections served by Tornado (its streams count themselves)
         self._refusals = _Refusals(on_refused)
+        self.heads = HeadParser()  # every connection's heads, one at a time
 
     # -- accepting -------------------------------------------------------------------------------------
 
@@ -226,7 +246,7 @@ class Server(tornado.httpserver.HTTPServer):
                                       "(max_connections)")
 
     def _handle_accepted(self, connection: socket.socket, address: Any) -> None:
-        if self.ssl_options is not None or self.xheaders or self.conn_params.decompress:
+        if self.tornado_only or self.ssl_options is not None or self.xheaders or self.params.decompress:
             self._serve_with_tornado(connection, address)
             return
         loop = asyncio.get_running_loop()
@@ -257,14 +277,15 @@ class Server(tornado.httpserver.HTTPServer):
         self.handle_stream(stream, address)
 
     def _first_bytes(self, connection: socket.socket) -> None:
-        """The connection's first bytes have come: Tornado's if they start a request for a hand-over path."""
+        """The connection's first bytes have come: Tornado's if they are the whole head of a request for a
+        hand-over path that the parser accepts (so Tornado never reads a head this layer would refuse)."""
         entry = self._unread.pop(connection, None)
         if entry is None:
             return
         loop = asyncio.get_running_loop()
         loop.remove_reader(connection.fileno())
         try:
-            start = connection.recv(self._peek, socket.MSG_PEEK)
+            start = connection.recv(self.params.max_header_size, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             self._unread[connection] = entry
             loop.add_reader(connection.fileno(), self._first_bytes, connection)
@@ -272,10 +293,20 @@ class Server(tornado.httpserver.HTTPServer):
         except OSError:
             connection.close()
             return
-        if start.startswith(self._tornado_starts):
+        if start.startswith(self._tornado_starts) and self._parses(start):
             self._serve_with_tornado(connection, entry[0])
         else:
             self._take(connection, *entry)  # also a closed one: the protocol sees its end
+
+    def _parses(self, start: bytes) -> bool:
+        end = head_end(bytearray(start))
+        if end < 0:
+            return False  # not all here yet: read by a Connection, handed over once it is whole
+        try:
+            self.heads.parse(start[:end])
+        except MalformedHead:
+            return False  # a Connection refuses it
+        return True
 
     def _take(self, connection: socket.socket, address: Any, accepted: float) -> None:
         """The connection is ours: its wait for a first request counts from `accepted`, not from now."""
@@ -325,7 +356,7 @@ class Server(tornado.httpserver.HTTPServer):
         now = asyncio.get_running_loop().time()
         for conn in [c for c in self.front if 0 < c.deadline <= now]:
             conn.timed_out()
-        timeout = self.conn_params.header_timeout
+        timeout = self.params.header_timeout
         if timeout:
             for connection in [c for c, (_, accepted) in self._unread.items() if accepted + timeout <= now]:
                 self._drop_unread(connection)  # connected and never said a word within the idle timeout
@@ -463,52 +494,7 @@ class _CountedSSLStream(_Counted, tornado.iostream.SSLIOStream):
         self._count(server)
 
 
-class _Headers(tornado.httputil.HTTPHeaders):
-    """An empty HTTPHeaders, made without its constructor's generic `update()` (a tenth of a request's parsing)."""
-
-    def __init__(self) -> None:
-        self._as_list: dict[str, list[str]] = {}
-        self._combined_cache: dict[str, str] = {}
-
-
 _CR_LF = b"\r\n"
-
-
-def head_end(buffer: bytearray) -> int:
-    """Where the header block in `buffer` ends (after its empty line), or -1: the first `\r?\n\r?\n`. A CRLF
-    block is found with `find` (a tenth of the regex's cost); one with a bare LF before it, by the regex."""
-    end = buffer.find(b"\r\n\r\n")
-    if end >= 0 and buffer.find(b"\n\n", 0, end + 1) < 0 and buffer.find(b"\n\r\n", 0, end + 2) < 0:
-        return end + 4
-    match = _HEAD_END.search(buffer)
-    return -1 if match is None else match.end()
-
-
-def parse_headers(block: str) -> tornado.httputil.HTTPHeaders:
-    """HTTPHeaders.parse's result for a header block (latin-1 text, the empty line included), or its error."""
-    if _PLAIN_HEADERS.fullmatch(block) is None:
-        return tornado.httputil.HTTPHeaders.parse(block)
-    headers = _Headers()
-    fields = headers._as_list  # filled as HTTPHeaders.add fills it: normalized name -> its values in order
-    for line in block.split("\n"):
-        name, colon, value = line.partition(":")
-        if not colon:
-            continue  # the final empty line
-        value = value.rstrip("\r").strip(" \t")
-        normalized = _NORMALIZED.get(name)
-        if normalized is None:
-            normalized = _normalize_header(name)
-            if len(_NORMALIZED) < 1000:  # the names clients send are few; a bound for those who invent more
-                _NORMALIZED[name] = normalized
-        values = fields.get(normalized)
-        if values is None:
-            fields[normalized] = [value]
-        else:
-            values.append(value)  # a repeated field: a list, as HTTPHeaders.parse makes it
-    return headers
-
-
-_NORMALIZED: dict[str, str] = {}
 _NO_OPTIONS: frozenset[str] = frozenset()
 
 
@@ -531,21 +517,6 @@ def connection_options(values: list[str]) -> frozenset[str]:
     if len(values) == 1 and "," not in values[0]:
         return frozenset((values[0].strip().lower(),))
     return frozenset(option.strip().lower() for value in values for option in value.split(","))
-
-_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"))
-
-
-def parse_request_line(line: str) -> tornado.httputil.RequestStartLine:
-    """`tornado.httputil.parse_request_start_line`, split by hand for the plain lines nearly every client sends
-    (a common method, an ASCII target, HTTP/1.0 or 1.1); anything else goes through Tornado's own parser."""
-    parts = line.split(" ")
-    if len(parts) == 3:
-        method, target, version = parts
-        if (method in _METHODS and version in ("HTTP/1.1", "HTTP/1.0") and target
-                and target.isascii() and target.isprintable()):
-            return tornado.httputil.RequestStartLine(method, target, version)
-    return tornado.httputil.parse_request_start_line(line)
-
 
 class _Context:
     """What Tornado's `_HTTPRequestContext` tells a request about its connection."""
@@ -598,7 +569,7 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         # The loop, looked up once: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
         self.loop = asyncio.get_running_loop()
-        self.params = server.conn_params
+        self.params = server.params
         self.address = address
         self.context = _Context(address)
         self.transport: asyncio.Transport | None = None
@@ -716,38 +687,31 @@ class Connection(asyncio.BufferedProtocol):
             while start < len(buffer) and buffer[start] in _CR_LF:
                 start += 1
             del buffer[:start]
-        limit = self.params.max_header_size or 65536
+        limit = self.params.max_header_size
         end = head_end(buffer)
         if end < 0 or end > limit:
             if end >= 0 or len(buffer) > limit:
                 self._refuse(431, f"the request's header block is larger than {limit} bytes")
             return False
-        head = bytes(buffer[:end])
         try:
-            text = head.decode("latin1")
-            eol = text.find("\n")
-            start_line = parse_request_line(text[:eol].rstrip("\r"))
-            headers = parse_headers(text[eol + 1 :])
-        except tornado.httputil.HTTPInputError as exc:
-            log.info("malformed HTTP request from %s: %s", self.context.remote_ip, redact(str(exc)))
-            self._refuse(400, "malformed HTTP request")
+            head = self.server.heads.parse(bytes(buffer[:end]))
+        except MalformedHead as exc:
+            log.info("malformed HTTP request from %s: %s", self.context.remote_ip, exc)
+            self._refuse(exc.status, str(exc))
             return False
-        if "Transfer-Encoding" in headers._as_list:
-            problem = transfer_encoding_problem(start_line, headers._as_list)
+        start_line, headers, fields = head.start_line, head.headers, head.fields
+        if "Transfer-Encoding" in fields:
+            problem = transfer_encoding_problem(start_line, fields)
             if problem is not None:
                 self._refuse(400, problem)  # here, as JSON: Tornado's refusal of it would be a bare 400
                 return False
-        if self._for_tornado(start_line, headers):
+        if head.upgrade or self._for_tornado(start_line, fields):
             self._hand_over()
             return False
         del buffer[:end]
-        try:
-            length = self._content_length(headers)
-        except tornado.httputil.HTTPInputError as exc:
-            self._refuse(400, str(exc))
-            return False
+        length = int(fields["Content-Length"][0]) if "Content-Length" in fields else 0  # digits, once (llhttp)
         self.deadline = 0.0
-        exchange = self.exchange = Exchange(self, start_line, headers, self._can_keep_alive(start_line, headers))
+        exchange = self.exchange = Exchange(self, start_line, headers, self._can_keep_alive(start_line, fields))
         self.remaining = length
         self.body_timeout = self.params.body_timeout
         self.state = HEADERS_WAIT
@@ -834,30 +798,12 @@ class Connection(asyncio.BufferedProtocol):
             self.state = BODY
             self._run()
 
-    def _content_length(self, headers: tornado.httputil.HTTPHeaders) -> int:
-        """Tornado's reading of Content-Length (duplicates that agree are one; anything else is a 400)."""
-        values = headers._as_list.get("Content-Length")
-        if values is None:
-            return 0
-        value = values[0] if len(values) == 1 else headers["Content-Length"]
-        if "," in value:
-            pieces = _LIST_SEP.split(value)
-            if any(piece != pieces[0] for piece in pieces):
-                raise tornado.httputil.HTTPInputError(f"multiple unequal Content-Lengths: {value!r}")
-            headers["Content-Length"] = value = pieces[0]
-        try:
-            return parse_int(value)
-        except ValueError:
-            raise tornado.httputil.HTTPInputError(f"only an integer Content-Length is allowed: {value!r}") from None
-
-    def _can_keep_alive(self, start_line: tornado.httputil.RequestStartLine,
-                        headers: tornado.httputil.HTTPHeaders) -> bool:
+    def _can_keep_alive(self, start_line: tornado.httputil.RequestStartLine, fields: dict[str, list[str]]) -> bool:
         """HTTP/1.1 unless a `close` connection option; HTTP/1.0 only with a `keep-alive` option and no `close`
         (RFC 9112 9.3 and 9.6: the options of every Connection field), and, as Tornado, only where the request's
         end is known (a Content-Length, or a HEAD or GET)."""
         if self.params.no_keep_alive:
             return False
-        fields = headers._as_list
         options = connection_options(fields["Connection"]) if "Connection" in fields else _NO_OPTIONS
         if "close" in options:
             return False
@@ -865,10 +811,8 @@ class Connection(asyncio.BufferedProtocol):
             return True
         return ("Content-Length" in fields or start_line.method in ("HEAD", "GET")) and "keep-alive" in options
 
-    def _for_tornado(self, start_line: tornado.httputil.RequestStartLine,
-                     headers: tornado.httputil.HTTPHeaders) -> bool:
+    def _for_tornado(self, start_line: tornado.httputil.RequestStartLine, fields: dict[str, list[str]]) -> bool:
         """Whether this request (and the rest of its connection) is Tornado's: upgrades, streams, chunked bodies."""
-        fields = headers._as_list  # HTTPHeaders' own map of normalized names: `in` without normalizing again
         if "Upgrade" in fields or "Transfer-Encoding" in fields:
             return True
         path = start_line.path
@@ -1052,8 +996,7 @@ class Connection(asyncio.BufferedProtocol):
         stream = _CountedStream(server, raw, max_buffer_size=server.max_buffer_size,
                                 read_chunk_size=server.read_chunk_size)
         # What was read already is the start of what Tornado reads (IOStream has no public way to put it back).
-        stream._read_buffer += data
-        stream._read_buffer_size += len(data)
+        compat.unread(stream, data)
         server.handle_stream(stream, self.address)
 
 
@@ -1096,13 +1039,13 @@ class Exchange(tornado.httputil.HTTPConnection):
         if request.method == "HEAD" or code == 304:
             self.expected_remaining = 0
         elif "Content-Length" in headers:
-            self.expected_remaining = parse_int(headers["Content-Length"])
+            self.expected_remaining = int(headers["Content-Length"])
         else:
             self.expected_remaining = None
         lines = [f"HTTP/1.1 {code} {start_line.reason}".encode("latin1")]
         lines.extend(f"{name}: {value}".encode("latin1") for name, value in headers.get_all())
         for line in lines:
-            if _CR_OR_LF.search(line):
+            if b"\r" in line or b"\n" in line:
                 raise ValueError(f"Illegal characters (CR or LF) in header: {line!r}")
         data = b"\r\n".join(lines) + b"\r\n\r\n"
         if chunk:
@@ -1142,7 +1085,7 @@ class Exchange(tornado.httputil.HTTPConnection):
     # -- ours ------------------------------------------------------------------------------------------
 
     def write_answer(self, data: bytes) -> None:
-        """A complete answer (head and a Content-Length body) written at once, for handlers/fastpoll.py."""
+        """A complete answer (head and a Content-Length body) written at once, for transport/fastpoll.py."""
         if self.disconnect_on_finish or self.start_line.version != "HTTP/1.1":
             raise ValueError("write_answer is for kept-alive HTTP/1.1 requests only")  # callers check first
         conn = self.conn

@@ -26,9 +26,9 @@ import tornado.web
 
 from chatserver.broadcaster import EventRecord, Replay
 from chatserver.errors import ChatError
-from handlers import http1
-from handlers.base import AppContext, log_access
-from handlers.realtime import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, poll_body
+from transport import compat, http1
+from transport.access import log_access
+from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, PollContext, poll_body
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _http_date(second: int) -> str:
     return tornado.httputil.format_timestamp(second)
 
 
-# The answer's head as RequestHandler writes it, for handlers/http1.py's connections: its defaults, JsonHandler's,
+# The answer's head as RequestHandler writes it, for transport/http1.py's connections: its defaults, JsonHandler's,
 # then finish()'s length, in that order (only the date and the length vary; a poll's answer has no Etag).
 _ANSWER_HEAD = (
     b"HTTP/1.1 200 OK\r\nServer: " + _SERVER.encode() + b"\r\nContent-Type: application/json; charset=utf-8\r\n"
@@ -57,7 +57,7 @@ _ANSWER_HEAD = (
 class LeanRouter(tornado.httputil.HTTPServerConnectionDelegate):
     """The HTTP server's delegate: common polls to `LeanPoll`, everything else to the application as before."""
 
-    def __init__(self, app: tornado.web.Application, ctx: AppContext) -> None:
+    def __init__(self, app: tornado.web.Application, ctx: PollContext) -> None:
         self.app = app
         self.ctx = ctx
         self.latency = ctx.metrics.request_latency.labels("GET", "PollHandler")
@@ -277,7 +277,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         """The poll, if it is one this path answers exactly as PollHandler would; else None (no side effect)."""
         # HTTPHeaders' own map (normalized name -> values): a repeated Authorization or Host is left to
         # PollHandler, which refuses it as it always did (joined, neither is a valid token or host).
-        fields: dict[str, list[str]] = headers._as_list  # type: ignore[attr-defined]
+        fields = compat.header_fields(headers)
         length = fields.get("Content-Length")
         if (length is not None and length != ["0"]) or "Transfer-Encoding" in fields or "If-None-Match" in fields:
             return None
@@ -456,7 +456,7 @@ class LeanPoll(tornado.httputil.HTTPMessageDelegate):
         else:
             self._write_with_tornado(connection, poll_body(replay.events, replay.cursor, replay.more))
         ctx.requests.discard(self)
-        log_access(ctx, self, 200, "PollHandler", self.router.latency)  # it reads method, uri, remote_ip, time
+        log_access(ctx.metrics, self, 200, "PollHandler", self.router.latency)  # it reads method, uri, remote_ip, time
 
     def _write_with_tornado(self, connection: tornado.httputil.HTTPConnection, body: bytes) -> None:
         # RequestHandler's headers, in its order: its defaults, JsonHandler's, then finish()'s length.

@@ -1,5 +1,5 @@
-"""The reading of a client's WebSocket frames, held to RFC 6455: the one module that reaches into Tornado's
-`WebSocketProtocol13` (its frame reader and the state that reader keeps).
+"""The reading of a client's WebSocket frames, held to RFC 6455, in place of Tornado's `WebSocketProtocol13` reader
+(through transport/compat.py's `FrameReader`, which names the reader's private parts).
 
 Tornado's own reader accepts a client frame that is not masked (RFC 6455 5.1: the server MUST close the
 connection), echoes any close code a client sends (1005 or 999 included, which must never be sent), and on
@@ -8,10 +8,10 @@ every other violation drops the TCP connection without a Close frame, so the cli
 with 1002 (protocol error), 1007 (a text message or close reason that is not UTF-8) or 1009 (a message over
 `max_message_size`), then what the client still sends is read and dropped until it closes, or until the wait
 Tornado's own close() allows (5 s), after which the connection is aborted. Nothing after the violation is handled
-as a message. Every valid frame is handed to Tornado's own handling (`_handle_message`) as its reader would.
+as a message. Every valid frame is handed to Tornado's own handling (`handle_message`) as its reader would.
 
-Guarded: written against Tornado 6.6. With another version, or with permessage-deflate negotiated (never on /ws,
-which offers no extension), `strict()` keeps Tornado's own reader.
+With permessage-deflate negotiated (never on /ws, which offers no extension), frames are read by Tornado's own
+reader.
 """
 
 from __future__ import annotations
@@ -20,16 +20,11 @@ import logging
 import struct
 from typing import Any
 
-import tornado
-import tornado.iostream
 import tornado.websocket
 
-log = logging.getLogger(__name__)
+from transport import compat
 
-COMPATIBLE = tornado.version_info[:2] == (6, 6) and all(
-    hasattr(tornado.websocket.WebSocketProtocol13, name)
-    for name in ("_receive_frame", "_read_bytes", "_handle_message")
-)
+log = logging.getLogger(__name__)
 
 PROTOCOL_ERROR, INVALID_DATA, TOO_BIG = 1002, 1007, 1009
 _DATA, _CONTROL = frozenset((0x0, 0x1, 0x2)), frozenset((0x8, 0x9, 0xA))
@@ -49,14 +44,14 @@ def unmask(mask: bytes, data: bytes) -> bytes:
     return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
 
 
-class StrictProtocol(tornado.websocket.WebSocketProtocol13):
+class StrictProtocol(compat.FrameReader):
     """Tornado's RFC 6455 protocol with a frame reader that fails a connection breaking the RFC with a Close code."""
 
-    async def _receive_frame(self) -> None:
-        if self._decompressor is not None:
-            await super()._receive_frame()  # an extension this reader does not know: Tornado's
+    async def receive_frame(self) -> None:
+        if self.decompressing:
+            await self.tornado_receive_frame()  # an extension this reader does not know: Tornado's
             return
-        head = await self._read_bytes(2)
+        head = await self.read_bytes(2)
         first, second = head[0], head[1]
         final, opcode, length = bool(first & self.FIN), first & self.OPCODE_MASK, second & 0x7F
         if first & self.RSV_MASK:
@@ -73,10 +68,10 @@ class StrictProtocol(tornado.websocket.WebSocketProtocol13):
             await self._fail(PROTOCOL_ERROR, "a control frame must be whole and at most 125 bytes")
             return
         if length == 126:
-            length = struct.unpack("!H", await self._read_bytes(2))[0]
+            length = struct.unpack("!H", await self.read_bytes(2))[0]
         elif length == 127:
-            length = struct.unpack("!Q", await self._read_bytes(8))[0]
-        pending = self._fragmented_message_buffer
+            length = struct.unpack("!Q", await self.read_bytes(8))[0]
+        pending = self.fragments
         if opcode == 0x0 and pending is None:
             await self._fail(PROTOCOL_ERROR, "a continuation frame with no message to continue")
             return
@@ -86,8 +81,8 @@ class StrictProtocol(tornado.websocket.WebSocketProtocol13):
         if not control and length + (len(pending) if pending is not None else 0) > self.params.max_message_size:
             await self._fail(TOO_BIG, "message too big")
             return
-        mask = await self._read_bytes(4)
-        payload = unmask(mask, await self._read_bytes(length))
+        mask = await self.read_bytes(4)
+        payload = unmask(mask, await self.read_bytes(length))
         if opcode == 0x8:
             problem = _close_problem(payload)
             if problem is not None:
@@ -99,16 +94,16 @@ class StrictProtocol(tornado.websocket.WebSocketProtocol13):
                 pending.extend(payload)
                 if not final:
                     return
-                opcode, payload = self._fragmented_message_opcode, bytes(pending)
-                self._fragmented_message_buffer = None
+                opcode, payload = self.fragments_opcode, bytes(pending)
+                self.fragments = None
             elif not final:
-                self._fragmented_message_opcode = opcode
-                self._fragmented_message_buffer = bytearray(payload)
+                self.fragments_opcode = opcode
+                self.fragments = bytearray(payload)
                 return
             if opcode == 0x1 and not _is_utf8(payload):
                 await self._fail(INVALID_DATA, "a text message that is not UTF-8")
                 return
-        handled = self._handle_message(opcode, payload)
+        handled = self.handle_message(opcode, payload)
         if handled is not None:
             await handled
 
@@ -143,16 +138,7 @@ def _is_utf8(data: bytes) -> bool:
 
 def strict(protocol: Any) -> Any:
     """The protocol a WebSocketHandler's `get_websocket_protocol` made, with the strict reader where it applies."""
-    global _warned
     if type(protocol) is not tornado.websocket.WebSocketProtocol13:
-        return protocol
-    if not COMPATIBLE:
-        if not _warned:
-            _warned = True
-            log.warning("Tornado %s is not the 6.6 this reader was written for: clients' WebSocket frames are "
-                        "read by Tornado's own reader", tornado.version)
         return protocol
     return StrictProtocol(protocol.handler, protocol.mask_outgoing, protocol.params)
 
-
-_warned = False
