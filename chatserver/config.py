@@ -176,6 +176,7 @@ _TYPES: dict[str, type] = {"str": str, "int": int, "float": float}
 
 def _field_type(name: str) -> type:
     declared = SETTINGS[name].type
+    assert declared is not None  # every field of Config is annotated
     return _TYPES[declared if isinstance(declared, str) else declared.__name__]
 
 

@@ -150,9 +150,9 @@ class FrameReader(tornado.websocket.WebSocketProtocol13):
     @property
     def fragments_opcode(self) -> int:
         """The opcode of the message whose fragments are being received."""
-        opcode: int = self._fragmented_message_opcode
+        opcode: int = self._fragmented_message_opcode  # type: ignore[assignment]  # declared None, set to an int
         return opcode
 
     @fragments_opcode.setter
     def fragments_opcode(self, value: int) -> None:
-        self._fragmented_message_opcode = value
+        self._fragmented_message_opcode = value  # type: ignore[assignment]
