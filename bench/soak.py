@@ -47,7 +47,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,7 @@ BROKER_TIMEOUT = 90.0
 CATCH_UP_TIMEOUT = 120.0
 POST_GIVE_UP = 120.0  # seconds of failed attempts after which one message counts as failed
 HISTORY_PAGE = 200
+PROGRESS_EVERY = 10.0
 
 
 class ProtocolFault(Exception):
@@ -286,6 +287,8 @@ class SoakClient:
                     self.tally.add("duplicates_seen")
                 self.seen[dialog_id].add(message["messageId"])
                 self.got[dialog_id].append(message["messageId"])
+        elif kind != "pong":
+            self.tally.add(f"events_{kind}")
         if event.get("cursor"):
             self.cursor = event["cursor"]
 
@@ -466,13 +469,18 @@ class Server:
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.log = state / "server.log"
+        # The server's code as it was when the run began: every restart runs the same code, whatever changes in
+        # the working tree meanwhile.
+        self.code = state / "code"
+        shutil.copytree(ROOT, self.code, ignore=shutil.ignore_patterns(
+            ".git", "var", "__pycache__", "*.pyc", "bench", "tests", "node_modules", ".ruff_cache", ".pytest_cache"))
 
     async def start(self) -> None:
         log = self.log.open("ab")  # a local file, opened once per start: nothing to wait for
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(ROOT / "run.py"), "--port", str(self.port), "--db", self.database,
-                cwd=str(ROOT), env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                sys.executable, str(self.code / "run.py"), "--port", str(self.port), "--db", self.database,
+                cwd=str(self.code), env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )
         finally:
             log.close()
@@ -603,6 +611,7 @@ class Soak:
         self.failed_posts: list[str] = []
         self.chat3 = Chat3(tag)
         self.with_cursor = 0
+        self.tasks: list[asyncio.Future[None]] = []
         self.cursors_taken = asyncio.Event()
         self.chat3_thread = ThreadPoolExecutor(1)  # one BlockingConnection, used from one thread
         self.chat3_lock = asyncio.Lock()
@@ -638,25 +647,32 @@ class Soak:
         self.clients = [SoakClient(self, n, u.user_id, self.tokens[u.user_id], of_user[u.user_id])
                         for n, u in enumerate(users)]
 
+    def spawn(self, *work: Coroutine[Any, Any, None]) -> list[asyncio.Future[None]]:
+        """Tasks of the run, cancelled at its end however it ends."""
+        tasks = [asyncio.ensure_future(one) for one in work]
+        self.tasks += tasks
+        return tasks
+
     def took_first_cursor(self) -> None:
         self.with_cursor += 1
         if self.with_cursor == len(self.clients):
             self.cursors_taken.set()
 
     async def history(self, http: Http, token: str, dialog_id: str) -> list[str]:
-        """Every message id of the dialog over REST, oldest first (the truth of its order)."""
+        """Every message id of the dialog over REST, oldest first (the truth of its order): pages from the newest
+        back, each the one before the oldest of the last."""
         ids: list[str] = []
-        after = ""
+        before = ""
         for _ in range(100_000):
-            path = f"/api/messages/dialog/{dialog_id}?limit={HISTORY_PAGE}" + (f"&after={after}" if after else "")
+            path = f"/api/messages/dialog/{dialog_id}?limit={HISTORY_PAGE}" + (f"&before={before}" if before else "")
             status, body = await self.retrying(lambda p=path: http.call("GET", p, token))
             if status != 200:
                 raise ProtocolFault(f"history of {dialog_id}: {status} {body}")
             page = [m["messageId"] for m in body["data"]]
-            ids += page
+            ids[:0] = page
             if len(page) < HISTORY_PAGE:
                 return ids
-            after = page[-1]
+            before = page[0]
         raise ProtocolFault("history without an end")
 
     async def retrying(self, call: Callable[[], Awaitable[tuple[int, Any]]]) -> tuple[int, Any]:
@@ -816,6 +832,15 @@ class Soak:
                 await server.start()
             self.tally.add(f"restarts_{kind}")
 
+    async def progress(self, started: float) -> None:
+        """A line on stderr every PROGRESS_EVERY seconds: where a long run stands."""
+        names = ("posts_acknowledged", "chat3_events_confirmed", "deliveries", "restarts_sigterm", "restarts_kill",
+                 "restarts_broker", "stalls")
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY)
+            counts = ", ".join(f"{name} {self.tally.counts[name]}" for name in names)
+            print(f"[{time.monotonic() - started:6.0f} s] {counts}", file=sys.stderr, flush=True)
+
     async def count_cut_offs(self) -> None:
         """Add the server's count of clients it cut off as too slow (its metrics start afresh at each start)."""
         try:
@@ -868,6 +893,8 @@ class Soak:
                 self.tally.add("order_violations", sum(1 for a, b in itertools.pairwise(order) if b < a))
         stored = Counter(m for ids in truth.values() for m in ids)
         self.tally.add("messages_stored", len(stored))
+        # Exactly what was sent is stored: each acknowledged send once, each confirmed Chat3 event once.
+        self.tally.add("stored_not_sent", abs(len(stored) - len(set(self.acked.values()) | self.chat3_ids)))
         self.tally.add("stored_twice", sum(n - 1 for n in stored.values() if n > 1))
         by_client_id = Counter(self.acked.values())
         self.tally.add("acked_ids_shared", sum(n - 1 for n in by_client_id.values() if n > 1))
@@ -876,7 +903,32 @@ class Soak:
 FAILURES = ("losses", "duplicates", "order_violations", "unknown_messages", "foreign_deliveries", "acknowledged_lost",
             "chat3_lost", "chat3_failed", "stored_twice", "acked_ids_shared", "idempotency_violations",
             "resets_restarted", "posts_failed", "protocol_faults", "ready_cursor_mismatch", "clients_behind",
-            "sigterm_exit_nonzero")
+            "sigterm_exit_nonzero", "timed_out", "stored_not_sent")
+
+
+async def exercise(soak: Soak, server: Server, database: str, started_at: float) -> None:
+    """The run itself: seed, start, write through the chaos, stop it, catch every client up, compare."""
+    await soak.seed_data(database)
+    await server.start()
+    stop_clients, stop_chaos = asyncio.Event(), asyncio.Event()
+    clients = soak.spawn(*(c.run(stop_clients) for c in soak.clients))
+    # Every client holds its first cursor before the first message: from then on it misses nothing.
+    await asyncio.wait_for(soak.cursors_taken.wait(), START_TIMEOUT)
+    [chaos, progress] = soak.spawn(soak.chaos(server, stop_chaos), soak.progress(started_at))
+    await soak.post_all(soak.plan(), time.monotonic())
+    stop_chaos.set()
+    await chaos
+    stop_clients.set()
+    await asyncio.gather(*clients)
+    soak.tally.add("posts_failed", len(soak.failed_posts))
+    truth = await soak.truth()
+    behind = await asyncio.gather(*(c.catch_up(truth, CATCH_UP_TIMEOUT) for c in soak.clients))
+    soak.tally.add("clients_behind", behind.count(False))
+    soak.compare(truth)
+    progress.cancel()
+    await soak.count_cut_offs()
+    if await server.stop(signal.SIGTERM) != 0:
+        soak.tally.add("sigterm_exit_nonzero")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -900,35 +952,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     server = Server(port, database, tmp, env)
     started_at = time.monotonic()
     try:
-        await soak.seed_data(database)
-        await server.start()
-        stop_clients, stop_chaos = asyncio.Event(), asyncio.Event()
-        clients = [asyncio.ensure_future(c.run(stop_clients)) for c in soak.clients]
-        # Every client holds its first cursor before the first message: from then on it misses nothing.
-        await asyncio.wait_for(soak.cursors_taken.wait(), START_TIMEOUT)
-        chaos = asyncio.ensure_future(soak.chaos(server, stop_chaos))
-        plan = soak.plan()
-        await asyncio.wait_for(soak.post_all(plan, time.monotonic()), args.duration * 3 + 300)
-        stop_chaos.set()
-        await asyncio.wait_for(chaos, BROKER_TIMEOUT * 2 + START_TIMEOUT)
-        stop_clients.set()
-        await asyncio.wait_for(asyncio.gather(*clients), 60 + args.session_max + args.stall_max)
-        soak.tally.add("posts_failed", len(soak.failed_posts))
-        truth = await soak.truth()
-        behind = await asyncio.gather(*(c.catch_up(truth, CATCH_UP_TIMEOUT) for c in soak.clients))
-        soak.tally.add("clients_behind", behind.count(False))
-        soak.compare(truth)
-        await soak.count_cut_offs()
-        server_code = await server.stop(signal.SIGTERM)
-        if server_code != 0:
-            soak.tally.add("sigterm_exit_nonzero")
+        await asyncio.wait_for(exercise(soak, server, database, started_at), args.timeout)
+    except TimeoutError:
+        soak.tally.add("timed_out")
     finally:
+        for task in soak.tasks:
+            task.cancel()  # what an early end left running
+        await asyncio.gather(*soak.tasks, return_exceptions=True)
         await server.close()
         with contextlib.suppress(Exception):
             await asyncio.get_running_loop().run_in_executor(None, soak.chat3.delete_sync)
         soak.chat3_thread.shutdown(wait=False)
         await drop_database()
-        log_tail = server.tail()
+        if server.log.exists() and args.server_log:
+            shutil.copy(server.log, args.server_log)
+        elif server.log.exists() and args.report and any(soak.tally.counts.get(name) for name in FAILURES):
+            shutil.copy(server.log, args.report + ".server.log")
         shutil.rmtree(tmp, ignore_errors=True)
     counts = dict(sorted(soak.tally.counts.items()))
     failures = {name: counts[name] for name in FAILURES if counts.get(name)}
@@ -941,7 +980,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(time.monotonic() - started_at, 1),
         "counts": counts,
         "failures": failures,
-        "server_log_tail": log_tail[-2000:] if failures else "",
     }
 
 
@@ -970,6 +1008,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--report", help="write the counts as JSON to this file")
+    parser.add_argument("--timeout", type=float, default=0.0,
+                        help="seconds the whole run may take (default: three times --duration, plus ten minutes)")
+    parser.add_argument("--server-log", help="keep the server's log (every start of it) in this file")
     parser.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")
     parser.add_argument("--posters", type=int, default=8, help="REST senders at once")
     parser.add_argument("--chat3-share", type=float, default=0.1, help="share of the messages sent as Chat3 events")
@@ -988,6 +1029,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.timeout = args.timeout or args.duration * 3 + 600
     report = asyncio.run(interruptible(run(args)))
     width = max(len(name) for name in report["counts"]) if report["counts"] else 0
     print(f"{report['command']}: {report['seconds']} s, store {report['store']}")
@@ -997,8 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.report).write_text(jsonutil.dumps(report) + "\n")
     if report["failures"]:
         print("FAILED: " + ", ".join(f"{k}={v}" for k, v in report["failures"].items()), file=sys.stderr)
-        if report["server_log_tail"]:
-            print(report["server_log_tail"], file=sys.stderr)
+        if args.report:
+            print(f"the server's log: {args.report}.server.log", file=sys.stderr)
         return 1
     print("ok: every client holds every message of its dialogs exactly once, in order")
     return 0

@@ -153,6 +153,8 @@ class LogFeed:
         self.head_seen = broadcaster.last_position  # the newest head the store reported
         # Told the last position of each of this process's commits (the cluster bus wakes the others with it).
         self.commit_hooks: list[Callable[[int], None]] = []
+        # Told the events of each of this process's commits (sibling workers get them without reading the log).
+        self.event_hooks: list[Callable[[list[LogEvent]], None]] = []
         self.problem = ""  # for /readyz: "" while the log is followed
 
     def start(self) -> None:
@@ -175,6 +177,17 @@ class LogFeed:
 
     def committed(self, events: list[LogEvent]) -> None:
         """This process's commit: its events are published now where they are next in line, else soon."""
+        self.offered(events)
+        if events:
+            for hook in self.commit_hooks:
+                hook(events[-1].position)
+            for events_hook in self.event_hooks:
+                events_hook(events)
+
+    def offered(self, events: list[LogEvent]) -> None:
+        """Committed events of the log handed over as they are (this process's own, or a sibling worker's:
+        chatserver/siblings.py): published now where they are next in line; where one is not, the log is read
+        for what comes before it."""
         last = self.broadcaster.last_position
         for event in events:
             if event.position > last:
@@ -182,9 +195,6 @@ class LogFeed:
         self._publish_ready()
         if self._pending:
             self.wake()
-        if events:
-            for hook in self.commit_hooks:
-                hook(events[-1].position)
 
     def wake(self) -> None:
         """Another process may have committed events: read the log."""

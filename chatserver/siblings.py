@@ -3,16 +3,20 @@
 `WorkerLink` owns, in a worker process:
 
 - the channel the supervisor passed (a SOCK_SEQPACKET socket): the worker's systemd `Notifier` (READY, STATUS,
-  WATCHDOG, STOPPING go to the supervisor, which speaks to systemd for all), the way the other workers' hints
-  come in (wake-ups and typing, `chatserver.cluster.Peers`: a message `HINT=<payload>` that the supervisor
-  passes on to every other worker), and the supervisor's life: when the channel ends the worker stops;
+  WATCHDOG, STOPPING go to the supervisor, which speaks to systemd for all); what the workers tell each other,
+  each message passed on by the supervisor to every other worker: the events of each commit (`EVENTS=<JSON>`,
+  published by the others as they are, chatserver.feed.LogFeed.offered, with no read of the log; `WAKE`, read
+  the log, where they would not fit in one message) and the hints of `chatserver.cluster.Peers` (`HINT=`:
+  typing); and the supervisor's life: when the channel ends the worker stops;
 - `/metrics` for the whole group: each worker serves its own exposition on a Unix socket of the abstract
   namespace named after the group and its number, and the worker that answers a scrape reads every sibling's
   (within SCRAPE_TIMEOUT) and labels each sample with its `worker`. Both ends check that the other is a process
   of the same user (SO_PEERCRED), so no other local user can read or stand in for a worker.
 
-Hints are hints: one that cannot be sent at once (a sibling restarting, a full buffer) is dropped, and the log
-poll catches up (chatserver/feed.py). Nothing here is HTTP.
+These are hints: one that cannot be sent at once (a sibling restarting, a full buffer) is dropped, and the log
+poll catches up (chatserver/feed.py); events that come out of order wait for the log to be read for what comes
+before them. Only the supervisor's channel carries events: nothing another host or user can send is published
+as an event. Nothing here is HTTP.
 """
 
 from __future__ import annotations
@@ -27,14 +31,20 @@ from collections.abc import Callable
 
 from prometheus_client import generate_latest
 
-from chatserver import systemd
+from chatserver import jsonutil, systemd
 from chatserver.cluster import Peers
+from chatserver.errors import ChatError
 from chatserver.metrics import Metrics, labelled_exposition
+from chatserver.store import LogEvent
 from chatserver.supervisor import WorkerHandoff
 
 log = logging.getLogger(__name__)
 
 HINT = b"HINT="
+EVENTS = b"EVENTS="
+WAKE = b"WAKE"
+# The largest message of events: a commit whose events take more is announced with WAKE instead.
+EVENTS_LIMIT = 60_000
 CHANNEL_MESSAGE = 65536
 CHANNEL_BATCH = 64
 SCRAPE_TIMEOUT = 2.0
@@ -46,6 +56,32 @@ _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 def metrics_address(group: str, index: int) -> str:
     """The abstract Unix socket of a worker's own metrics."""
     return f"\0chatserver-{group}-{index}-metrics"
+
+
+def encode_events(events: list[LogEvent]) -> bytes:
+    return jsonutil.dumps_bytes([[e.position, e.type, e.dialog_id, e.data, e.members_version, e.user_id, e.change,
+                                  e.source, e.extra] for e in events])
+
+
+def decode_events(payload: bytes) -> list[LogEvent]:
+    """The events of an `EVENTS=` message; ValueError where it is not what `encode_events` writes."""
+    try:
+        rows = jsonutil.loads(payload)
+    except ChatError:
+        raise ValueError("not JSON") from None
+    if not isinstance(rows, list):
+        raise ValueError("not a list of events")
+    events = []
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 9):
+            raise ValueError("an event is not a list of 9 fields")
+        position, kind, dialog_id, data, version, user_id, change, source, extra = row
+        if not (isinstance(position, int) and isinstance(version, int) and isinstance(change, bool)
+                and all(isinstance(v, str) for v in (kind, dialog_id, data, source))
+                and all(v is None or isinstance(v, str) for v in (user_id, extra))):
+            raise ValueError("an event's field has the wrong type")
+        events.append(LogEvent(position, kind, dialog_id, data, version, user_id, change, source, extra))
+    return events
 
 
 def same_user(sock: socket.socket) -> bool:
@@ -79,8 +115,7 @@ class WorkerLink:
         when the supervisor is gone."""
         self._peers, self._metrics, self._on_gone = peers, metrics, on_gone
         peers.channels.append(self._send_hint)
-        if peers.send_head not in peers.feed.commit_hooks:
-            peers.feed.commit_hooks.append(peers.send_head)
+        peers.feed.event_hooks.append(self._send_events)
         asyncio.get_running_loop().add_reader(self.channel.fileno(), self._on_channel)
         self._server = await asyncio.start_unix_server(
             self._serve_metrics, path=metrics_address(self.handoff.group, self.handoff.index)
@@ -94,6 +129,7 @@ class WorkerLink:
             self._server = None
         if self._peers is not None and self._send_hint in self._peers.channels:
             self._peers.channels.remove(self._send_hint)
+            self._peers.feed.event_hooks.remove(self._send_events)
 
     def close_channel(self) -> None:
         """Last, as the process exits: the supervisor sees the channel end."""
@@ -104,10 +140,17 @@ class WorkerLink:
     # -- hints --------------------------------------------------------------------------------------------
 
     def _send_hint(self, payload: bytes) -> None:
+        self._send(HINT + payload)
+
+    def _send_events(self, events: list[LogEvent]) -> None:
+        payload = encode_events(events)
+        self._send(EVENTS + payload if len(payload) <= EVENTS_LIMIT else WAKE)
+
+    def _send(self, message: bytes) -> None:
         try:
-            self.channel.send(HINT + payload)
+            self.channel.send(message)
         except (BlockingIOError, InterruptedError):
-            log.debug("a hint to the other workers was dropped: the channel is full")
+            log.debug("a message to the other workers was dropped: the channel is full")
         except OSError:
             pass  # the supervisor is gone: _on_channel stops this worker
 
@@ -122,8 +165,22 @@ class WorkerLink:
             if not data:
                 self._supervisor_gone()
                 return
-            if data.startswith(HINT) and self._peers is not None:
-                self._peers.received(data[len(HINT):])
+            if self._peers is not None:
+                self._received(self._peers, data)
+
+    def _received(self, peers: Peers, data: bytes) -> None:
+        if data.startswith(EVENTS):
+            try:
+                events = decode_events(data[len(EVENTS):])
+            except ValueError as exc:
+                log.warning("ignored a malformed message of events from another worker: %s", exc)
+                peers.feed.wake()
+                return
+            peers.feed.offered(events)
+        elif data == WAKE:
+            peers.feed.wake()
+        elif data.startswith(HINT):
+            peers.received(data[len(HINT):])
 
     def _supervisor_gone(self) -> None:
         with contextlib.suppress(ValueError, OSError):

@@ -15,10 +15,11 @@ With `workers` above 1, run.py's main process is this supervisor, and serves no 
   it passes on to every worker, waiting for them within `shutdown_grace` (and STOP_MARGIN) before it kills
   what is left.
 
-A worker that exits, or misses its watchdog, is started again after a backoff that doubles from RESTART_FIRST
-up to RESTART_CAP (reset once it has served for STABLE_AFTER seconds). A worker whose channel ends (its
-supervisor gone, even by SIGKILL) stops by itself (chatserver/siblings.py). This module never serves a client
-and imports nothing HTTP: the worker's command line is handed in.
+A worker that exits, misses its watchdog, or does not serve within START_TIMEOUT of its start, is started again
+after a backoff that doubles from RESTART_FIRST up to RESTART_CAP (reset once it has served for STABLE_AFTER
+seconds). A worker whose channel ends (its supervisor gone, even by SIGKILL) stops by itself
+(chatserver/siblings.py). This module never serves a client and imports nothing HTTP: the worker's command line
+is handed in.
 """
 
 from __future__ import annotations
@@ -44,11 +45,14 @@ STABLE_AFTER = 30.0
 # Beyond shutdown_grace: a worker's own shutdown ends within the grace, then it closes its store and exits.
 STOP_MARGIN = 3.0
 KILL_WAIT = 5.0
-# How often a worker's watchdog is looked at, at most.
+# How often the workers' watchdogs and start-ups are looked at, at most.
 CHECK_INTERVAL = 1.0
+# A worker that does not serve within this many seconds of its start is killed (and started again).
+START_TIMEOUT = 60.0
 CHANNEL_MESSAGE = 65536
-# A message of a worker that is for its siblings, not for systemd: passed on as it is (chatserver/siblings.py).
-HINT = b"HINT="
+# The messages of a worker that are for its siblings, not for systemd: passed on as they are
+# (chatserver/siblings.py: events of a commit, a wake-up, a hint).
+RELAYED = (b"EVENTS=", b"WAKE", b"HINT=")
 # Datagrams read from one worker's channel per turn of the loop.
 CHANNEL_BATCH = 64
 
@@ -102,11 +106,13 @@ class Worker:
     channel: socket.socket | None = None
     ready: bool = False
     ready_at: float = 0.0
+    started_at: float = 0.0
     pinged: float = 0.0
     status: str = ""
     failures: int = 0
     restart: asyncio.TimerHandle | None = None
     restart_at: float = 0.0
+    delay: float = 0.0
     last_exit: str = ""
     watcher: asyncio.Task[None] | None = None
 
@@ -122,6 +128,11 @@ class StopRequest:
 
     async def wait(self) -> None:
         raise NotImplementedError
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before a worker that failed `failures` times in a row is started again."""
+    return min(RESTART_CAP, RESTART_FIRST * 2 ** min(failures - 1, 32))
 
 
 def describe_exit(code: int) -> str:
@@ -147,8 +158,10 @@ class Supervisor:
         grace: float,
         url: str,
         environ: Mapping[str, str],
+        start_timeout: float = START_TIMEOUT,
     ) -> None:
         self.count = count
+        self.start_timeout = start_timeout
         self.command = command
         self.sockets = list(sockets)
         self.notifier = notifier
@@ -184,8 +197,7 @@ class Supervisor:
         self.notifier.send(systemd.status_field(f"starting {self.count} workers"))
         for worker in self.workers:
             self._spawn(worker)
-        if self.worker_watchdog:
-            self._checker = loop.call_later(CHECK_INTERVAL, self._check_watchdogs)
+        self._checker = loop.call_later(CHECK_INTERVAL, self._check_workers)
         await stop.wait()
         return await self._stop_all(stop.name)
 
@@ -218,7 +230,7 @@ class Supervisor:
             child.close()
         parent.setblocking(False)
         worker.process, worker.channel = process, parent
-        worker.ready, worker.status, worker.pinged = False, "", loop.time()
+        worker.ready, worker.status, worker.pinged, worker.started_at = False, "", loop.time(), loop.time()
         loop.add_reader(parent.fileno(), self._on_channel, worker)
         worker.watcher = loop.create_task(self._watch(worker, process))
         log.info("worker %d started (pid %d)", worker.index, process.pid)
@@ -244,7 +256,7 @@ class Supervisor:
         served = loop.time() - worker.ready_at if worker.ready_at else 0.0
         worker.failures = 1 if served >= STABLE_AFTER else worker.failures + 1
         worker.ready_at = 0.0
-        delay = min(RESTART_CAP, RESTART_FIRST * 2 ** (worker.failures - 1))
+        delay = worker.delay = restart_delay(worker.failures)
         worker.last_exit = why
         worker.restart_at = loop.time() + delay
         worker.restart = loop.call_later(delay, self._spawn, worker)
@@ -276,7 +288,7 @@ class Supervisor:
             self._on_message(worker, data)
 
     def _on_message(self, worker: Worker, data: bytes) -> None:
-        if data.startswith(HINT):
+        if data.startswith(RELAYED):
             self._relay(worker, data)
             return
         fields = dict(line.split("=", 1) for line in data.decode(errors="replace").split("\n") if "=" in line)
@@ -320,19 +332,27 @@ class Supervisor:
             for w in self.workers
         )
 
-    def _check_watchdogs(self) -> None:
+    def _check_workers(self) -> None:
+        """Kill a worker that is stuck: serving but past its watchdog, or not serving yet past START_TIMEOUT."""
         loop = asyncio.get_running_loop()
-        assert self.worker_watchdog is not None
+        now = loop.time()
         for worker in self.workers:
             process = worker.process
-            late = loop.time() - worker.pinged > self.worker_watchdog
-            if worker.ready and late and process is not None and process.returncode is None:
-                log.error("worker %d (pid %d) missed its watchdog (%.1fs); killing it",
-                          worker.index, process.pid, self.worker_watchdog)
-                worker.ready = False
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-        self._checker = loop.call_later(min(CHECK_INTERVAL, self.worker_watchdog / 2), self._check_watchdogs)
+            if process is None or process.returncode is not None:
+                continue
+            if worker.ready and self.worker_watchdog and now - worker.pinged > self.worker_watchdog:
+                why = f"missed its watchdog ({self.worker_watchdog:.1f}s)"
+            elif not worker.ready and now - worker.started_at > self.start_timeout:
+                why = f"did not serve within {self.start_timeout:.1f}s"
+            else:
+                continue
+            log.error("worker %d (pid %d) %s; killing it", worker.index, process.pid, why)
+            worker.ready = False
+            worker.started_at = now  # killed once: its exit, not this check, starts it again
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        interval = min(CHECK_INTERVAL, self.worker_watchdog / 2) if self.worker_watchdog else CHECK_INTERVAL
+        self._checker = loop.call_later(interval, self._check_workers)
 
     def status(self) -> str:
         """The STATUS line: the address, and each worker by number and pid with its own status."""

@@ -21,7 +21,7 @@ import tornado.websocket
 
 from chatserver import jsonutil
 from chatserver.broadcaster import EventRecord, Replay
-from chatserver.errors import BadRequest, ChatError, Forbidden
+from chatserver.errors import BadRequest, ChatError, Forbidden, Unavailable
 from chatserver.models import check_id
 from handlers.base import ApiHandler, AppContext, JsonErrors
 from transport import compat, wsframes
@@ -32,6 +32,7 @@ from transport.poll import PollQuery, answer_body
 log = logging.getLogger(__name__)
 
 SLOW_CLIENT_CLOSE = 4008
+TRY_AGAIN_CLOSE = 1013  # RFC 6455 7.4.1 "Try Again Later": a resume the database could not serve for now
 WEBSOCKET_VERSION = "13"
 _NONE_JOINED: frozenset[str] = frozenset()
 # Seconds a resuming stream may take nothing of its replay before it is cut off as slow (see replay_into).
@@ -90,7 +91,8 @@ async def replay_into(
 
     Returns True where the caller may subscribe at once: the last of memory's answer was queued with no await
     after it, so no event can fall between the replay and the live ones, or come twice. Returns False when the
-    client was cut off or went away meanwhile (nothing to subscribe).
+    client was cut off or went away meanwhile, or when the database could not serve the replay for now (logged;
+    the caller ends the stream, and the client resumes from its cursor later): nothing to subscribe.
 
     A replay is never queued past the outbox's bound: where a frame would take it past, the replay waits for the
     client to take what is queued (at most REPLAY_STALL seconds, else it is cut off as slow). So a client that
@@ -98,20 +100,25 @@ async def replay_into(
     each try. Memory's last page goes in one step only when it fits; otherwise it is paced like the others and
     the replay goes on from where it ended.
     """
-    while True:
-        async for replay, last in handler.service.replay_pages(handler.user_id, cursor):
-            count(replay)
-            frames = [frame(record) for record in replay.events]
-            if last and sum(len(f) for f in frames) <= outbox.room:
+    try:
+        while True:
+            async for replay, last in handler.service.replay_pages(handler.user_id, cursor):
+                count(replay)
+                frames = [frame(record) for record in replay.events]
+                if last and sum(len(f) for f in frames) <= outbox.room:
+                    for one in frames:
+                        outbox.push(one, direct=False)
+                    return not outbox.closed and not gone()
                 for one in frames:
-                    outbox.push(one, direct=False)
-                return not outbox.closed and not gone()
-            for one in frames:
-                if not await outbox.push_paced(one, REPLAY_STALL) or gone():
-                    return False
-            cursor = replay.cursor
-            if last:
-                break
+                    if not await outbox.push_paced(one, REPLAY_STALL) or gone():
+                        return False
+                cursor = replay.cursor
+                if last:
+                    break
+    except Unavailable as exc:
+        # The stream's head is out: no error answer can follow it. The stream ends, and the client comes back.
+        log.warning("a resume of %s ended: %s", handler.user_id, exc)
+        return False
 
 
 def _count_resets(ctx: AppContext, replay: Replay) -> None:
@@ -211,7 +218,9 @@ class EventSocket(JsonErrors, compat.LeanDetach):
 
             if not await replay_into(self, outbox, self._cursor, event_frame, count,
                                      lambda: self.ws_connection is None):
-                return  # cut off, or gone, while resuming: nothing to subscribe
+                if not outbox.closed and self.ws_connection is not None:
+                    self.close(TRY_AGAIN_CLOSE, "the database is unavailable: reconnect with your cursor")
+                return  # cut off, gone, or the database away while resuming: nothing to subscribe
         broadcaster.subscribe(self)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections.labels(self.transport).inc()
@@ -507,7 +516,15 @@ class EventStreamHandler(ApiHandler):
 
     async def _send(self, data: bytes) -> None:
         self.write(data)
-        await self.flush()
+        flushed = self.flush()
+        assert self._done is not None  # made before the outbox that calls this
+        # Until the bytes are out or the stream has ended: a connection closed under a flush (a cut-off) may
+        # never resolve the flush's future (Tornado's HTTP/1.1 connection forgets it at its close), and the
+        # outbox's writer must not wait on it for ever.
+        await asyncio.wait((flushed, self._done), return_when=asyncio.FIRST_COMPLETED)
+        if not flushed.done():
+            raise tornado.iostream.StreamClosedError()
+        flushed.result()
 
     def _count_delivery(self) -> None:
         self.ctx.metrics.events_delivered.labels(self.transport).inc()

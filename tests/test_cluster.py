@@ -368,6 +368,47 @@ async def test_the_cli_changes_membership_and_every_running_process_follows(tmp_
             await store.close()
 
 
+@pytest.mark.gen_test(timeout=120)
+async def test_a_resume_the_database_cannot_serve_ends_the_stream_for_a_retry(tmp_path: Path) -> None:
+    # Memory holds one event: a resume from before three messages is read from the database, which is away after
+    # the stream's head went out. The stream ends as one the client retries (the WebSocket with 1013, "try again
+    # later"; the SSE answer finished), with no error logged as a fault of the server; once the database is
+    # back, the same cursor gets the three messages.
+    async with cluster(tmp_path, "postgres") as group:
+        a = await group.start(env={"CHATSERVER_HISTORY_SIZE": "1"})
+        alice, bob = group.client(a, "alice"), group.client(a, "bob")
+        live = await bob.websocket()  # Bob is known to the process from now on: no store call to authenticate him
+        cursor = live.ready["data"]["cursor"]
+        sent = [(await alice.post_message(group.dialog_id, f"m{n}"))["messageId"] for n in range(3)]
+        assert [(await live.next_of("message:new"))["data"]["messageId"] for _ in sent] == sent
+        name = group.database.rsplit("/", 1)[1]
+        pg.execute("postgres", f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        pg.execute("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        try:
+            ws = await bob.websocket(cursor)
+            assert await asyncio.wait_for(ws.conn.read_message(), 30) is None
+            assert ws.conn.close_code == 1013, (ws.conn.close_code, a.stderr[-3000:])
+            sse = SseReader(bob, cursor=cursor)
+            response = await asyncio.wait_for(sse.fetch, 30)
+            assert response.code == 200 and [e["type"] for _, e in sse.events] == ["ready"], sse.events
+        finally:
+            pg.execute("postgres", f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        for _ in range(100):
+            status, _ = await alice.call("GET", "/api/dialogs")
+            if status == 200:
+                break
+            await asyncio.sleep(0.1)
+        ws = await bob.websocket(cursor)
+        assert [(await ws.next_of("message:new", timeout=10))["data"]["messageId"] for _ in sent] == sent
+        sse = SseReader(bob, cursor=cursor)
+        try:
+            assert [e["data"]["messageId"] for e in (await sse.wait_for(4, 10))[1:]] == sent
+        finally:
+            sse.close()
+        faults = [line for line in a.lines if "Traceback" in line or "Cannot send error" in line]
+        assert not faults, a.stderr[-3000:]
+
+
 @pytest.mark.gen_test(timeout=90)
 async def test_a_database_that_goes_away_is_503_and_then_everything_resumes(tmp_path: Path) -> None:
     async with cluster(tmp_path, "postgres") as group:

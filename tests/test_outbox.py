@@ -147,3 +147,4 @@ async def test_a_paced_replay_that_the_client_does_not_take_is_cut_off_after_the
     assert box.closed and overflowed == [True]
     taken.set()
     await turns()  # the writer's last send ends, and with it the writer
+

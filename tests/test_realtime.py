@@ -551,8 +551,9 @@ async def test_client_that_stops_reading_is_cut_off_while_others_keep_receiving(
         assert ctx.broadcaster.subscriber_count() == 1
         sent = await alice.post_message(dialog_id, "still flowing")
         assert (await healthy.next_of("message:new"))["data"]["messageId"] == sent["messageId"]
-        # The stalled connection itself is ended within the close timeout, not kept open.
+        # The stalled connection itself is ended within the close timeout, not kept open, and its writer with it.
         await eventually(lambda: len(ctx.connections) == 1, 10)
+        await eventually(lambda: not writers_pending(), 10)
     finally:
         stalled.close()
 
@@ -582,6 +583,11 @@ async def test_client_behind_by_more_than_its_buffer_resumes_on_websocket_and_ss
     finally:
         sse.close()
     assert ctx.metrics.slow_clients_closed._value.get() == 0
+
+
+def writers_pending() -> list[asyncio.Task[Any]]:
+    """The outboxes' writer tasks still running on this loop."""
+    return [t for t in asyncio.all_tasks() if not t.done() and "Outbox._drain" in repr(t.get_coro())]
 
 
 async def raw_event_stream(client: Client, receive_buffer: int = 4096) -> socket.socket:
@@ -638,6 +644,8 @@ async def test_sse_client_that_stops_reading_is_cut_off_while_others_keep_receiv
         # Its connection is ended, not left open with what it did not read: reading now finds the end.
         data = await read_until_closed(stalled)
         assert b"still flowing" not in data
+        # And its writer, whose last send the cut left unfinished, is gone with it (not left pending for ever).
+        await eventually(lambda: not writers_pending())
     finally:
         stalled.close()
         healthy.close()

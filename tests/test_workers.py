@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,11 +25,17 @@ import pytest
 import tornado.httpclient
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatserver.supervisor import RESTART_FIRST, STOP_MARGIN
-from tests import pg
+from chatserver import systemd
+from chatserver.broadcaster import Broadcaster
+from chatserver.feed import LogFeed, Membership
+from chatserver.siblings import decode_events, encode_events
+from chatserver.store import Store
+from chatserver.supervisor import RESTART_CAP, RESTART_FIRST, STOP_MARGIN, StopRequest, Supervisor, restart_delay
+from tests import pg, storekit
 from tests.conftest import RECEIPT, Client, Socket, require_service
 from tests.process import ALICE_PHONE, BOB_PHONE, ROOT, ServerProcess, listening_socket
 from tests.test_chat3 import AMQP_URL, Broker, broker, message_event
+from tests.test_cluster import positions
 from tests.test_realtime import SseReader, eventually
 from tests.test_systemd import notification, notification_with, notify_socket
 
@@ -210,6 +216,16 @@ async def test_two_workers_serve_rest_websocket_sse_and_long_poll_with_events_cr
                 got += [e["data"]["messageId"] for e in events]
             assert got == expected
 
+        # Typing, which is not in the log, crosses workers too (through the supervisor, with no broker).
+        for ws, _ in sockets:
+            ws.send({"type": "dialog:join", "dialogId": dialog_id})
+            await ws.next_of("dialog:joined")
+        status, _ = await alice.call("POST", f"/api/dialogs/{dialog_id}/typing", {"typing": True})
+        assert status == 204
+        for ws, _ in sockets:
+            typing = await ws.next_of("typing:start")
+            assert typing["data"] == {"dialogId": dialog_id, "userId": alice.user_id}
+
         # REST reads are the same on either worker; /metrics names both workers whichever answers.
         status, page = await bob.call("GET", f"/api/messages/dialog/{dialog_id}")
         assert status == 200 and [m["messageId"] for m in page["data"]][-len(expected):] == expected
@@ -256,6 +272,9 @@ async def test_a_killed_worker_is_restarted_and_its_clients_resume_elsewhere_wit
         for ws, worker in sockets:
             if worker == victim:
                 assert await asyncio.wait_for(ws.conn.read_message(), 5) is None
+        # Until it is back (after RESTART_FIRST at least), /metrics answers without it, and says so.
+        scraped = await samples(server, "chatserver_worker_scraped")
+        assert scraped[victim] == 0.0 and sum(scraped.values()) == 1.0
         # While it is down (and after), posts are taken by the worker left.
         missed = [await alice.post_message(dialog_id, f"while worker {victim} is down {i}") for i in range(3)]
         expected = [m["messageId"] for m in missed]
@@ -288,6 +307,101 @@ async def test_a_killed_worker_is_restarted_and_its_clients_resume_elsewhere_wit
         assert first["messageId"] not in expected
         bob.close()
     assert "Traceback" not in server.stderr
+
+
+def lone_supervisor(code: str, **options: Any) -> Supervisor:
+    """The supervisor alone, of one worker whose command is `python -c <code>` (a real process each time)."""
+    return Supervisor(
+        count=1, command=lambda handoff: [sys.executable, "-c", code], sockets=[listening_socket()],
+        notifier=systemd.Notifier(None), watchdog=None, grace=1.0, url="http://127.0.0.1:1", environ=dict(os.environ),
+        **options,
+    )
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_worker_that_keeps_failing_is_started_again_after_a_doubling_capped_backoff() -> None:
+    stop = Stop()
+    supervisor = lone_supervisor("raise SystemExit(3)")
+    running = asyncio.ensure_future(supervisor.run(stop))
+    worker = supervisor.workers[0]
+    delays: list[float] = []
+    while len(delays) < 4:
+        await eventually(lambda: worker.failures > len(delays), 15)
+        delays.append(worker.delay)
+    assert delays == [RESTART_FIRST, 2 * RESTART_FIRST, 4 * RESTART_FIRST, 8 * RESTART_FIRST]
+    assert worker.last_exit == "exited with 3"
+    assert supervisor.status().startswith("serving http://127.0.0.1:1 with 1 workers: #1")
+    assert [restart_delay(n) for n in (5, 6, 100)] == [min(16 * RESTART_FIRST, RESTART_CAP), RESTART_CAP, RESTART_CAP]
+    stop.set("SIGTERM")
+    assert await asyncio.wait_for(running, 10) == 0  # nothing was running to stop
+    assert worker.restart is None  # no restart after the stop
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_worker_that_does_not_serve_in_time_is_killed_and_started_again() -> None:
+    stop = Stop()
+    supervisor = lone_supervisor("import time; time.sleep(60)", start_timeout=1.0)
+    running = asyncio.ensure_future(supervisor.run(stop))
+    worker = supervisor.workers[0]
+    await eventually(lambda: worker.failures >= 1, 15)
+    assert worker.last_exit == "killed by SIGKILL"
+    await eventually(lambda: worker.pid is not None, 15)  # started again
+    stop.set("SIGTERM")
+    assert await asyncio.wait_for(running, 10) == 0  # the one still starting stopped by SIGTERM
+
+
+class Stop(StopRequest):
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.name = ""
+
+    def set(self, name: str) -> None:
+        self.name = name
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+# -- events handed from worker to worker ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(database: str, io_loop: Any) -> Iterator[Store]:
+    yield from storekit.running(database, io_loop)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_siblings_events_are_published_as_handed_over_in_log_order_once_reading_the_log_for_a_gap(
+    store: Store, database: str
+) -> None:
+    """A worker's feed given another's commits as the supervisor passes them (EVENTS= messages), out of order and
+    twice: each is published once, in position order, the gap before one filled from the log."""
+    ann, bob = await storekit.user(store, "79000000001"), await storekit.user(store, "79000000002")
+    talk = await storekit.dialog(store, ann, bob)
+    log_id, start = store.log_id, await storekit.head(store)
+    for n in range(3):
+        await storekit.post(store, storekit.message(talk.dialog_id, ann, f"from the other worker {n}"))
+    events = await storekit.logged(store, start)
+    assert [e.type for e in events] == ["message:new"] * 3
+    assert [e.position for e in events] == list(range(start + 1, start + 4))
+    assert decode_events(encode_events(events)) == events
+    for bad in (b"{}", b"[[1, 2]]", b'[[1, "message:new", "d", "{}", "one", null, false, "local", null]]', b"\xff"):
+        with pytest.raises(ValueError):
+            decode_events(bad)
+
+    async with storekit.started(database) as own:  # this worker's own store: another process, as the database sees it
+        hub = Broadcaster(10, log_id=log_id, position=start)
+        feed = LogFeed(own, hub, Membership(own))
+        feed.start()
+        try:
+            feed.offered(events[2:])  # the last first: it waits for the log to be read for the two before it
+            await eventually(lambda: hub.last_position == events[-1].position, 5)
+            feed.offered(events)  # again, as a hint that came twice: nothing is published twice
+            await feed.catch_up()
+            assert hub.published == 3
+        finally:
+            await feed.stop()
 
 
 # -- stopping ------------------------------------------------------------------------------------------------
@@ -463,8 +577,8 @@ async def test_chat3_events_compete_across_workers_and_a_worker_killed_mid_event
         ids = [f["data"]["messageId"] for f in got]
         assert len(ids) == len(set(ids)), "an event was delivered twice"
         assert sorted(ids) == expected
-        positions = [int(f["cursor"].rsplit(".", 1)[1]) for f in got]
-        assert positions == sorted(positions)
+        numbers = positions(got)
+        assert numbers == sorted(numbers)
         await watcher.nothing_within(0.5)
         stored: list[str] = []
         while True:  # history pages, newest first

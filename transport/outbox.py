@@ -174,3 +174,4 @@ class Outbox:
         self._waiting = None
         self._queue = None
         self._queued = 0
+
