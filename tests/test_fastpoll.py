@@ -37,6 +37,12 @@ async def fetch_poll(client: Client, query: str, **headers: str) -> tornado.http
     )
 
 
+async def first_cursor(client: Client) -> str:
+    """The cursor of the poll handshake (a poll without one): where the client stands now."""
+    _, hello = await client.poll()
+    return str(hello["data"]["cursor"])
+
+
 def comparable(response: tornado.httpclient.HTTPResponse) -> dict[str, Any]:
     headers = {k: v for k, v in response.headers.get_all() if k not in ("Date", "Server")}
     return {"code": response.code, "body": response.body, "headers": headers}
@@ -44,8 +50,7 @@ def comparable(response: tornado.httpclient.HTTPResponse) -> dict[str, Any]:
 
 @pytest.mark.gen_test
 async def test_lean_poll_answer_is_the_full_handlers_answer(alice: Client, bob: Client, dialog_id: str) -> None:
-    _, hello = await bob.poll()
-    cursor = hello["data"]["cursor"]
+    cursor = await first_cursor(bob)
     sent = await alice.post_message(dialog_id, "same either way")
 
     lean = await fetch_poll(bob, f"cursor={cursor}")
@@ -65,8 +70,7 @@ async def test_parked_polls_of_both_paths_answer_alike_at_an_event_and_at_their_
 ) -> None:
     # Both paths park in the same registry (transport/poll.py): one event wakes both, and a later pair answers
     # alike whether its timeout or an event (the receipt the first pair's acknowledgement makes) ends it.
-    _, hello = await bob.poll()
-    cursor = hello["data"]["cursor"]
+    cursor = await first_cursor(bob)
     lean = asyncio.ensure_future(fetch_poll(bob, f"cursor={cursor}&timeout=20"))
     full = asyncio.ensure_future(fetch_poll(bob, f"cursor={cursor}&timeout=20", **{"If-None-Match": '"x"'}))
     for _ in range(200):
@@ -117,8 +121,7 @@ async def test_answered_polls_are_freed_at_once_not_left_to_the_cyclic_collector
 ) -> None:
     # A poll and its exchange pointed at each other: every answered poll was cyclic garbage, and the collector
     # then spent a tenth of a busy server's time freeing them (blocking the loop for ~80 ms each time).
-    _, hello = await bob.poll()
-    cursor = hello["data"]["cursor"]
+    cursor = await first_cursor(bob)
     gc.collect()
     gc.disable()
     try:
@@ -175,8 +178,7 @@ def test_lean_paths_token_cache_still_checks_expiry_and_never_remembers_a_bad_to
 @pytest.mark.gen_test
 async def test_a_poll_answer_has_no_etag_and_is_never_a_304(alice: Client, bob: Client, dialog_id: str) -> None:
     # A poll is not a cacheable resource: `If-None-Match: *` (which matches any Etag) must not turn it into a 304.
-    _, hello = await bob.poll()
-    cursor = hello["data"]["cursor"]
+    cursor = await first_cursor(bob)
     await alice.post_message(dialog_id, "fresh")
     for headers in ({}, {"If-None-Match": "*"}):
         answer = await fetch_poll(bob, f"cursor={cursor}&timeout=0", **headers)
