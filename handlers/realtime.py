@@ -190,7 +190,7 @@ class EventSocket(JsonErrors, compat.LeanDetach):
         response's headers, the HTTP/1.1 connection objects (the stream is ours now), the template namespace.
         """
         request = self.request
-        request.headers = tornado.httputil.HTTPHeaders()
+        compat.empty_headers(request.headers)  # in place: Tornado's get(), suspended for the socket's life, holds it
         for arguments in (request.arguments, request.query_arguments, request.body_arguments, request.files):
             arguments.clear()
         request.connection = None

@@ -53,6 +53,12 @@ def headers_from_fields(fields: dict[str, list[str]]) -> tornado.httputil.HTTPHe
     return headers
 
 
+def empty_headers(headers: tornado.httputil.HTTPHeaders) -> None:
+    """Empty the headers in place, their tables freed (`clear()` would keep the emptied tables allocated)."""
+    headers._as_list = {}
+    headers._combined_cache = {}
+
+
 def header_fields(headers: tornado.httputil.HTTPHeaders) -> dict[str, list[str]]:
     """The headers' own map of normalized names to their values: read it, never change it."""
     fields: dict[str, list[str]] = headers._as_list
