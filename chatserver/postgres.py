@@ -21,7 +21,7 @@ import functools
 import logging
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -40,6 +40,7 @@ from chatserver.store import (
     StoreError,
     StoreUnavailable,
     T,
+    Tx,
     WriteFn,
     run_write,
 )
@@ -135,7 +136,7 @@ class PostgresStore(Store):
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._hashers = ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="hash")
-        self._queue: asyncio.Queue[tuple[Callable[[_PgTx], Any], asyncio.Future[Any]] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Callable[[Tx], Awaitable[Any]], asyncio.Future[Any]] | None] = asyncio.Queue()
         self._writer_conn: asyncpg.Connection | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._listener: asyncpg.Connection | None = None
@@ -275,8 +276,9 @@ class PostgresStore(Store):
             if stop:
                 return
 
-    async def _commit(self, calls: list[Callable[[_PgTx], Any]]) -> tuple[list[tuple[Any, BaseException | None]],
-                                                                         list[LogEvent]]:
+    async def _commit(
+        self, calls: list[Callable[[Tx], Awaitable[Any]]]
+    ) -> tuple[list[tuple[Any, BaseException | None]], list[LogEvent]]:
         conn = self._writer_conn
         if conn is None or conn.is_closed():
             try:

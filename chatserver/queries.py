@@ -18,7 +18,7 @@ from chatserver import jsonutil
 from chatserver.errors import BadRequest, Conflict, Forbidden, NotFound
 from chatserver.eventlog import record_membership
 from chatserver.models import Dialog, DialogView, Message, Receipt, User, now_iso
-from chatserver.store import Db, IntegrityError, LogEvent, Tx
+from chatserver.store import Db, IntegrityError, LogEvent, Row, Tx
 
 MESSAGE_NEW = "message:new"
 MESSAGE_UPDATE = "message:update"
@@ -48,7 +48,7 @@ def _content_out(db: Db, text: str) -> str:
 _ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 
 
-def _message(db: Db, row: Sequence[Any]) -> Message:
+def _message(db: Db, row: Row | Sequence[Any]) -> Message:
     return Message(
         message_id=row[0],
         dialog_id=row[1],
