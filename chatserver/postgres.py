@@ -209,7 +209,17 @@ class PostgresStore(Store):
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}") from exc
         finally:
+            await self._give_back(conn)
+
+    async def _give_back(self, conn: Any) -> None:
+        """Return a read's connection to the pool. A connection the database cut under the read fails its reset
+        (asyncpg then terminates it, and the pool opens another when one is needed): what the read answered or
+        raised stands, and that failure is no error of the read's."""
+        assert self._pool is not None
+        try:
             await self._pool.release(conn)
+        except Exception as exc:
+            log.debug("a read's connection was dropped instead of pooled: %r", exc)
 
     async def write(self, fn: WriteFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._writer_task is None or self._closed:
