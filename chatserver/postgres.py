@@ -63,6 +63,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.QueryCanceledError,
+    # What asyncpg raises when a connection the server cut under an operation is asked for the next one (the
+    # rollback of the read that was cut): "cannot switch to state ...; another operation is in progress".
+    asyncpg.InternalClientError,
     ConnectionError,
     OSError,
     TimeoutError,
@@ -206,7 +209,9 @@ class PostgresStore(Store):
         try:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 return await fn(_PgDb(conn), *args, **kwargs)
-        except _UNAVAILABLE as exc:
+        except Exception as exc:
+            if not isinstance(exc, _UNAVAILABLE) and not conn.is_closed():
+                raise
             raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}") from exc
         finally:
             await self._give_back(conn)
