@@ -24,6 +24,10 @@ MESSAGE_NEW = "message:new"
 MESSAGE_UPDATE = "message:update"
 DIALOG_UPDATE = "dialog:update"
 DIALOG_RECEIPT = "dialog:receipt"
+# A dialog of more members than this logs no dialog:receipt: each such event lists every member that moved and
+# goes to every member, so in a dialog where all read it would cost members x members bytes a second. Their
+# receipts are still recorded and answered by GET /api/dialogs/{id} (docs/protocol.md, "Receipts").
+RECEIPT_EVENT_MEMBERS = 1000
 
 _MESSAGE_COLUMNS = (
     "message_id, dialog_id, sender_id, content, type, meta, created_at, updated_at, client_message_id"
@@ -402,6 +406,9 @@ async def record_receipts(
     events = []
     for dialog_id, users in moved.items():
         version = await tx.fetchval("SELECT members_version FROM dialogs WHERE dialog_id = ?", dialog_id)
+        size = await tx.fetchval("SELECT count(*) FROM dialog_members WHERE dialog_id = ?", dialog_id)
+        if int(size or 0) > RECEIPT_EVENT_MEMBERS:
+            continue  # recorded, not logged: see RECEIPT_EVENT_MEMBERS
         found = {receipt.user_id: receipt for receipt in await _receipts(tx, dialog_id, list(users))}
         entries = [found[user_id].to_json() for user_id in users if user_id in found]
         if version is None or not entries:
