@@ -69,7 +69,7 @@ async def build_context(config: Config, *, store: Store | None = None) -> AppCon
     Opening the store may raise StoreError (startup, before serving); the secret's file, OSError.
     """
     store = store or open_store(config.database, pool_size=config.db_pool_size)
-    secret = config.secret or load_or_create_secret(config.resolved_state_dir)
+    secret = config.secret or load_or_create_secret(config.state_path)
     await store.start()
     _, head, _ = await store.read(eventlog.meta)
     broadcaster = Broadcaster(config.history_size, log_id=store.log_id, position=head)
@@ -378,7 +378,7 @@ async def serve(
     try:
         ctx = await build_context(config)
     except OSError as exc:
-        raise Fatal(f"cannot prepare state in {config.resolved_state_dir}: {exc}") from None
+        raise Fatal(f"cannot prepare state in {config.state_path}: {exc}") from None
     if demo:
         await ensure_demo(ctx.service.store)
     sockets = link.sockets if link is not None else adopt_sockets(environ) or bind(config)
@@ -424,9 +424,9 @@ async def supervise(config: Config, args: argparse.Namespace, environ: dict[str,
         await store.close()
     try:
         if not config.secret:
-            load_or_create_secret(config.resolved_state_dir)
+            load_or_create_secret(config.state_path)
     except OSError as exc:
-        raise Fatal(f"cannot prepare state in {config.resolved_state_dir}: {exc}") from None
+        raise Fatal(f"cannot prepare state in {config.state_path}: {exc}") from None
     sockets = adopt_sockets(environ) or bind(config)
     options = [arg for name in ("config", "db", "host", "port") if getattr(args, name, None) is not None
                for arg in (f"--{name}", str(getattr(args, name)))]

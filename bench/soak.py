@@ -398,8 +398,7 @@ class SoakClient:
                 await self.running(task, length - stall_at)
         finally:
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await asyncio.wait({task})  # its end, without its error; a cancellation of this one still stops it
 
     @staticmethod
     async def running(task: asyncio.Future[None], seconds: float) -> None:

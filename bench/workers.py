@@ -164,7 +164,8 @@ def run_fanout(quick: bool, workloads: list[str], names: list[str]) -> list[dict
             chosen = sizes[0 if quick else 1]
             print(f"-- {workload} on {system.name} {chosen}", flush=True)
             load = os.getloadavg()[0]
-            result = run_one(system, workload, chosen)
+            result = guarded("fanout", lambda s=system, w=workload, c=chosen: run_one(s, w, c))
+            result.update(workload=workload, system=system.name)
             # The machine's run queue over the last minute, before and after: above the core count, other work
             # took CPU from this run, and its rates say more of that than of the servers.
             result["load_before"], result["load_after"] = load, os.getloadavg()[0]
@@ -456,9 +457,10 @@ def checks(run: dict[str, Any]) -> list[str]:
         nchan = fanout.get((workload, "nchan-w2"), {})
         if one.get("deliveries_per_s") and two.get("deliveries_per_s"):
             ratio = two["deliveries_per_s"] / one["deliveries_per_s"]
+            load = (f" (load average {one['load_before']:.1f} and {two['load_before']:.1f} on {os.cpu_count()} "
+                    "cores when they started)" if "load_before" in one and "load_before" in two else "")
             out.append(f"- {workload}: 2 workers deliver {ratio:.2f}x the rate of 1 (target 1.7x): "
-                       f"{'met' if ratio >= 1.7 else 'NOT met'} (load average {one.get('load_before', 0):.1f} and "
-                       f"{two.get('load_before', 0):.1f} on {os.cpu_count()} cores when they started)")
+                       f"{'met' if ratio >= 1.7 else 'NOT met'}{load}")
         if one.get("cpu_per_10k") and two.get("cpu_per_10k"):
             # Not a measured rate: what two whole cores would give at the CPU per delivery measured with 2 workers.
             share = two["cpu_per_10k"] / one["cpu_per_10k"]
@@ -492,7 +494,10 @@ def markdown(run: dict[str, Any]) -> str:
         if spread:
             parts += ["Deliveries per worker of ours-w2 (how the shared listening socket spread the clients): "
                       + "; ".join(spread) + ".", ""]
-    if hold:
+    for name, part in (("hold", hold), ("kill", kill)):
+        if part.get("failed_run"):
+            parts += [f"The {name} part failed: {part['failed_run']}.", ""]
+    if hold.get("kb_per_ws") is not None:
         parts += [f"One worker holding {hold['ws']:,} idle WebSockets and {hold['polls']:,} parked long-polls at once "
                   f"({hold['parked_before']:.0f} parked when the broadcasts began): RSS "
                   f"{hold['rss_base_kb'] / 1024:.0f} MB empty, {hold['rss_ws_kb'] / 1024:.0f} MB with the WebSockets, "
@@ -502,7 +507,7 @@ def markdown(run: dict[str, Any]) -> str:
                   f"{hold['deliveries']:,} of {hold['wanted']:,} delivered, lost {hold['lost']}, duplicated "
                   f"{hold['duplicated']}; latency from the POST to each client p50 {hold['p50_ms']:.0f} ms, "
                   f"**p99 {hold['p99_ms']:.0f} ms**, max {hold['max_ms']:.0f} ms.", ""]
-    if kill:
+    if kill.get("clients") is not None:
         caught = kill.get("caught_up_s")
         when = f"{caught:.2f} s" if caught is not None else "never (60 s)"
         parts += [f"kill -9 of one of two workers under load ({kill['clients']:,} WebSocket subscribers, "
@@ -553,6 +558,14 @@ def write_docs(run: dict[str, Any]) -> None:
         plot(run)
 
 
+def guarded(part: str, work: Any) -> dict[str, Any]:
+    """A part's result, or what failed it: a run that fails part-way still reports and saves the others."""
+    try:
+        return dict(work())
+    except Exception as exc:
+        return {"part": part, "failed_run": f"{type(exc).__name__}: {exc}", "lost": -1}
+
+
 # -- main -----------------------------------------------------------------------------------------------
 
 
@@ -587,11 +600,11 @@ def main(argv: list[str] | None = None) -> int:
     if "hold" in parts:
         count = min(args.hold, 2000) if args.quick else args.hold
         print(f"-- hold: {count} WebSockets and {count} polls on one worker", flush=True)
-        run["hold"] = run_hold(count, 3)
+        run["hold"] = guarded("hold", lambda: run_hold(count, 3))
         print("   " + json.dumps({k: v for k, v in run["hold"].items() if k != "errors"}), flush=True)
     if "kill" in parts:
         print("-- kill -9 of a worker under load", flush=True)
-        run["kill"] = run_kill(1000, 20.0, 9.0 if args.quick else 15.0)
+        run["kill"] = guarded("kill", lambda: run_kill(1000, 20.0, 9.0 if args.quick else 15.0))
         print("   " + json.dumps(run["kill"]), flush=True)
     run["seconds"] = time.time() - started
     RESULTS.mkdir(exist_ok=True)

@@ -174,7 +174,7 @@ class _Link:
     def _setup(self, channel: pika.channel.Channel) -> None:
         raise NotImplementedError
 
-    def _channel_lost(self, channel: pika.channel.Channel) -> None:
+    def _channel_lost(self, channel: pika.channel.Channel | None) -> None:
         """The channel is gone: forget what was in flight on it (the broker redelivers what was not acked)."""
 
     async def _wind_down(self, timeout: float) -> None:
@@ -330,7 +330,7 @@ class Chat3Listener(_Link):
         channel.basic_qos(prefetch_count=self.config.amqp_prefetch, callback=functools.partial(self._on_qos, channel))
 
     def _on_qos(self, channel: pika.channel.Channel, _frame: Any) -> None:
-        if self._stopping or channel is not self._channel:
+        if self._stopping or channel is not self._channel or channel is None:
             return
         previous = self._deliveries
         deliveries = _Deliveries(channel)
@@ -351,7 +351,7 @@ class Chat3Listener(_Link):
         if deliveries is not None and deliveries.channel is channel and not deliveries.closed:
             deliveries.queue.put_nowait((method, body))
 
-    def _channel_lost(self, channel: pika.channel.Channel) -> None:
+    def _channel_lost(self, channel: pika.channel.Channel | None) -> None:
         if self._deliveries is not None and self._deliveries.channel is channel:
             self._deliveries.discard()
         self._consumer_tag = None
@@ -450,7 +450,7 @@ class Chat3Listener(_Link):
 
     def _usable(self, channel: pika.channel.Channel) -> bool:
         # Delivery tags belong to their channel: an ack on another (or a reopened) channel would be an error.
-        return channel is self._channel and channel.is_open
+        return channel is self._channel and channel is not None and bool(channel.is_open)
 
     def _count_failure(self, body: bytes) -> int:
         key = _digest(body)
@@ -522,7 +522,7 @@ class ClusterBus(_Link):
         )
 
     def _on_bound(self, channel: pika.channel.Channel, queue: str, _frame: Any) -> None:
-        if self._stopping or channel is not self._channel:
+        if self._stopping or channel is not self._channel or channel is None:
             return
         # Hints, not records: auto-ack, and handled at once.
         channel.basic_consume(queue, self._on_message, auto_ack=True)
@@ -622,7 +622,7 @@ class Chat3Outbound(_Link):
         self._ready()
         self._up.set()
 
-    def _channel_lost(self, channel: pika.channel.Channel) -> None:
+    def _channel_lost(self, channel: pika.channel.Channel | None) -> None:
         self._up.clear()
         confirms, self._confirms = self._confirms, {}
         for future in confirms.values():  # unconfirmed: published again from the log's position
@@ -634,7 +634,7 @@ class Chat3Outbound(_Link):
         if connection is not None and not connection.is_closing and not connection.is_closed:
             self._channel_problem = "confirms did not come in time"
             connection.close()
-        self._channel_lost(self._channel)  # type: ignore[arg-type]
+        self._channel_lost(self._channel)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method

@@ -145,13 +145,14 @@ class Config:
     ticket_burst: int = attrs.field(default=20, validator=_positive)
 
     @property
-    def resolved_state_dir(self) -> Path:
+    def state_path(self) -> Path:
+        """`state_dir` as a path, as given (relative to the working directory where it is relative)."""
         return Path(self.state_dir)
 
     @property
     def database(self) -> str:
         """The `db` setting, or the SQLite file in `state_dir` where it is empty: a path or a postgresql:// URL."""
-        return self.db or str(self.resolved_state_dir / "chatserver.db")
+        return self.db or str(self.state_path / "chatserver.db")
 
     @property
     def db_path(self) -> Path:
@@ -179,6 +180,7 @@ _TYPES: dict[str, type] = {"str": str, "int": int, "float": float}
 
 def _field_type(name: str) -> type:
     declared = SETTINGS[name].type
+    assert declared is not None  # every field of Config is annotated
     return _TYPES[declared if isinstance(declared, str) else declared.__name__]
 
 

@@ -26,7 +26,8 @@ transaction (`LogTx.append`). Its `position` is its place in one total order per
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from chatserver.store import Db, LogEvent, Row, Tx
 
@@ -61,7 +62,9 @@ class LogTx:
 
     head: int
     events: list[LogEvent]
-    execute: Callable[..., Awaitable[None]]  # the backend's
+
+    if TYPE_CHECKING:
+        async def execute(self, sql: str, *args: Any) -> None: ...  # the backend's
 
     def begin_log(self, head: int) -> None:
         self.head = head

@@ -233,10 +233,10 @@ class LogFeed:
             return records_for(event, cursor, None)
         if event.user_id is not None:
             return records_for(event, cursor, None)
-        members = self.membership.at(event.dialog_id, event.members_version)
-        if members is None:
+        known = self.membership.at(event.dialog_id, event.members_version)
+        if known is None:
             return None
-        return records_for(event, cursor, members)
+        return records_for(event, cursor, known)
 
     async def _follow(self) -> None:
         while True:

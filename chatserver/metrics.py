@@ -6,27 +6,30 @@ published, the log position, history) is read from it at each scrape (`observe_b
 
 The two metrics counted on every delivery and every request (`events_delivered`, `request_latency`) are
 `LoopCounter` and `LoopHistogram`: plain numbers owned by the event loop's thread and read at each scrape.
-prometheus_client's own take a lock and make three calls per count: on a fan-out to a thousand connections that
-was a tenth of the loop's time.
+prometheus_client's own take a lock and make three calls per count, on every delivery of a fan-out
+(docs/benchmarks.md has what that cost).
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
-from prometheus_client.utils import floatToGoString
+from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
 from chatserver.broadcaster import Broadcaster
 from chatserver.receipts import Receipts
 from chatserver.store import Store
 from chatserver.throttle import Throttle
+
+# Prometheus's own formatting of a bucket bound (`+Inf`, `0.5`), which its package leaves untyped.
+_float_to_go_string = cast(Callable[[float], str], _untyped_float_to_go_string)
 
 
 class Metrics:
@@ -258,7 +261,7 @@ class LoopHistogram(_LoopFamily[Observations]):
             cumulative, buckets = 0, []
             for bound, count in zip(self._bounds, list(child.counts), strict=True):
                 cumulative += count
-                buckets.append((floatToGoString(bound), cumulative))
+                buckets.append((_float_to_go_string(bound), cumulative))
             family.add_metric(values, buckets, child.sum)
         yield family
 
@@ -288,4 +291,4 @@ def labelled_exposition(texts: Mapping[str, str | None]) -> bytes:
             merged.samples.extend(
                 Sample(s.name, {"worker": worker, **s.labels}, s.value, s.timestamp, s.exemplar) for s in family.samples
             )
-    return generate_latest(_Families([scraped, *families.values()]))  # type: ignore[arg-type]
+    return generate_latest(_Families([scraped, *families.values()]))

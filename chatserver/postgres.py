@@ -21,7 +21,7 @@ import functools
 import logging
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -40,6 +40,7 @@ from chatserver.store import (
     StoreError,
     StoreUnavailable,
     T,
+    Tx,
     WriteFn,
     run_write,
 )
@@ -62,6 +63,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.QueryCanceledError,
+    # What asyncpg raises when a connection the server cut under an operation is asked for the next one (the
+    # rollback of the read that was cut): "cannot switch to state ...; another operation is in progress".
+    asyncpg.InternalClientError,
     ConnectionError,
     OSError,
     TimeoutError,
@@ -135,7 +139,7 @@ class PostgresStore(Store):
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._hashers = ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="hash")
-        self._queue: asyncio.Queue[tuple[Callable[[_PgTx], Any], asyncio.Future[Any]] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Callable[[Tx], Awaitable[Any]], asyncio.Future[Any]] | None] = asyncio.Queue()
         self._writer_conn: asyncpg.Connection | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._listener: asyncpg.Connection | None = None
@@ -205,10 +209,22 @@ class PostgresStore(Store):
         try:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 return await fn(_PgDb(conn), *args, **kwargs)
-        except _UNAVAILABLE as exc:
+        except Exception as exc:
+            if not isinstance(exc, _UNAVAILABLE) and not conn.is_closed():
+                raise
             raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}") from exc
         finally:
+            await self._give_back(conn)
+
+    async def _give_back(self, conn: Any) -> None:
+        """Return a read's connection to the pool. A connection the database cut under the read fails its reset
+        (asyncpg then terminates it, and the pool opens another when one is needed): what the read answered or
+        raised stands, and that failure is no error of the read's."""
+        assert self._pool is not None
+        try:
             await self._pool.release(conn)
+        except Exception as exc:
+            log.debug("a read's connection was dropped instead of pooled: %r", exc)
 
     async def write(self, fn: WriteFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._writer_task is None or self._closed:
@@ -275,8 +291,9 @@ class PostgresStore(Store):
             if stop:
                 return
 
-    async def _commit(self, calls: list[Callable[[_PgTx], Any]]) -> tuple[list[tuple[Any, BaseException | None]],
-                                                                         list[LogEvent]]:
+    async def _commit(
+        self, calls: list[Callable[[Tx], Awaitable[Any]]]
+    ) -> tuple[list[tuple[Any, BaseException | None]], list[LogEvent]]:
         conn = self._writer_conn
         if conn is None or conn.is_closed():
             try:

@@ -18,12 +18,16 @@ from chatserver import jsonutil
 from chatserver.errors import BadRequest, Conflict, Forbidden, NotFound
 from chatserver.eventlog import record_membership
 from chatserver.models import Dialog, DialogView, Message, Receipt, User, now_iso
-from chatserver.store import Db, IntegrityError, LogEvent, Tx
+from chatserver.store import Db, IntegrityError, LogEvent, Row, Tx
 
 MESSAGE_NEW = "message:new"
 MESSAGE_UPDATE = "message:update"
 DIALOG_UPDATE = "dialog:update"
 DIALOG_RECEIPT = "dialog:receipt"
+# A dialog of more members than this logs no dialog:receipt: each such event lists every member that moved and
+# goes to every member, so in a dialog where all read it would cost members x members bytes a second. Their
+# receipts are still recorded and answered by GET /api/dialogs/{id} (docs/protocol.md, "Receipts").
+RECEIPT_EVENT_MEMBERS = 1000
 
 _MESSAGE_COLUMNS = (
     "message_id, dialog_id, sender_id, content, type, meta, created_at, updated_at, client_message_id"
@@ -48,7 +52,7 @@ def _content_out(db: Db, text: str) -> str:
 _ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 
 
-def _message(db: Db, row: Sequence[Any]) -> Message:
+def _message(db: Db, row: Row | Sequence[Any]) -> Message:
     return Message(
         message_id=row[0],
         dialog_id=row[1],
@@ -390,7 +394,7 @@ async def record_receipts(
     """
     moved: dict[str, dict[str, None]] = {}  # dialog -> members that moved, in the order they came
     order = {user_id: n for n, user_id in enumerate(acks)}
-    rows = []
+    rows: list[Row] = []
     for chunk in _chunks(list(acks), ACK_CHUNK):
         # One statement for a chunk of users: (user, position) pairs as a VALUES table (its columns are column1,
         # column2 in SQLite and PostgreSQL alike).
@@ -412,6 +416,9 @@ async def record_receipts(
     events = []
     for dialog_id, users in moved.items():
         version = await tx.fetchval("SELECT members_version FROM dialogs WHERE dialog_id = ?", dialog_id)
+        size = await tx.fetchval("SELECT count(*) FROM dialog_members WHERE dialog_id = ?", dialog_id)
+        if int(size or 0) > RECEIPT_EVENT_MEMBERS:
+            continue  # recorded, not logged: see RECEIPT_EVENT_MEMBERS
         found = {receipt.user_id: receipt for receipt in await _receipts(tx, dialog_id, list(users))}
         entries = [found[user_id].to_json() for user_id in users if user_id in found]
         if version is None or not entries:

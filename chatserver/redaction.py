@@ -68,7 +68,8 @@ def redact(text: str) -> str:
 
 
 def _redact_spans(text: str, spans: Iterable[tuple[int, int]]) -> str:
-    parts, end = [], 0
+    parts: list[str] = []
+    end = 0
     for start, stop in spans:
         parts += (text[end:start], REDACTED)
         end = stop

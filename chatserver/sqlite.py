@@ -17,7 +17,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from chatserver.store import (
     StoreError,
     StoreUnavailable,
     T,
+    Tx,
     WriteFn,
     drive,
     run_write,
@@ -176,7 +177,8 @@ class SQLiteStore(Store):
     async def write(self, fn: WriteFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._writer is None or self._closed:
             raise RuntimeError("the store is not started, or closed")  # never a hang
-        return await self._writer.submit(lambda tx: fn(tx, *args, **kwargs))
+        result: T = await self._writer.submit(lambda tx: fn(tx, *args, **kwargs))
+        return result
 
     async def offload(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
@@ -204,7 +206,7 @@ class SQLiteStore(Store):
 class _Write:
     __slots__ = ("call", "future")
 
-    def __init__(self, call: Callable[[_SqliteTx], Any], future: asyncio.Future[Any]) -> None:
+    def __init__(self, call: Callable[[Tx], Awaitable[Any]], future: asyncio.Future[Any]) -> None:
         self.call = call
         self.future = future
 
@@ -225,7 +227,7 @@ class _GroupWriter:
         self._thread = threading.Thread(target=self._run, name="store-write", daemon=True)
         self._thread.start()
 
-    def submit(self, call: Callable[[_SqliteTx], Any]) -> asyncio.Future[Any]:
+    def submit(self, call: Callable[[Tx], Awaitable[Any]]) -> asyncio.Future[Any]:
         future = self._loop.create_future()
         self._queue.put(_Write(call, future))
         return future

@@ -22,8 +22,8 @@ import abc
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 import attrs
 
@@ -52,9 +52,17 @@ class IntegrityError(StoreError):
 
 
 class Row(Protocol):
+    """A row as both drivers give it (sqlite3.Row, asyncpg.Record): by index, by slice, iterable."""
+
+    @overload
     def __getitem__(self, index: int) -> Any: ...
 
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Any]: ...
+
     def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
 
 
 class Db(Protocol):
@@ -88,6 +96,8 @@ class LogEvent:
 
 class Tx(Db, Protocol):
     """A write's connection: inside the writer's transaction, with the log's lock held."""
+
+    head: int  # the last position given out in this transaction
 
     async def append(
         self,

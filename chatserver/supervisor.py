@@ -132,7 +132,7 @@ class StopRequest:
 
 def restart_delay(failures: int) -> float:
     """Seconds before a worker that failed `failures` times in a row is started again."""
-    return min(RESTART_CAP, RESTART_FIRST * 2 ** min(failures - 1, 32))
+    return min(RESTART_CAP, RESTART_FIRST * 2.0 ** min(failures - 1, 32))
 
 
 def describe_exit(code: int) -> str:

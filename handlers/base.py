@@ -28,6 +28,7 @@ from chatserver.service import ChatService
 from transport import compat
 from transport.access import log_access
 from transport.outbox import TurnBatcher
+from transport.poll import ParkedPolls
 
 log = logging.getLogger("chatserver.http")
 
@@ -64,6 +65,10 @@ class AppContext:
     # Tasks started outside any request's own (a lean poll's replay from the store), held until done.
     background: set[Any] = attrs.Factory(set)
     shutting_down: bool = False
+    # The parked long-polls of both paths (the lean one and PollHandler).
+    polls: ParkedPolls = attrs.Factory(
+        lambda ctx: ParkedPolls(ctx.broadcaster, ctx.metrics, ctx.connections, ctx.batcher,
+                                linger=ctx.config.poll_receipt_linger), takes_self=True)
 
 
 def implemented_methods(handler_class: type[tornado.web.RequestHandler]) -> tuple[str, ...]:

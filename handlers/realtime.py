@@ -27,7 +27,7 @@ from handlers.base import ApiHandler, AppContext, JsonErrors
 from transport import compat, wsframes
 from transport.outbox import Outbox
 from transport.pings import HeartbeatSweep, PingSweep
-from transport.poll import POLL_DEFAULT_TIMEOUT, POLL_MAX_TIMEOUT, lingers, only_lingering, poll_body
+from transport.poll import PollQuery, answer_body, only_lingering
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class EventSocket(JsonErrors, compat.LeanDetach):
         response's headers, the HTTP/1.1 connection objects (the stream is ours now), the template namespace.
         """
         request = self.request
-        request.headers = tornado.httputil.HTTPHeaders()
+        compat.empty_headers(request.headers)  # in place: Tornado's get(), suspended for the socket's life, holds it
         for arguments in (request.arguments, request.query_arguments, request.body_arguments, request.files):
             arguments.clear()
         request.connection = None
@@ -368,37 +368,41 @@ compat.refuse_after_upgrade(EventSocket)
 
 
 class PollHandler(ApiHandler):
-    """`GET /api/poll?cursor=&typing=&timeout=`: answered at once, or parked until an event or the timeout."""
+    """`GET /api/poll?cursor=&typing=&timeout=`: answered at once, or parked (transport/poll.py's ParkedPolls) until
+    an event, a typing event of a dialog it names, or its timeout."""
 
     transport = "longpoll"
 
     def initialize(self, ctx: AppContext) -> None:
         super().initialize(ctx)
         self.typing_dialogs: frozenset[str] = frozenset()
+        self.parked_for = 0.0
         self._typing: list[EventRecord] = []
         self._wake: asyncio.Future[None] | None = None
-        self._linger: asyncio.TimerHandle | None = None
         self._gone = False
 
     async def get(self) -> None:
-        broadcaster = self.ctx.broadcaster
-        timeout = self._timeout()
-        self.typing_dialogs = await self._typing_dialogs()
-        cursor = self.get_query_argument("cursor", None)
-        if not cursor:
-            self._answer([], broadcaster.cursor(), more=False)
+        query = PollQuery.read(self.get_query_argument("cursor", None), self.get_query_argument("typing", None),
+                               self.get_query_argument("timeout", None))
+        for dialog_id in query.typing:
+            await self.service.authorize_dialog(self.user_id, dialog_id)
+        self.typing_dialogs = query.typing
+        if query.cursor is None:
+            self._answer([], self.ctx.broadcaster.cursor(), more=False)
             return
         limit = self.ctx.config.poll_max_events
-        replay = await self.service.replay(self.user_id, cursor, limit)
-        self.service.acknowledged(self.user_id, cursor)  # the poll's cursor is its acknowledgement
-        # Receipts alone (and no more beyond) park and linger, as a parked poll does that a receipt wakes.
-        receipts_only = not replay.more and only_lingering(replay.events)
-        if (not replay.events or receipts_only) and timeout > 0 and not self.ctx.shutting_down:
-            await self._park(timeout, linger=receipts_only)
+        replay = await self.service.replay(self.user_id, query.cursor, limit)
+        self.service.acknowledged(self.user_id, query.cursor)  # the poll's cursor is its acknowledgement
+        # Receipts alone park and linger, as a parked poll does that a receipt wakes (transport/poll.py).
+        receipts_only = only_lingering(replay)
+        if (not replay.events or receipts_only) and query.timeout > 0 and not self.ctx.shutting_down:
+            self._wake = asyncio.get_running_loop().create_future()
+            self.ctx.polls.park(self, query.timeout, linger=receipts_only)
+            await self._wake
             if self._gone:
                 return
             # From the poll's own cursor where receipts waited: they go in this answer.
-            replay = await self.service.replay(self.user_id, cursor if receipts_only else replay.cursor, limit)
+            replay = await self.service.replay(self.user_id, query.cursor if receipts_only else replay.cursor, limit)
         _count_resets(self.ctx, replay)
         self._answer(self._typing + replay.events, replay.cursor, replay.more)
 
@@ -406,82 +410,34 @@ class PollHandler(ApiHandler):
         """None: a poll's answer is never the same resource twice, and never a 304 (it is not cached either)."""
         return None
 
-    def _timeout(self) -> float:
-        raw = self.get_query_argument("timeout", None)
-        if raw is None or raw == "":
-            return POLL_DEFAULT_TIMEOUT
-        try:
-            value = float(raw)
-        except ValueError:
-            raise BadRequest("'timeout' must be a number of seconds", field="timeout") from None
-        if value != value:  # NaN
-            raise BadRequest("'timeout' must be a number of seconds", field="timeout")
-        return min(max(value, 0.0), POLL_MAX_TIMEOUT)
-
-    async def _typing_dialogs(self) -> frozenset[str]:
-        names = [d for d in self.get_query_argument("typing", "").split(",") if d.strip()]
-        if len(names) > 100:
-            raise BadRequest("'typing' names more than 100 dialogs", field="typing")
-        for dialog_id in names:
-            await self.service.authorize_dialog(self.user_id, dialog_id.strip())
-        return frozenset(d.strip() for d in names)
-
-    async def _park(self, seconds: float, *, linger: bool) -> None:
-        self._wake = asyncio.get_running_loop().create_future()
-        self.ctx.broadcaster.subscribe(self)
-        self.ctx.connections.add(self)
-        self.ctx.metrics.parked_polls += 1  # chatserver_polls_waiting and chatserver_connections{longpoll}
-        if linger:
-            self._start_linger()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._wake), seconds)
-        except TimeoutError:
-            pass
-        finally:
-            self.ctx.broadcaster.unsubscribe(self)
-            self.ctx.connections.discard(self)
-            self.ctx.metrics.parked_polls -= 1
-            self._wake = None
-            if self._linger is not None:
-                self._linger.cancel()
-                self._linger = None
+    # -- as a parked poll (transport/poll.py) ------------------------------------------------------------
 
     def deliver(self, record: EventRecord) -> None:
         # Logged events are read back from the history on wake-up; typing events exist only here.
         if record.ephemeral:
             self._typing.append(record)
-        if lingers(record):
-            self._start_linger()
-        else:
-            self._release()
-
-    def _start_linger(self) -> None:
-        """Answer within `poll_receipt_linger` seconds, unless another event releases it before (transport/poll.py)."""
-        linger = self.ctx.config.poll_receipt_linger
-        if not linger:
-            self._release()
-        elif self._linger is None and self._wake is not None:
-            self._linger = asyncio.get_running_loop().call_later(linger, self._release)
+        self.ctx.polls.woken_by(self, record)
 
     def wants_typing(self, dialog_id: str) -> bool:
         return dialog_id in self.typing_dialogs
 
-    def _release(self) -> None:
+    def wake(self) -> None:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
+
+    def shutdown(self) -> None:
+        self.ctx.polls.wake_now(self)
 
     def on_connection_close(self) -> None:
         # The client went away: drop the waiter now, not at its timeout (and no longer in flight: super()).
         self._gone = True
-        self._release()
+        self.ctx.polls.unpark(self)
+        self.wake()
         super().on_connection_close()
-
-    def shutdown(self) -> None:
-        self._release()
 
     def _answer(self, events: list[EventRecord], cursor: str, more: bool) -> None:
         self.ctx.metrics.events_delivered.labels(self.transport).inc(len(events))
-        self.finish(poll_body(events, cursor, more))
+        self.finish(answer_body(events, cursor, more))
 
 
 class EventStreamHandler(ApiHandler):

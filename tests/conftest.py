@@ -37,6 +37,10 @@ from tests.process import ThreadedServer
 
 ALICE_PHONE, BOB_PHONE, CAROL_PHONE = "79111111111", "79777777777", "79000000000"
 PASSWORD = "demo-password"
+
+# Tests park many long-polls at once through the loop's shared HTTP client: at its default of 10 connections the
+# rest (and a scrape of /metrics behind them) would wait in its queue, never reaching the server.
+tornado.httpclient.AsyncHTTPClient.configure(None, max_clients=100)
 RECEIPT = "dialog:receipt"
 
 

@@ -673,7 +673,7 @@ async def server_processes(ctx: AppContext, broker: Broker, count: int) -> Async
     inherited = ("CHATSERVER_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "JOURNAL_STREAM")
     env = dict(
         {k: v for k, v in os.environ.items() if not k.startswith(inherited)},
-        CHATSERVER_STATE_DIR=str(ctx.config.resolved_state_dir),
+        CHATSERVER_STATE_DIR=str(ctx.config.state_path),
         CHATSERVER_AMQP_URL=AMQP_URL,
         CHATSERVER_CHAT3_EXCHANGE=broker.exchange,
         CHATSERVER_CHAT3_QUEUE=broker.queue,

@@ -368,6 +368,24 @@ async def test_the_cli_changes_membership_and_every_running_process_follows(tmp_
             await store.close()
 
 
+@contextlib.asynccontextmanager
+async def database_away(group: Cluster, client: Client) -> AsyncIterator[None]:
+    """While inside, the group's PostgreSQL database accepts no new connection and every open one is cut; on
+    leaving, it is back, and `client`'s REST calls are answered again (bounded wait)."""
+    name = group.database.rsplit("/", 1)[1]
+    pg.execute("postgres", f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    pg.execute("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+    try:
+        yield
+    finally:
+        pg.execute("postgres", f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    for _ in range(100):
+        status, _ = await client.call("GET", "/api/dialogs")
+        if status == 200:
+            return
+        await asyncio.sleep(0.1)
+
+
 @pytest.mark.gen_test(timeout=120)
 async def test_a_resume_the_database_cannot_serve_ends_the_stream_for_a_retry(tmp_path: Path) -> None:
     # Memory holds one event: a resume from before three messages is read from the database, which is away after
@@ -381,23 +399,13 @@ async def test_a_resume_the_database_cannot_serve_ends_the_stream_for_a_retry(tm
         cursor = live.ready["data"]["cursor"]
         sent = [(await alice.post_message(group.dialog_id, f"m{n}"))["messageId"] for n in range(3)]
         assert [(await live.next_of("message:new"))["data"]["messageId"] for _ in sent] == sent
-        name = group.database.rsplit("/", 1)[1]
-        pg.execute("postgres", f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        pg.execute("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
-        try:
+        async with database_away(group, alice):
             ws = await bob.websocket(cursor)
             assert await asyncio.wait_for(ws.conn.read_message(), 30) is None
             assert ws.conn.close_code == 1013, (ws.conn.close_code, a.stderr[-3000:])
             sse = SseReader(bob, cursor=cursor)
             response = await asyncio.wait_for(sse.fetch, 30)
             assert response.code == 200 and [e["type"] for _, e in sse.events] == ["ready"], sse.events
-        finally:
-            pg.execute("postgres", f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        for _ in range(100):
-            status, _ = await alice.call("GET", "/api/dialogs")
-            if status == 200:
-                break
-            await asyncio.sleep(0.1)
         ws = await bob.websocket(cursor)
         assert [(await ws.next_of("message:new", timeout=10))["data"]["messageId"] for _ in sent] == sent
         sse = SseReader(bob, cursor=cursor)
@@ -415,11 +423,7 @@ async def test_a_database_that_goes_away_is_503_and_then_everything_resumes(tmp_
         a = await group.start()
         alice, bob = group.client(a, "alice"), group.client(a, "bob")
         ws = await bob.websocket()
-        name = group.database.rsplit("/", 1)[1]
-        # No new connection to the database is accepted, and every open one is cut.
-        pg.execute("postgres", f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        pg.execute("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
-        try:
+        async with database_away(group, alice):
             for method, path, body in (("GET", "/api/dialogs", None),
                                        ("POST", f"/api/messages/dialog/{group.dialog_id}", {"content": "lost?"})):
                 status, answer = await alice.call(method, path, body, timeout=30)
@@ -427,14 +431,7 @@ async def test_a_database_that_goes_away_is_503_and_then_everything_resumes(tmp_
                 assert answer["success"] is False and "unavailable" in answer["error"].lower()
             status, ready = await alice.call("GET", "/readyz", token="")
             assert status == 503 and "store" in ready["data"], ready
-        finally:
-            pg.execute("postgres", f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         # Back: writes are accepted again and reach the open WebSocket, which never got a reset.
-        for _ in range(100):
-            status, _ = await alice.call("GET", "/api/dialogs")
-            if status == 200:
-                break
-            await asyncio.sleep(0.1)
         sent = await alice.post_message(group.dialog_id, "after the outage")
         got = await ws.next_of("message:new", "reset", timeout=5)
         assert got["type"] == "message:new" and got["data"] == sent

@@ -43,6 +43,15 @@ def test_normalize_header_is_tornados_normalization() -> None:
     assert compat.normalize_header("x-forwarded-for") == "X-Forwarded-For"
 
 
+def test_emptied_headers_are_empty_and_usable() -> None:
+    headers = tornado.httputil.HTTPHeaders.parse("Host: a\r\nX-Twice: 1\r\nX-Twice: 2\r\n\r\n")
+    assert headers["X-Twice"] == "1,2"  # fills the combined cache too
+    compat.empty_headers(headers)
+    assert dict(headers) == {} and "Host" not in headers and list(headers.get_all()) == []
+    headers.add("Host", "b")
+    assert headers["host"] == "b"
+
+
 def test_headers_from_fields_behave_as_parsed_headers() -> None:
     block = "Host: a.example\r\nX-Twice: 1\r\nx-twice: 2\r\nAuthorization: Bearer t\r\n\r\n"
     parsed = tornado.httputil.HTTPHeaders.parse(block)

@@ -1,7 +1,8 @@
 """The lean long-poll path (transport/fastpoll.py) answers exactly as the full PollHandler does.
 
 A poll with `If-None-Match` is one the lean path leaves to PollHandler, so the same poll asked both ways must
-get the same status, body and headers (but Date, which names the second).
+get the same status, body and headers (but Date, which names the second, and Server, which Tornado's
+RequestHandler adds and the lean path does not claim).
 """
 
 from __future__ import annotations
@@ -36,25 +37,59 @@ async def fetch_poll(client: Client, query: str, **headers: str) -> tornado.http
     )
 
 
+async def first_cursor(client: Client) -> str:
+    """The cursor of the poll handshake (a poll without one): where the client stands now."""
+    _, hello = await client.poll()
+    return str(hello["data"]["cursor"])
+
+
 def comparable(response: tornado.httpclient.HTTPResponse) -> dict[str, Any]:
-    headers = {k: v for k, v in response.headers.get_all() if k != "Date"}
+    headers = {k: v for k, v in response.headers.get_all() if k not in ("Date", "Server")}
     return {"code": response.code, "body": response.body, "headers": headers}
 
 
 @pytest.mark.gen_test
 async def test_lean_poll_answer_is_the_full_handlers_answer(alice: Client, bob: Client, dialog_id: str) -> None:
-    _, hello = await bob.poll()
-    cursor = hello["data"]["cursor"]
+    cursor = await first_cursor(bob)
     sent = await alice.post_message(dialog_id, "same either way")
 
     lean = await fetch_poll(bob, f"cursor={cursor}")
     full = await fetch_poll(bob, f"cursor={cursor}", **{"If-None-Match": '"not-this"'})
 
     assert comparable(lean) == comparable(full)
+    assert "Server" not in lean.headers and full.headers["Server"].startswith("TornadoServer/")
     assert lean.code == 200
     events = jsonutil.loads(lean.body)["data"]["events"]
     assert [e["data"]["messageId"] for e in events] == [sent["messageId"]]
     assert lean.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.gen_test
+async def test_parked_polls_of_both_paths_answer_alike_at_an_event_and_at_their_timeout(
+    alice: Client, bob: Client, dialog_id: str
+) -> None:
+    # Both paths park in the same registry (transport/poll.py): one event wakes both, and a later pair answers
+    # alike whether its timeout or an event (the receipt the first pair's acknowledgement makes) ends it.
+    cursor = await first_cursor(bob)
+    lean = asyncio.ensure_future(fetch_poll(bob, f"cursor={cursor}&timeout=20"))
+    full = asyncio.ensure_future(fetch_poll(bob, f"cursor={cursor}&timeout=20", **{"If-None-Match": '"x"'}))
+    for _ in range(200):
+        if bob.ctx.metrics.parked_polls == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert bob.ctx.metrics.parked_polls == 2
+    assert sum(isinstance(c, LeanPoll) for c in bob.ctx.connections) == 1
+    await alice.post_message(dialog_id, "wakes both")
+    woken = await asyncio.wait_for(asyncio.gather(lean, full), 5)
+    assert comparable(woken[0]) == comparable(woken[1])
+    assert len(jsonutil.loads(woken[0].body)["data"]["events"]) == 1
+
+    cursor = jsonutil.loads(woken[0].body)["data"]["cursor"]
+    timed_out = await asyncio.wait_for(asyncio.gather(
+        fetch_poll(bob, f"cursor={cursor}&timeout=0.5"),
+        fetch_poll(bob, f"cursor={cursor}&timeout=0.5", **{"If-None-Match": '"x"'})), 5)
+    assert comparable(timed_out[0]) == comparable(timed_out[1]) and timed_out[0].code == 200
+    assert bob.ctx.metrics.parked_polls == 0 and not bob.ctx.connections
 
 
 @pytest.mark.gen_test
@@ -86,8 +121,7 @@ async def test_answered_polls_are_freed_at_once_not_left_to_the_cyclic_collector
 ) -> None:
     # A poll and its exchange pointed at each other: every answered poll was cyclic garbage, and the collector
     # then spent a tenth of a busy server's time freeing them (blocking the loop for ~80 ms each time).
-    _, hello = await bob.poll()
-    cursor = hello["data"]["cursor"]
+    cursor = await first_cursor(bob)
     gc.collect()
     gc.disable()
     try:
@@ -144,8 +178,7 @@ def test_lean_paths_token_cache_still_checks_expiry_and_never_remembers_a_bad_to
 @pytest.mark.gen_test
 async def test_a_poll_answer_has_no_etag_and_is_never_a_304(alice: Client, bob: Client, dialog_id: str) -> None:
     # A poll is not a cacheable resource: `If-None-Match: *` (which matches any Etag) must not turn it into a 304.
-    _, hello = await bob.poll()
-    cursor = hello["data"]["cursor"]
+    cursor = await first_cursor(bob)
     await alice.post_message(dialog_id, "fresh")
     for headers in ({}, {"If-None-Match": "*"}):
         answer = await fetch_poll(bob, f"cursor={cursor}&timeout=0", **headers)

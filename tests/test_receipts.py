@@ -270,6 +270,28 @@ async def test_a_receipt_carries_every_member_that_moved_in_one_event(
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_dialog_above_the_live_receipts_bound_records_receipts_without_logging_them(
+    alice: Client, bob: Client, carol: Client, dialog_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queries, "RECEIPT_EVENT_MEMBERS", 2)  # the server runs in this process
+    trio = await dialog_of(alice, bob, carol)
+    alice_ws = await alice.websocket()
+    in_trio = await alice.post_message(trio, "all of you")
+    in_pair = await alice.post_message(dialog_id, "just you")
+    cursor = (await alice_ws.next_of("message:new"))["cursor"]
+    cursor = (await alice_ws.next_of("message:new"))["cursor"]
+    for one in (bob, carol):
+        assert_ok(*await one.call("POST", "/api/ack", {"cursor": cursor}))
+    got = await receipts_within(alice_ws, 1.5)
+    # The pair's receipt is live; the trio's (three members, above the bound of two) is only recorded.
+    assert [event["data"]["dialogId"] for event in got] == [dialog_id]
+    assert await stands(alice, dialog_id) == [receipt(bob.user_id, in_pair["messageId"], None)]
+    assert sorted(map(str, await stands(alice, trio))) == sorted(
+        str(receipt(one.user_id, in_trio["messageId"], None)) for one in (bob, carol)
+    )
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_a_removed_member_neither_moves_nor_gets_receipts(
     alice: Client, bob: Client, carol: Client, dialog_id: str
 ) -> None:

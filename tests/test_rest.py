@@ -609,7 +609,7 @@ async def test_unknown_dialog_or_message_is_404_on_every_endpoint(alice: Client,
 @pytest.mark.gen_test
 async def test_every_api_endpoint_needs_a_valid_token(alice: Client, ctx: AppContext, dialog_id: str) -> None:
     sent = await alice.post_message(dialog_id, "x")
-    signer = TokenSigner(load_or_create_secret(ctx.config.resolved_state_dir), 60, clock=lambda: time.time() - 3600)
+    signer = TokenSigner(load_or_create_secret(ctx.config.state_path), 60, clock=lambda: time.time() - 3600)
     expired = signer.issue(alice.user_id)
     foreign = TokenSigner("another secret", 3600).issue(alice.user_id)
     valid = alice.token

@@ -157,7 +157,7 @@ async def test_a_ticket_opens_one_event_stream_and_then_is_refused(bob: Client) 
 
 @pytest.mark.gen_test
 async def test_expired_foreign_and_misused_tickets_get_401(bob: Client, ctx: AppContext) -> None:
-    secret = load_or_create_secret(ctx.config.resolved_state_dir)
+    secret = load_or_create_secret(ctx.config.state_path)
     expired = StreamTickets(secret, clock=lambda: 1_000_000.0).issue(bob.user_id)
     foreign = StreamTickets("another secret").issue(bob.user_id)
     for ticket in (expired, foreign, bob.token):

@@ -17,9 +17,14 @@ access_log = logging.getLogger("chatserver.access")
 class Request(Protocol):
     """What an access line reads of a request (HTTPServerRequest has it, and so does a lean poll)."""
 
-    method: str | None
-    uri: str | None
-    remote_ip: str | None
+    @property
+    def method(self) -> str | None: ...
+
+    @property
+    def uri(self) -> str | None: ...
+
+    @property
+    def remote_ip(self) -> str | None: ...
 
     def request_time(self) -> float: ...
 
@@ -38,5 +43,5 @@ def log_access(metrics: Metrics | None, request: Request, status: int, handler_n
         )
     if metrics is not None:
         if latency is None:
-            latency = metrics.request_latency.labels(request.method, handler_name)
+            latency = metrics.request_latency.labels(request.method or "", handler_name)
         latency.observe(request.request_time())

@@ -53,6 +53,12 @@ def headers_from_fields(fields: dict[str, list[str]]) -> tornado.httputil.HTTPHe
     return headers
 
 
+def empty_headers(headers: tornado.httputil.HTTPHeaders) -> None:
+    """Empty the headers in place, their tables freed (`clear()` would keep the emptied tables allocated)."""
+    headers._as_list = {}
+    headers._combined_cache = {}
+
+
 def header_fields(headers: tornado.httputil.HTTPHeaders) -> dict[str, list[str]]:
     """The headers' own map of normalized names to their values: read it, never change it."""
     fields: dict[str, list[str]] = headers._as_list
@@ -150,9 +156,9 @@ class FrameReader(tornado.websocket.WebSocketProtocol13):
     @property
     def fragments_opcode(self) -> int:
         """The opcode of the message whose fragments are being received."""
-        opcode: int = self._fragmented_message_opcode
+        opcode: int = self._fragmented_message_opcode  # type: ignore[assignment]  # declared None, set to an int
         return opcode
 
     @fragments_opcode.setter
     def fragments_opcode(self, value: int) -> None:
-        self._fragmented_message_opcode = value
+        self._fragmented_message_opcode = value  # type: ignore[assignment]

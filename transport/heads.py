@@ -67,7 +67,8 @@ class HeadParser:
     def parse(self, head: bytes) -> Head:
         """The head (all of it, the empty line included), or MalformedHead."""
         self._url = b""
-        self._fields = fields = {}
+        fields: dict[str, list[str]] = {}
+        self._fields = fields
         self._complete = False
         parser = self._parser
         upgrade = False

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeGuard, cast
 
 import attrs
+import tornado.http1connection
 import tornado.httpserver
 import tornado.httputil
 import tornado.ioloop
@@ -331,7 +332,8 @@ class Server(tornado.httpserver.HTTPServer):
                       ) -> tornado.httputil.HTTPMessageDelegate:
         if isinstance(request_conn, Exchange):
             return super().start_request(server_conn, request_conn)
-        exchange = _TornadoExchange(request_conn)  # a request on a connection handed to Tornado
+        assert isinstance(request_conn, tornado.http1connection.HTTP1Connection)  # handed to Tornado's server
+        exchange = _TornadoExchange(request_conn)
         return _TornadoRequest(super().start_request(server_conn, exchange), exchange)
 
     async def close_all_connections(self) -> None:
@@ -369,7 +371,7 @@ class _TornadoExchange(tornado.httputil.HTTPConnection):
     after such an answer without saying so (RFC 9112 9.6), and a client that kept it for its next request would
     have that request cut off."""
 
-    def __init__(self, connection: tornado.httputil.HTTPConnection) -> None:
+    def __init__(self, connection: tornado.http1connection.HTTP1Connection) -> None:
         self.connection = connection
         self.read_finished = False  # set by _TornadoRequest once Tornado has read the whole body
 
@@ -541,8 +543,8 @@ class Connection(asyncio.BufferedProtocol):
     """One client connection: its requests one after another, each as an `Exchange` with the application.
 
     A BufferedProtocol: asyncio's plain Protocol receives into a new 256 KiB bytes object per read (an mmap and
-    a munmap per request: a fifth of a poll's cost). Here every connection receives into its server's one
-    buffer, and keeps only the bytes it got.
+    a munmap per request). Here every connection receives into its server's one buffer, and keeps only the bytes
+    it got.
     """
 
     __slots__ = (  # one of these is held per open connection, a parked poll's included
@@ -1085,9 +1087,10 @@ class Exchange(tornado.httputil.HTTPConnection):
     # -- ours ------------------------------------------------------------------------------------------
 
     def write_answer(self, data: bytes) -> None:
-        """A complete answer (head and a Content-Length body) written at once, for transport/fastpoll.py."""
-        if self.disconnect_on_finish or self.start_line.version != "HTTP/1.1":
-            raise ValueError("write_answer is for kept-alive HTTP/1.1 requests only")  # callers check first
+        """A complete answer (head and a Content-Length body) written at once, for transport/fastpoll.py. Its
+        head says `Connection: close` where `disconnect_on_finish` (the connection then ends)."""
+        if self.start_line.version != "HTTP/1.1":
+            raise ValueError("write_answer is for HTTP/1.1 requests only")  # callers check first
         conn = self.conn
         transport = conn.transport
         if transport is not None and conn.state < LINGERING and not transport.is_closing():
@@ -1122,8 +1125,7 @@ class Exchange(tornado.httputil.HTTPConnection):
 _NO_DELEGATE = tornado.httputil.HTTPMessageDelegate()
 
 
-def keeps_bytes_for(exchange: tornado.httputil.HTTPConnection) -> TypeGuard[Exchange]:
-    """Whether `Exchange.write_answer` may answer on this connection."""
-    return isinstance(exchange, Exchange) and not exchange.disconnect_on_finish and (
-        exchange.start_line.version == "HTTP/1.1")
+def answers_whole(exchange: tornado.httputil.HTTPConnection) -> TypeGuard[Exchange]:
+    """Whether `Exchange.write_answer` may answer on this connection (one of ours, an HTTP/1.1 request)."""
+    return isinstance(exchange, Exchange) and exchange.start_line.version == "HTTP/1.1"
 

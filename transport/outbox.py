@@ -11,7 +11,7 @@ comes back far behind is served as fast as it reads.
 The fast path: with nothing queued and no writer running, `write_now` (where the transport offers one) hands
 the bytes to the socket at once, with no task and no future; it declines when the socket layer still holds
 unwritten bytes, and the bytes take the queued, awaited path above. A fan-out to a thousand readers that keep
-up is then a thousand `send` calls, and the bound and the cut-off work exactly as before for the rest.
+up is then a thousand `send` calls, and the bound and the cut-off hold for the rest as for queued bytes.
 
 With a `TurnBatcher`, the fast path waits for the end of the loop's turn: the events a connection gets within
 one turn (under load, a third of them in the 1,000-subscriber benchmark) leave joined, in one `send`, instead
