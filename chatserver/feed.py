@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CATCH_UP_BATCH = 1000
 RETRY_PAUSE = 1.0
+PROBLEM_LOG_EVERY = 60.0  # a failure that lasts is logged when it starts, then at most this often
 
 
 class Membership:
@@ -156,6 +157,7 @@ class LogFeed:
         # Told the events of each of this process's commits (sibling workers get them without reading the log).
         self.event_hooks: list[Callable[[list[LogEvent]], None]] = []
         self.problem = ""  # for /readyz: "" while the log is followed
+        self._problem_logged = 0.0  # monotonic time of the last warning of the current problem
 
     def start(self) -> None:
         """Follow the log, from the broadcaster's position (the store's head at start), in the background."""
@@ -248,14 +250,19 @@ class LogFeed:
                 await self._read_log()
             except Exception as exc:
                 if isinstance(exc, StoreError | OSError):
+                    now = time.monotonic()
+                    if not self.problem or now - self._problem_logged >= PROBLEM_LOG_EVERY:
+                        log.warning("cannot read the event log: %s; retrying every %.1fs", exc, RETRY_PAUSE)
+                        self._problem_logged = now
                     self.problem = f"cannot read the event log: {exc}"
-                    log.warning("%s; retrying in %.1fs", self.problem, RETRY_PAUSE)
                 else:
                     log.exception("following the event log failed; retrying")
                 self._waiters[:0] = waiters  # still owed an answer
                 await asyncio.sleep(RETRY_PAUSE)
                 self.wake()
                 continue
+            if self.problem:
+                log.warning("the event log is read again")
             self.problem = ""
             for waiter in waiters:
                 if not waiter.done():
