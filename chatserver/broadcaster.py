@@ -21,6 +21,7 @@ import attrs
 
 from chatserver import jsonutil
 from chatserver.errors import BadRequest
+from chatserver.numbers import is_ascii_decimal
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class Broadcaster:
         to say (another process may be ahead of this one): see `ChatService.replay`.
         """
         log_id, dot, position = cursor.rpartition(".")
-        if (not dot or not log_id or not position.isascii() or not position.isdecimal()
+        if (not dot or not log_id or not is_ascii_decimal(position)
                 or len(position) > MAX_POSITION_DIGITS or not log_id.isascii() or not log_id.isalnum()):
             raise BadRequest("'cursor' is not a cursor this server issued", field="cursor")
         if log_id != self.log_id:

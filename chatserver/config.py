@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from chatserver.numbers import is_ascii_decimal
 from chatserver.store import check_db_setting
 
 ENV_PREFIX = "CHATSERVER_"
@@ -63,7 +64,7 @@ def _workers(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None
     text = value.strip()
     if text == "auto":
         return
-    if not (text.isascii() and text.isdecimal()) or not 1 <= int(text) <= MAX_WORKERS:
+    if not is_ascii_decimal(text) or not 1 <= int(text) <= MAX_WORKERS:
         raise ConfigError(f"setting 'workers' must be 'auto' or a whole number from 1 to {MAX_WORKERS}, got {value!r}")
 
 

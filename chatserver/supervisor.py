@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 import attrs
 
 from chatserver import systemd
+from chatserver.numbers import is_ascii_decimal
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class WorkerHandoff:
             raise ValueError("--worker must be INDEX:COUNT:GROUP:CHANNEL:LISTENERS")
         index, count, group, channel, listeners = parts
         numbers = [index, count, channel, *listeners.split(",")]
-        if not all(n.isascii() and n.isdecimal() for n in numbers) or not (group.isascii() and group.isalnum()):
+        if not all(is_ascii_decimal(n) for n in numbers) or not (group.isascii() and group.isalnum()):
             raise ValueError("--worker holds something other than numbers and a group name")
         handoff = cls(int(index), int(count), group, int(channel), tuple(int(fd) for fd in listeners.split(",")))
         if not 1 <= handoff.index <= handoff.count:

@@ -16,6 +16,8 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 
+from chatserver.numbers import is_ascii_decimal
+
 log = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
@@ -93,18 +95,13 @@ def status_field(text: str) -> str:
     return "STATUS=" + " ".join(text.split("\n"))
 
 
-def _is_decimal(value: str) -> bool:
-    """True for ASCII digits only: `str.isdigit()` also accepts '²' and '①', which `int()` then refuses."""
-    return value.isascii() and value.isdecimal()
-
-
 def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
     """Seconds within which systemd expects `WATCHDOG=1` from this process, or None when it expects none.
 
     `$WATCHDOG_PID`, where set, names the process the watchdog is meant for: any other process ignores it.
     """
     usec = environ.get("WATCHDOG_USEC", "")
-    if not _is_decimal(usec) or int(usec) == 0:
+    if not is_ascii_decimal(usec) or int(usec) == 0:
         return None
     target = environ.get("WATCHDOG_PID", "")
     if target and target != str(pid):
@@ -184,7 +181,7 @@ def is_journal_stream(environ: Mapping[str, str], fd: int) -> bool:
     elsewhere (to a file, a pipe) from writing journald's priority prefixes there.
     """
     device, _, inode = environ.get("JOURNAL_STREAM", "").partition(":")
-    if not _is_decimal(device) or not _is_decimal(inode):
+    if not is_ascii_decimal(device) or not is_ascii_decimal(inode):
         return False
     try:
         stat = os.fstat(fd)
@@ -200,7 +197,7 @@ def inherited_sockets(environ: Mapping[str, str], pid: int) -> list[socket.socke
     Raises ValueError for a passed descriptor that is not a listening stream socket.
     """
     count = environ.get("LISTEN_FDS", "")
-    if environ.get("LISTEN_PID", "") != str(pid) or not _is_decimal(count):
+    if environ.get("LISTEN_PID", "") != str(pid) or not is_ascii_decimal(count):
         return []
     sockets = []
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from chatserver.auth import b64url, unb64url
 from chatserver.errors import Unauthorized
+from chatserver.numbers import is_ascii_decimal
 
 TICKET_TTL = 30
 # Characters a ticket may hold (base64url and the dot): anything else is refused before any decoding.
@@ -66,7 +67,7 @@ class StreamTickets:
             user_id, expiry, nonce = unb64url(body).decode("utf-8").rsplit(".", 2)
         except ValueError:
             raise Unauthorized("invalid stream ticket") from None
-        if not (expiry.isascii() and expiry.isdecimal()):
+        if not is_ascii_decimal(expiry):
             raise Unauthorized("invalid stream ticket")
         now = self._clock()
         expires_at = int(expiry)

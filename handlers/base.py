@@ -23,6 +23,7 @@ from chatserver.config import Config
 from chatserver.errors import ChatError, TooLarge, TooManyRequests, Unauthorized, Unavailable
 from chatserver.jsonutil import error_body
 from chatserver.metrics import Metrics
+from chatserver.numbers import is_ascii_decimal
 from chatserver.redaction import redact
 from chatserver.service import ChatService
 from transport import compat
@@ -196,7 +197,7 @@ class ApiHandler(JsonHandler):
         self._body = bytearray()
         limit = self.ctx.config.max_body_size
         length = self.request.headers.get("Content-Length")
-        if length is not None and length.isascii() and length.isdecimal() and int(length) > limit:
+        if length is not None and is_ascii_decimal(length) and int(length) > limit:
             # Answered before a byte of the body is read; finishing early makes Tornado close the connection
             # rather than read the rest.
             raise TooLarge(f"the body is larger than {limit} bytes")
