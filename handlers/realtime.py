@@ -131,6 +131,10 @@ class EventSocket(JsonErrors, compat.LeanDetach):
     frames."""
 
     transport = "websocket"
+    # Ours in slots, so that the instance dict holds only Tornado's attributes: CPython shares one table of
+    # attribute names among a class's instances up to 30 names, and a handler past that carries a whole dict
+    # of its own for the socket's life.
+    __slots__ = ("ctx", "service", "_pings", "user_id", "joined", "_cursor", "_outbox", "_tls", "_delivered")
 
     def initialize(self, ctx: AppContext, pings: PingSweep) -> None:
         super().initialize(ctx)

@@ -204,6 +204,10 @@ async def test_tornados_detach_sets_the_methods_lean_detach_refuses_from_the_cla
     assert set(compat.DETACHED_METHODS) <= settings["detached"][0]  # what Tornado's _detach_stream sets
     upgraded, attributes, refused = settings["lean"][0]
     assert upgraded and not set(compat.DETACHED_METHODS) & attributes
+    # Tornado still sets the names LeanDetach keeps in slots (else the slots hold nothing), and none of them,
+    # nor `upgraded`, is in the upgraded handler's own dict.
+    assert set(compat.LATE_ATTRIBUTES) <= settings["detached"][0]
+    assert not (set(compat.LATE_ATTRIBUTES) | {"upgraded"}) & attributes
     assert refused == ["Method not supported for Web Sockets"] * len(compat.DETACHED_METHODS)
     plain.close()
     lean.close()

@@ -11,8 +11,9 @@ What is used, and why:
   field is present without normalizing its name again. `_normalize_header` is Tornado's cached normalization.
 - `IOStream._read_buffer` and `_read_buffer_size`: a connection handed to Tornado's server carries the bytes
   already read; IOStream has no public way to put bytes back.
-- `WebSocketHandler._detach_stream`: Tornado's version sets seven attributes on each upgraded handler (1.5 kB a
-  socket); `LeanDetach` refuses the same methods from the class instead.
+- `WebSocketHandler._detach_stream`: Tornado's version sets seven attributes on each upgraded handler;
+  `LeanDetach` refuses the same methods from the class instead. `RequestHandler._transforms`: one of the names
+  Tornado sets after `__init__`, which `LeanDetach` keeps in slots.
 - `RequestHandler._finished`, `_reason` and `_headers`: whether an answer is finished (a streamed body's chunks
   after a refusal are dropped), the reason phrase an error's JSON body carries, and the response headers an
   upgraded WebSocket no longer needs.
@@ -91,11 +92,27 @@ def drop_response_headers(handler: tornado.web.RequestHandler) -> None:
 DETACHED_METHODS = ("write", "redirect", "set_header", "set_cookie", "set_status", "flush", "finish")
 
 
+# What Tornado sets on a handler after its `__init__`: `_execute` the transforms and the path's arguments, a
+# WebSocketHandler's `get()` the arguments it passes to `open()`.
+LATE_ATTRIBUTES = ("_transforms", "path_args", "path_kwargs", "open_args", "open_kwargs")
+
+
 class LeanDetach(tornado.websocket.WebSocketHandler):
     """A WebSocketHandler whose upgrade refuses the HTTP methods from the class, not with seven attributes set on
-    each instance as Tornado's `_detach_stream` does. A subclass calls `refuse_after_upgrade(cls)` once."""
+    each instance as Tornado's `_detach_stream` does. A subclass calls `refuse_after_upgrade(cls)` once.
 
-    upgraded = False
+    The attributes set after `__init__` live in slots: CPython keeps a class's attribute names in one table its
+    instances share, which stops taking names once a few instances exist; a name set later than that gives the
+    instance a whole dict of its own, held for the socket's life. The names set in `__init__` are in the table
+    from the first instance on.
+    """
+
+    __slots__ = ("upgraded", *LATE_ATTRIBUTES)
+
+    def __init__(self, application: tornado.web.Application, request: tornado.httputil.HTTPServerRequest,
+                 **kwargs: Any) -> None:
+        self.upgraded = False
+        super().__init__(application, request, **kwargs)
 
     def _detach_stream(self) -> tornado.iostream.IOStream:
         self.upgraded = True
@@ -122,18 +139,22 @@ class FrameReader(tornado.websocket.WebSocketProtocol13):
     """Tornado's RFC 6455 protocol with its frame reader replaceable: a subclass defines `receive_frame`, reading
     with `read_bytes` and handing each whole message to `handle_message`, as Tornado's own reader does."""
 
-    async def _receive_frame(self) -> None:
-        await self.receive_frame()
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The subclass's reader is what Tornado's frame loop calls: put in its place, not awaited from a wrapper
+        # (a coroutine more per socket, suspended for the socket's life).
+        super().__init_subclass__(**kwargs)
+        if "receive_frame" in cls.__dict__:
+            cls._receive_frame = cls.__dict__["receive_frame"]  # type: ignore[method-assign]
 
     async def receive_frame(self) -> None:
-        await super()._receive_frame()
+        await tornado.websocket.WebSocketProtocol13._receive_frame(self)
 
     async def tornado_receive_frame(self) -> None:
         """Tornado's own reader, for what a subclass leaves to it (an extension it does not know)."""
-        await super()._receive_frame()
+        await tornado.websocket.WebSocketProtocol13._receive_frame(self)
 
-    async def read_bytes(self, n: int) -> bytes:
-        return await self._read_bytes(n)
+    # Tornado's `_read_bytes(n)` (the stream's `read_bytes` and the count of bytes in), under a public name.
+    read_bytes = tornado.websocket.WebSocketProtocol13._read_bytes
 
     def handle_message(self, opcode: int, data: bytes) -> Any:
         return self._handle_message(opcode, data)
