@@ -131,10 +131,9 @@ class EventSocket(JsonErrors, compat.LeanDetach):
     frames."""
 
     transport = "websocket"
-    # Ours in slots, so that the instance dict holds only Tornado's attributes: CPython shares one table of
-    # attribute names among a class's instances up to 30 names, and a handler past that carries a whole dict
-    # of its own for the socket's life.
-    __slots__ = ("ctx", "service", "_pings", "user_id", "joined", "_cursor", "_outbox", "_tls", "_delivered")
+    # Ours in slots, as LeanDetach keeps Tornado's late ones: the instance dict keeps only names set in __init__,
+    # which stay in the table of names the class's instances share (see compat.LeanDetach).
+    __slots__ = ("_cursor", "_delivered", "_outbox", "_pings", "_tls", "ctx", "joined", "service", "user_id")
 
     def initialize(self, ctx: AppContext, pings: PingSweep) -> None:
         super().initialize(ctx)
