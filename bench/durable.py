@@ -21,6 +21,7 @@
   run.py, seeded by its own bench/systems.py) and this one's, with this checkout's generator, on bench/run.py's
   WebSocket fan-out (1,000 and 5,000 subscribers) and long-poll (1,000), `--repeat` times each, printing the
   median CPU per 10k deliveries, after ÷ before, and the write system calls per delivery. Peer: Nchan.
+  `--workloads` adds pollbatch, mixed and idle (memory per idle WebSocket and parked poll).
 
 Everything runs on loopback, bounded in count and time. Results are printed and saved to
 `bench/results/durable-<stamp>.json`. A run that lost or duplicated a delivery, or whose server refused a POST,
@@ -53,12 +54,17 @@ ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 STORES = {"sqlite": Ours, "pg": OursPostgres}
 STORE_LABELS = {"sqlite": "SQLite", "pg": "PostgreSQL"}
-# compare: (bench/run.py workload, its label), measured at bench/run.py's --full sizes unless --quick.
+# compare: (bench/run.py workload, its label, the figures compared), at bench/run.py's --full sizes unless --quick.
+CPU = ("cpu_per_10k",)
 COMPARED = (
-    ("ws1k", "WebSocket fan-out, 1,000 subscribers"),
-    ("ws5k", "WebSocket fan-out, 5,000 subscribers"),
-    ("poll1k", "long-poll, 1,000 pollers, one event per answer"),
+    ("ws1k", "WebSocket fan-out, 1,000 subscribers", CPU),
+    ("ws5k", "WebSocket fan-out, 5,000 subscribers", CPU),
+    ("poll1k", "long-poll, 1,000 pollers, one event per answer", CPU),
+    ("pollbatch", "long-poll, 1,000 pollers, events piling up", CPU),
+    ("mixed", "mixed, 80% WebSocket 20% long-poll", CPU),
+    ("idle", "idle connections held (kB each)", ("kb_per_ws", "kb_per_poll")),
 )
+DEFAULT_COMPARED = ("ws1k", "ws5k", "poll1k")
 
 
 class Cluster:
@@ -267,8 +273,8 @@ def bench_compare(args: argparse.Namespace, peers: list[str]) -> list[dict[str, 
                    capture_output=True)
     out: list[dict[str, Any]] = []
     try:
-        for workload, label in ((w, label) for w, label in COMPARED if w in args.workloads):
-            figures: dict[str, list[float]] = {"before": [], "after": []}
+        for workload, label, keys in ((w, label, k) for w, label, k in COMPARED if w in args.workloads):
+            figures: dict[tuple[str, str], list[float]] = {(s, k): [] for s in ("before", "after") for k in keys}
             writes: dict[str, list[float]] = {"before": [], "after": []}
             for n in range(args.repeat):
                 order = [("before", tree), ("after", ROOT)]
@@ -277,20 +283,25 @@ def bench_compare(args: argparse.Namespace, peers: list[str]) -> list[dict[str, 
                     out.append({"bench": "compare", "workload": workload, "side": side,
                                 "revision": rev if side == "before" else head, **result})
                     if failed(result):
-                        show(f"{workload} {side}", result, ("cpu_per_10k",))
-                    else:
-                        figures[side].append(result["cpu_per_10k"])
+                        show(f"{workload} {side}", result, keys)
+                        continue
+                    for key in keys:
+                        figures[side, key].append(result[key])
+                    if "write_calls_per_delivery" in result:
                         writes[side].append(result["write_calls_per_delivery"])
-            before, after = (statistics.median(figures[s]) if figures[s] else None for s in ("before", "after"))
-            ratio = f"{after / before:.2f}x" if before and after else "—"
-            print(f"  {label:<48} before {fmt_runs(figures['before'])}   after {fmt_runs(figures['after'])}   "
-                  f"after ÷ before {ratio} (medians)", flush=True)
-            print(f"  {'':<48} write(2)-family calls (syscw) per delivery: before {fmt_runs(writes['before'])}   "
-                  f"after {fmt_runs(writes['after'])}", flush=True)
+            for key in keys:
+                before, after = (statistics.median(figures[s, key]) if figures[s, key] else None
+                                 for s in ("before", "after"))
+                ratio = f"{after / before:.2f}x" if before and after else "—"
+                print(f"  {label + ', ' + key:<60} before {fmt_runs(figures['before', key])}   "
+                      f"after {fmt_runs(figures['after', key])}   after ÷ before {ratio} (medians)", flush=True)
+            if writes["before"] or writes["after"]:
+                print(f"  {'':<60} write(2)-family calls (syscw) per delivery: before {fmt_runs(writes['before'])}"
+                      f"   after {fmt_runs(writes['after'])}", flush=True)
             for name in peers:
                 result = run_peer_workload(name, workload, args.quick)
                 out.append({"bench": "compare", "workload": workload, "side": name, **result})
-                show(f"    {name}, same sizes", result, ("cpu_per_10k", "write_calls_per_delivery"))
+                show(f"    {name}, same sizes", result, keys + (("write_calls_per_delivery",) if keys == CPU else ()))
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False,
                        capture_output=True)
@@ -331,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", default="96eccf9", help="compare: the revision to compare with")
     parser.add_argument("--repeat", type=int, default=3, help="compare: runs of each side per workload")
     parser.add_argument("--quick", action="store_true", help="compare: bench/run.py's quick sizes")
-    parser.add_argument("--workloads", default=",".join(w for w, _ in COMPARED), help="compare: which of them")
+    parser.add_argument("--workloads", default=",".join(DEFAULT_COMPARED),
+                        help="compare: which of " + ",".join(w for w, _, _ in COMPARED))
     parser.add_argument("--peers", default="nchan", help="comma-separated peers of bench/systems.py, or ''")
     args = parser.parse_args(argv)
     args.stores = [s for s in args.stores.split(",") if s]
