@@ -208,6 +208,8 @@ class Ours(System):
             CHATSERVER_SHUTDOWN_GRACE="3",
             # One publisher posts the whole workload: no per-user message rate.
             CHATSERVER_MESSAGE_RATE="0",
+            # The idle run holds 5,000 WebSockets and 5,000 polls besides its publisher (default limit 10,000).
+            CHATSERVER_MAX_CONNECTIONS="19950",
         )
         return env
 
