@@ -122,18 +122,22 @@ def own_cpu() -> float:
 class Meter:
     """CPU of the server and of the generator, and the wall clock, over one measured window."""
 
-    def __init__(self, pids: list[int]) -> None:
+    def __init__(self, pids: list[int], helpers: list[int] | None = None) -> None:
         self.pids = pids
+        self.helpers = helpers or []  # the generator's own helper processes (the C receivers)
+
+    def _gen_cpu(self) -> float:
+        return own_cpu() + sum(cpu_seconds(self.helpers))
 
     def start(self) -> None:
-        self.t0, self.s0, self.g0 = time.perf_counter(), cpu_seconds(self.pids), own_cpu()
+        self.t0, self.s0, self.g0 = time.perf_counter(), cpu_seconds(self.pids), self._gen_cpu()
         self.w0 = write_calls(self.pids)
 
     def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self.t0
         user, system = cpu_seconds(self.pids)
         user, system = user - self.s0[0], system - self.s0[1]
-        gen = own_cpu() - self.g0
+        gen = self._gen_cpu() - self.g0
         writes = write_calls(self.pids) - self.w0
         return {"wall": wall, "server_cpu": user + system, "server_user": user, "server_sys": system, "gen_cpu": gen,
                 "server_write_calls": writes}
@@ -583,6 +587,106 @@ class Generator:
         await asyncio.sleep(0.2)
 
 
+# -- receivers in C -----------------------------------------------------------------------------------
+
+RECEIVERS_SOURCE = Path(__file__).resolve().parent / "receivers.c"
+RECEIVERS_BINARY = Path(__file__).resolve().parent / "build" / "receivers"
+
+
+def build_receivers() -> Path:
+    """bench/receivers.c compiled into bench/build/ (again when the source is newer)."""
+    binary = RECEIVERS_BINARY
+    if not binary.exists() or binary.stat().st_mtime < RECEIVERS_SOURCE.stat().st_mtime:
+        binary.parent.mkdir(exist_ok=True)
+        import subprocess
+
+        subprocess.run(["cc", "-O2", "-o", str(binary), str(RECEIVERS_SOURCE)], check=True, timeout=120)
+    return binary
+
+
+class CReceivers:
+    """`ws` WebSocket subscribers and `polls` long-pollers in bench/receivers.c's process: the same counting as
+    the Python receivers (every event per client, duplicates, warm-up, each event's completion) at a fraction of
+    their CPU, so that on a machine the generator shares with the server the server sets the rate. Ours and
+    Nchan only (socket.io's framing is the Python receivers')."""
+
+    def __init__(self, gen: Generator) -> None:
+        self.gen = gen
+        self.proc: asyncio.subprocess.Process | None = None
+        self.result: list[int] = []
+        self.result_errors: list[str] = []
+        self._done = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def lines(self, ws: int, polls: int) -> list[str]:
+        gen, target = self.gen, self.gen.target
+        out = []
+        for i in range(ws):
+            port = gen.ports[i % len(gen.ports)]
+            out.append(f"ws {port} {0 if target.ready_at_upgrade else 1} {target.ws_path(i)}")
+        for i in range(ws, ws + polls):
+            port = gen.ports[i % len(gen.ports)]
+            if isinstance(target, Ours):
+                out.append(f"poll {port} ours /api/poll {target.tokens[i]}")
+            elif isinstance(target, Nchan):
+                out.append(f"poll {port} nchan /sub/bench -")
+            else:
+                raise ValueError(f"the C receivers do not speak {target.name}'s protocol")
+        return out
+
+    async def start(self, ws: int, polls: int) -> None:
+        binary = await asyncio.to_thread(build_receivers)
+        self.proc = await asyncio.create_subprocess_exec(
+            str(binary), str(self.gen.spec.get("receiver_pause_us", 0)), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, preexec_fn=raise_nofile)
+        self._reader = self.gen.loop.create_task(self._read())
+        self.send([*self.lines(ws, polls), "go"])
+
+    def send(self, lines: list[str]) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(("\n".join(lines) + "\n").encode())
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        gen = self.gen
+        async for raw in self.proc.stdout:
+            word, _, rest = raw.decode().strip().partition(" ")
+            if word == "done":
+                gen.completed = int(rest)
+                gen.progress.set()
+            elif word == "warmed":
+                gen.warmed = int(rest)
+            elif word == "result":
+                self.result = [int(n) for n in rest.split()]
+            elif word == "error":
+                self.result_errors.append(rest)
+        self._done.set()
+
+    def arm(self, events: int, receivers: int) -> None:
+        gen = self.gen
+        gen.events, gen.expected, gen.completed = events, receivers, 0
+        self.send([f"arm {events}"])
+
+    async def finish(self) -> dict[str, int]:
+        """Stop counting and take the counts: delivered, duplicated, lost, errors, poll answers."""
+        self.send(["end"])
+        try:
+            await asyncio.wait_for(self._done.wait(), 30)
+        except TimeoutError:
+            self.gen.errors.append("the C receivers printed no result")
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+        if len(self.result) != 5:
+            return {"delivered": 0, "duplicated": 0, "lost": -1, "errors": 1, "answers": 0}
+        self.gen.errors.extend(f"C receivers: {e}" for e in self.result_errors)
+        return dict(zip(("delivered", "duplicated", "lost", "errors", "answers"), self.result, strict=True))
+
+
 # -- workloads ----------------------------------------------------------------------------------------
 
 
@@ -609,6 +713,8 @@ def fanout_result(gen: Generator, meter: dict[str, float], receivers: list[Any],
 
 async def run_fanout(gen: Generator, ws: int, polls: int) -> dict[str, Any]:
     spec = gen.spec
+    if spec.get("receivers") == "c":
+        return await run_fanout_c(gen, ws, polls)
     pubs = await gen.publishers(spec.get("publishers", 4))
     clients: list[Any] = await gen.connect_ws(ws)
     clients += await gen.start_pollers(polls, first=ws)
@@ -634,6 +740,52 @@ async def run_fanout(gen: Generator, ws: int, polls: int) -> dict[str, Any]:
         carrying = sum(sizes.values())
         result["answers_with_several"] = sum(n for k, n in sizes.items() if k > 1) / carrying if carrying else 0.0
         result["max_events_per_answer"] = max(sizes, default=0)
+    return result
+
+
+async def run_fanout_c(gen: Generator, ws: int, polls: int) -> dict[str, Any]:
+    """run_fanout with the receivers of bench/receivers.c: the same window, counts and figures."""
+    spec = gen.spec
+    pubs = await gen.publishers(spec.get("publishers", 4))
+    receivers = CReceivers(gen)
+    await receivers.start(ws, polls)
+    try:
+        await gen.warm_up(pubs[0], ws + polls)
+        receivers.arm(spec["events"], ws + polls)
+        gc.collect()
+        meter = Meter(gen.pids, [receivers.pid])
+        meter.start()
+        c0 = sum(cpu_seconds([receivers.pid]))
+        complete = await gen.publish_window(pubs, spec["events"], spec.get("window", 8), spec.get("limit", 120))
+        measured = meter.stop()
+        measured["receivers_cpu"] = sum(cpu_seconds([receivers.pid])) - c0
+        if not complete:
+            await gen.wait_complete(3)
+    finally:
+        counts = await receivers.finish()
+    deliveries = counts["delivered"]
+    result: dict[str, Any] = {
+        **measured,
+        "receivers": "c",
+        "deliveries": deliveries,
+        "lost": counts["lost"],
+        "duplicated": counts["duplicated"],
+        "complete": complete,
+    }
+    if counts["errors"] and not gen.errors:
+        gen.errors.append(f"the C receivers counted {counts['errors']} errors")
+    if deliveries:
+        result["cpu_per_10k"] = measured["server_cpu"] / deliveries * 10_000
+        result["gen_cpu_per_10k"] = measured["gen_cpu"] / deliveries * 10_000
+        result["deliveries_per_s"] = deliveries / measured["wall"] if measured["wall"] else 0.0
+        result["write_calls_per_delivery"] = measured["server_write_calls"] / deliveries
+    result["gen_bound"] = measured["gen_cpu"] > 0.85 * measured["wall"]
+    if polls:
+        answers = counts["answers"]  # since arm
+        result["poll_answers"] = answers
+        result["events_per_answer"] = deliveries / answers if answers else 0.0
+    for conn in pubs:
+        conn.close()
     return result
 
 

@@ -86,6 +86,17 @@ def run_one(system: System, workload: str, sizes: dict[str, Any]) -> dict[str, A
     return {"workload": workload, "system": system.name, **sizes, **result}
 
 
+# The fan-out workloads bench/receivers.c can receive: their subscribers only count what they get.
+C_RECEIVABLE = {"ws", "poll", "mixed"}
+
+
+def with_receivers(sizes: dict[str, Any], system: System, workload: str, receivers: str) -> dict[str, Any]:
+    """`sizes` asking for the C receivers where they apply (ours and Nchan, fan-out workloads)."""
+    if receivers == "c" and system.kind in ("ours", "nchan") and WORKLOADS[workload][0] in C_RECEIVABLE:
+        return {**sizes, "receivers": "c"}
+    return sizes
+
+
 def generate(spec: dict[str, Any], restart: Callable[[], list[int]]) -> dict[str, Any]:
     """Run the load generator on `spec` in its own process and return its result; `restart` restarts every
     server when the generator asks (the resume storm) and returns their pids."""
@@ -123,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ",".join(WORKLOADS))
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md and the plots")
     parser.add_argument("--label", default="", help="a name for this run in the results file")
+    parser.add_argument("--receivers", choices=("python", "c"), default="python",
+                        help="c: the fan-out runs' subscribers in bench/receivers.c (ours and Nchan), which leave "
+                             "the server more of a shared machine's cores")
     args = parser.parse_args(argv)
     raise_nofile()
     # A SIGTERM unwinds like Ctrl-C: every started server and generator is stopped on the way out.
@@ -148,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"-- {workload} on {name} {sizes}", flush=True)
             t0 = time.monotonic()
+            system = SYSTEMS[name]()
             try:
-                result = run_one(SYSTEMS[name](), workload, sizes)
+                result = run_one(system, workload, with_receivers(sizes, system, workload, args.receivers))
             except Exception as exc:
                 result = {
                     "workload": workload,

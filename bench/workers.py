@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 from systems import Nchan, Ours, SocketIOAiohttp, System, raise_nofile
 
-from run import run_one
+from run import run_one, with_receivers
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -52,16 +52,26 @@ BEGIN, END = "<!-- workers: begin (bench/workers.py) -->", "<!-- workers: end --
 # connections keeps room for its listener, database and log.
 HOLD = 9900
 
+# The C receivers read their sockets in rounds this far apart: each recv takes the frames that gathered, as a
+# client reading in batches does, so that the generator's share of the two cores stays small.
+RECEIVER_PAUSE_US = 30_000
+
 # bench/run.py's workloads of these names (their kind), with (quick, full) sizes of this run. WINDOW events may be
-# published and not yet delivered to every client: enough to keep two workers busy, so that the rate is what the
-# server can do rather than one event's round trip (bench/run.py's own runs keep 8 in flight, long-polls 1).
-WINDOW = 32
+# published and not yet delivered to every client, and PUBLISHERS connections post them at once (their writes
+# share commits): enough to keep two workers busy, so that the rate is what the servers can deliver rather than
+# one event's round trip or one write path's. The C receivers take C_EVENTS times the events (a longer window
+# measured at their rates; the Python ones of socket.io take the sizes as they are).
+WINDOW = 128
+PUBLISHERS = 16
+C_EVENTS = 5
 FANOUT: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "ws1k": ({"clients": 1000, "events": 100, "window": WINDOW}, {"clients": 1000, "events": 400, "window": WINDOW}),
-    "ws5k": ({"clients": 5000, "events": 30, "window": WINDOW}, {"clients": 5000, "events": 100, "window": WINDOW}),
-    "poll1k": ({"clients": 1000, "events": 60, "window": WINDOW},
-               {"clients": 1000, "events": 300, "window": WINDOW}),
+    "ws1k": ({"clients": 1000, "events": 100}, {"clients": 1000, "events": 400}),
+    "ws5k": ({"clients": 5000, "events": 30}, {"clients": 5000, "events": 100}),
+    "poll1k": ({"clients": 1000, "events": 60}, {"clients": 1000, "events": 300}),
 }
+for _sizes in FANOUT.values():
+    for _size in _sizes:
+        _size.update(window=WINDOW, publishers=PUBLISHERS)
 
 
 # -- the systems ----------------------------------------------------------------------------------------
@@ -149,7 +159,8 @@ def fanout_systems() -> list[System]:
 # -- fanout ---------------------------------------------------------------------------------------------
 
 
-def run_fanout(quick: bool, workloads: list[str], names: list[str]) -> list[dict[str, Any]]:
+def run_fanout(quick: bool, workloads: list[str], names: list[str], receivers: str = "c",
+               pause_us: int = 0) -> list[dict[str, Any]]:
     results = []
     for workload in workloads:
         sizes = FANOUT[workload]
@@ -161,7 +172,9 @@ def run_fanout(quick: bool, workloads: list[str], names: list[str]) -> list[dict
             if why:
                 print(f"SKIPPED {system.name}: {why}", flush=True)
                 continue
-            chosen = sizes[0 if quick else 1]
+            chosen = with_receivers(sizes[0 if quick else 1], system, workload, receivers)
+            if chosen.get("receivers") == "c":
+                chosen = {**chosen, "receiver_pause_us": pause_us, "events": chosen["events"] * C_EVENTS}
             print(f"-- {workload} on {system.name} {chosen}", flush=True)
             load = os.getloadavg()[0]
             result = guarded("fanout", lambda s=system, w=workload, c=chosen: run_one(s, w, c))
@@ -575,6 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="fanout,hold,kill", help="comma-separated: fanout, hold, kill")
     parser.add_argument("--workloads", default=",".join(FANOUT), help="of fanout, comma-separated: " + ",".join(FANOUT))
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="of fanout, comma-separated: " + ",".join(SYSTEMS))
+    parser.add_argument("--receivers", choices=("c", "python"), default="c",
+                        help="fanout: ours' and Nchan's subscribers in bench/receivers.c (default) or in Python")
+    parser.add_argument("--receiver-pause", type=int, default=RECEIVER_PAUSE_US,
+                        help=f"fanout, C receivers: microseconds between rounds of reads (default {RECEIVER_PAUSE_US})")
     parser.add_argument("--hold", type=int, default=HOLD, help=f"WebSockets and polls held (default {HOLD} each)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md and the plot")
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
@@ -596,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in args.systems.split(",") if n]
         if set(names) - set(SYSTEMS):
             parser.error(f"unknown system {', '.join(sorted(set(names) - set(SYSTEMS)))}")
-        run["fanout"] = run_fanout(args.quick, workloads, names)
+        run["fanout"] = run_fanout(args.quick, workloads, names, args.receivers, args.receiver_pause)
     if "hold" in parts:
         count = min(args.hold, 2000) if args.quick else args.hold
         print(f"-- hold: {count} WebSockets and {count} polls on one worker", flush=True)
