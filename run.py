@@ -40,6 +40,7 @@ import tornado.web
 from chatserver import eventlog, jsonutil, systemd
 from chatserver.admin import add_dialog, add_user, change_members, ensure_demo
 from chatserver.auth import TokenSigner, load_or_create_secret
+from chatserver.backends import open_store
 from chatserver.broadcaster import Broadcaster
 from chatserver.chat3 import Amqp, start_amqp
 from chatserver.cluster import Peers
@@ -50,7 +51,7 @@ from chatserver.metrics import Metrics
 from chatserver.redaction import redact
 from chatserver.service import ChatService
 from chatserver.siblings import WorkerLink
-from chatserver.store import Store, StoreError, open_store
+from chatserver.store import Store, StoreError
 from chatserver.supervisor import Supervisor, WorkerHandoff
 from chatserver.throttle import Throttle
 from chatserver.tickets import StreamTickets

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from chatserver import jsonutil, queries  # noqa: E402
 from chatserver.auth import TokenSigner, hash_password  # noqa: E402
+from chatserver.backends import open_store  # noqa: E402
 from chatserver.models import Dialog, User, new_id, now_iso  # noqa: E402
-from chatserver.store import open_store  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SECRET = "bench-secret-" + uuid.uuid4().hex

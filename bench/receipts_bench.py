@@ -34,8 +34,8 @@ import tornado.websocket
 
 from chatserver import jsonutil, queries
 from chatserver.auth import TokenSigner, load_or_create_secret
+from chatserver.backends import open_store
 from chatserver.models import Dialog, User, new_id, now_iso
-from chatserver.store import open_store
 from tests.process import ServerProcess
 
 RECEIPT = "dialog:receipt"

@@ -4,7 +4,7 @@
 
 One real server process (`run.py`) on a fresh database (a SQLite file, or a PostgreSQL database made for the run
 and dropped after it), with a Chat3 queue of the run's own on the real RabbitMQ. Users and dialogs are seeded
-through the store (`chatserver.store.open_store`, `chatserver.queries`); tokens are minted with the server's
+through the store (`chatserver.backends.open_store`, `chatserver.queries`); tokens are minted with the server's
 secret. Then, for `--duration` seconds:
 
 - posters send the messages over REST, each with a `clientMessageId`, retrying on connection errors, timeouts
@@ -58,8 +58,8 @@ sys.path.insert(0, str(ROOT))
 
 from chatserver import jsonutil, queries  # noqa: E402
 from chatserver.auth import DUMMY_HASH, TokenSigner  # noqa: E402
+from chatserver.backends import open_store  # noqa: E402
 from chatserver.models import Dialog, User, new_id, now_iso  # noqa: E402
-from chatserver.store import open_store  # noqa: E402
 
 SECRET = "soak-secret-not-for-production"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"

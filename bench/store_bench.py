@@ -29,8 +29,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatserver import queries
+from chatserver.backends import open_store
 from chatserver.models import Message, User, new_id, now_iso
-from chatserver.store import Store, open_store
+from chatserver.store import Store
 
 BATCH = 100_000
 OTHER_USERS = 200

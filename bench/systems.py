@@ -76,8 +76,8 @@ async def _seed(db: str, users: int) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from chatserver import queries
     from chatserver.auth import DUMMY_HASH
+    from chatserver.backends import open_store
     from chatserver.models import Dialog, new_id, now_iso
-    from chatserver.store import open_store
 
     store = open_store(db)
     await store.start()

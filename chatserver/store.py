@@ -215,17 +215,6 @@ def check_db_setting(value: str) -> None:
         raise ValueError("the port in the postgresql:// URL is not a number") from None
 
 
-def open_store(db: str, *, pool_size: int = 4) -> Store:
-    """The backend for a `db` setting: a PostgreSQL URL or a SQLite file path. Not started yet (`start()`)."""
-    if is_postgres_url(db):
-        from chatserver.postgres import PostgresStore
-
-        return PostgresStore(db, pool_size=pool_size)
-    from chatserver.sqlite import SQLiteStore
-
-    return SQLiteStore(db)
-
-
 async def run_write(tx: Tx, mark: Callable[[], Any], restore: Callable[[Any], None],
                     fn: WriteFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """One write of a group, in a savepoint: on an error only its own changes (and log events) are undone."""

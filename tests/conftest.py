@@ -27,8 +27,8 @@ import tornado.websocket
 
 from chatserver import jsonutil
 from chatserver.admin import DEMO_PASSWORD, add_dialog, add_user, ensure_demo
+from chatserver.backends import open_store
 from chatserver.config import HTTP_ENGINES, Config, load_config
-from chatserver.store import open_store
 from handlers.app import make_app
 from handlers.base import AppContext
 from run import build_context, close_context, make_http_server

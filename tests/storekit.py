@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from chatserver import eventlog, queries
+from chatserver.backends import open_store
 from chatserver.models import Dialog, Message, User, new_id, now_iso
 from chatserver.postgres import PostgresStore
 from chatserver.sqlite import SQLiteStore
-from chatserver.store import Db, LogEvent, Store, Tx, open_store
+from chatserver.store import Db, LogEvent, Store, Tx
 
 HOLD_LIMIT = 10.0  # seconds a held writer waits at most: a test that forgets to release it fails, never hangs
 

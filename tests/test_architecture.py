@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 # chatserver/chat3.py is the one module allowed to import pika (the RabbitMQ listener).
 ALLOWED = {"chat3"}
@@ -135,3 +137,52 @@ def test_no_private_tornado_name_outside_the_compat_module() -> None:
                 found += [f"{path.relative_to(ROOT)}:{node.lineno}: {a.name}" for a in node.names
                           if a.name.startswith("_")]
     assert found == [], "private Tornado names outside transport/compat.py:\n" + "\n".join(found)
+
+
+def _imports_of(path: Path, package: str) -> set[str]:
+    """The modules of `package` that the file imports anywhere in it (a function's own imports too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith(package + "."))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == package:
+                found.update(f"{package}.{a.name}" for a in node.names)
+            elif node.module.startswith(package + "."):
+                found.add(node.module)
+    return found
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of the graph, or [] (a depth-first walk that remembers its path)."""
+    done: set[str] = set()
+
+    def walk(node: str, path: list[str]) -> list[str]:
+        if node in path:
+            return [*path[path.index(node):], node]
+        if node in done:
+            return []
+        for nxt in sorted(graph.get(node, ())):
+            found = walk(nxt, [*path, node])
+            if found:
+                return found
+        done.add(node)
+        return []
+
+    for start in sorted(graph):
+        found = walk(start, [])
+        if found:
+            return found
+    return []
+
+
+@pytest.mark.parametrize("package", ["chatserver", "transport", "handlers"])
+def test_no_module_of_a_package_imports_itself_back(package: str) -> None:
+    """No import circle inside a part, lazy imports in functions included: each module stands on the ones below."""
+    graph = {f"{package}.{p.stem}": _imports_of(p, package) for p in (ROOT / package).glob("*.py")}
+    assert _cycle(graph) == []
+
+
+def test_the_circle_finder_sees_a_circle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) == []

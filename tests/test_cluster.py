@@ -24,7 +24,7 @@ import tornado.httpclient
 from chatserver import queries
 from chatserver.admin import add_dialog, add_user
 from chatserver.auth import TokenSigner
-from chatserver.store import open_store
+from chatserver.backends import open_store
 from tests import pg
 from tests.conftest import ALICE_PHONE, BOB_PHONE, CAROL_PHONE, PASSWORD, RECEIPT, Client, require_service
 from tests.process import ROOT, ServerProcess

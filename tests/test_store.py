@@ -20,11 +20,12 @@ import attrs
 import pytest
 
 from chatserver import eventlog, jsonutil, queries, schema
+from chatserver.backends import open_store
 from chatserver.errors import BadRequest, Conflict, Forbidden, NotFound
 from chatserver.models import Dialog, Message, User, new_id
 from chatserver.postgres import PostgresStore
 from chatserver.sqlite import SQLiteStore
-from chatserver.store import Db, IntegrityError, LogEvent, Store, StoreError, StoreUnavailable, Tx, drive, open_store
+from chatserver.store import Db, IntegrityError, LogEvent, Store, StoreError, StoreUnavailable, Tx, drive
 from tests import pg
 from tests.conftest import require_service
 from tests.storekit import (
