@@ -679,8 +679,11 @@ class CReceivers:
             await asyncio.wait_for(self._done.wait(), 30)
         except TimeoutError:
             self.gen.errors.append("the C receivers printed no result")
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
+        if self.proc is not None:
+            if self.proc.returncode is None and not self._done.is_set():
+                self.proc.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 10)
         if len(self.result) != 5:
             return {"delivered": 0, "duplicated": 0, "lost": -1, "errors": 1, "answers": 0}
         self.gen.errors.extend(f"C receivers: {e}" for e in self.result_errors)

@@ -452,6 +452,7 @@ def fanout_table(results: list[dict[str, Any]]) -> list[str]:
     for workload in FANOUT:
         row = {r["system"]: r for r in results if r.get("workload") == workload}
         for key, label, digits in (("deliveries_per_s", "deliveries/s", 0), ("cpu_per_10k", "CPU s / 10k", 3),
+                                   ("gen_cpu_per_10k", "generator CPU s / 10k", 3),
                                    ("load_before", "load average", 1)):
             cells = []
             for name in names:
@@ -474,6 +475,14 @@ def checks(run: dict[str, Any]) -> list[str]:
                     "cores when they started)" if "load_before" in one and "load_before" in two else "")
             out.append(f"- {workload}: 2 workers deliver {ratio:.2f}x the rate of 1 (target 1.7x): "
                        f"{'met' if ratio >= 1.7 else 'NOT met'}{load}")
+        if one.get("cpu_per_10k") and one.get("gen_cpu_per_10k") and one.get("deliveries_per_s"):
+            # The generator shares the cores: at ours-w1's CPU per delivery, server and generator together can
+            # deliver at most this many per second on every core of the machine.
+            most = os.cpu_count() or 1
+            ceiling = most * 10_000 / (one["cpu_per_10k"] + one["gen_cpu_per_10k"]) / one["deliveries_per_s"]
+            out.append(f"- {workload}: the generator's own CPU per delivery ({one['gen_cpu_per_10k']:.3f} s / 10k) "
+                       f"shares the {most} cores: at ours-w1's CPU per delivery, the most any number of workers "
+                       f"could show here is {ceiling:.2f}x ours-w1's rate")
         if one.get("cpu_per_10k") and two.get("cpu_per_10k"):
             # Not a measured rate: what two whole cores would give at the CPU per delivery measured with 2 workers.
             share = two["cpu_per_10k"] / one["cpu_per_10k"]
@@ -497,7 +506,8 @@ def markdown(run: dict[str, Any]) -> str:
     hold, kill = run.get("hold") or {}, run.get("kill") or {}
     parts = [BEGIN, "", f"Run of {run['started']} ({run['mode']}, {run['seconds']:.0f} s, `python bench/workers.py"
              f"{' --quick' if run['mode'] == 'quick' else ''}`), on {os.cpu_count()} cores shared with the load "
-             "generator (one process, one core at most).", ""]
+             "generator (a Python process that connects and publishes; the receivers of ours and Nchan in "
+             "bench/receivers.c, socket.io's in Python).", ""]
     if run.get("fanout"):
         parts += ["Deliveries per second and server CPU-seconds per 10,000 deliveries (the process tree: for ours "
                   "the supervisor and its workers, for nginx its master and workers):", "",
