@@ -45,9 +45,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import WORKLOADS, generate
 from systems import SYSTEMS, Ours, OursPostgres, System, raise_nofile
-
-from run import WORKLOADS, generate
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

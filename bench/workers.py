@@ -39,9 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
+from harness import run_one, with_receivers
 from systems import Nchan, Ours, SocketIOAiohttp, System, raise_nofile
-
-from run import run_one, with_receivers
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
