@@ -4,7 +4,7 @@ under load.
 
     pip install -r bench/requirements.txt        # python-socketio, aiohttp, matplotlib
     apt-get install nginx libnginx-mod-nchan
-    python bench/workers.py                       # every part (about 15 minutes on 2 cores)
+    python bench/workers.py                       # every part (about 10 minutes on 2 cores)
     python bench/workers.py --quick               # smaller sizes (a few minutes)
     python bench/workers.py --parts fanout --workloads ws1k,poll1k --no-docs
 
