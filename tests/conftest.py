@@ -12,8 +12,8 @@ with bounds: a lost event fails a test, never hangs it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,19 +77,38 @@ def _params(item: pytest.Item) -> dict[str, Any]:
     return dict(callspec.params) if callspec is not None else {}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_scrypt_per_password() -> Iterator[None]:
+    """Users made by the tests in-process share one real scrypt hash per password: a hash costs about 90 ms, and
+    most tests make three users. Logins still check the password with scrypt; servers in processes of their own
+    hash as they always do."""
+    import chatserver.admin
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chatserver.admin, "hash_password", functools.cache(chatserver.admin.hash_password))
+        yield
+
+
 @pytest.fixture
-def database(store_kind: str, tmp_path: Path) -> Iterator[str]:
+def database(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     """The `db` setting of the test's server: a SQLite file, or a PostgreSQL database of its own."""
     if store_kind == "sqlite":
         yield str(tmp_path / "state" / "chatserver.db")
         return
     require_service("PostgreSQL", pg.reachable())
-    name = f"chatserver_test_{uuid.uuid4().hex[:12]}"
-    pg.create_database(name)
+    spares = request.getfixturevalue("_pg_spares")
+    name = spares.take()
     try:
         yield pg.url(name)
     finally:
-        pg.drop_database(name)
+        spares.give_back(name)
+
+
+@pytest.fixture(scope="session")
+def _pg_spares() -> Iterator[pg.Spares]:
+    spares = pg.Spares("chatserver_test_")
+    yield spares
+    spares.close()
 
 
 @pytest.fixture
