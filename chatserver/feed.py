@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 CATCH_UP_BATCH = 1000
 RETRY_PAUSE = 1.0
-PROBLEM_LOG_EVERY = 60.0  # a failure that lasts is logged when it starts, then at most this often
+# Read failures are logged at most this often, a failure that comes and goes included; the end of a failure
+# whose start was logged is logged once.
+PROBLEM_LOG_EVERY = 60.0
 
 
 class Membership:
@@ -157,7 +159,8 @@ class LogFeed:
         # Told the events of each of this process's commits (sibling workers get them without reading the log).
         self.event_hooks: list[Callable[[list[LogEvent]], None]] = []
         self.problem = ""  # for /readyz: "" while the log is followed
-        self._problem_logged = 0.0  # monotonic time of the last warning of the current problem
+        self._problem_logged = -PROBLEM_LOG_EVERY  # monotonic time of the last warning of a read failure
+        self._problem_announced = False  # the current failure's warning was logged: its end will be too
 
     def start(self) -> None:
         """Follow the log, from the broadcaster's position (the store's head at start), in the background."""
@@ -251,9 +254,10 @@ class LogFeed:
             except Exception as exc:
                 if isinstance(exc, StoreError | OSError):
                     now = time.monotonic()
-                    if not self.problem or now - self._problem_logged >= PROBLEM_LOG_EVERY:
+                    if now - self._problem_logged >= PROBLEM_LOG_EVERY:
                         log.warning("cannot read the event log: %s; retrying every %.1fs", exc, RETRY_PAUSE)
                         self._problem_logged = now
+                        self._problem_announced = True
                     self.problem = f"cannot read the event log: {exc}"
                 else:
                     log.exception("following the event log failed; retrying")
@@ -261,8 +265,9 @@ class LogFeed:
                 await asyncio.sleep(RETRY_PAUSE)
                 self.wake()
                 continue
-            if self.problem:
+            if self._problem_announced:
                 log.warning("the event log is read again")
+            self._problem_announced = False
             self.problem = ""
             for waiter in waiters:
                 if not waiter.done():

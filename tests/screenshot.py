@@ -35,13 +35,15 @@ def take(output: Path) -> None:
                     page.open_dialog("Demo")
                     expect(page.connection()).to_have_attribute("data-state", "websocket", timeout=5000)
                 first, second = pages
-                first.send("Привет, Мария! The new gateway is live: messages arrive without a reload.")
-                expect(
-                    second.messages_with("Привет, Мария! The new gateway is live: messages arrive without a reload.")
-                )
+                greeting = "Привет, Мария! The new gateway is live: messages arrive without a reload."
+                first.send(greeting)
+                expect(second.messages_with(greeting))
                 reply = "Works here too, even behind the office proxy (it falls back to SSE or long-poll)."
                 second.send(reply)
                 expect(first.messages_with(reply))
+                # Both have the dialog open: each sees the other has read their message.
+                expect(first.message_node(greeting).locator(".status")).to_have_text("Read", timeout=5000)
+                expect(second.message_node(reply).locator(".status")).to_have_text("Read", timeout=5000)
                 for text in ("Build 1.5.0 is on staging.", "Can you check the release notes?"):
                     server.api("POST", f"/api/messages/dialog/{team['dialogId']}", {"content": text}, bob["token"])
                 expect(first.dialog_row("Release 1.5").locator(".unread")).to_have_text("2", timeout=3000)

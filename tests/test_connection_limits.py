@@ -103,8 +103,13 @@ async def test_out_of_file_descriptors_the_server_pauses_accepting_quietly_and_s
             # Paused between attempts, not retrying in a busy loop (which would use about 3 s here).
             assert used < 0.75, used
             lines = server.lines[logged:]
-            assert 1 <= len(lines) <= 2, "\n".join(lines[:5])
-            assert "out of file descriptors" in lines[0], lines[0]
+            accepting = [line for line in lines if " chatserver.http: " in line]
+            assert len(accepting) == 1, "\n".join(lines[:5])
+            assert "out of file descriptors" in accepting[0], accepting[0]
+            # Whatever else ran short of descriptors (the event log's reader opening a connection) says so once,
+            # and once more when it works again, however often it fails and recovers meanwhile.
+            others = [line for line in lines if line not in accepting]
+            assert len(others) <= 2, "\n".join(others[:5])
         finally:
             for sock in clients:
                 sock.close()
