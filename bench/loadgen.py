@@ -704,14 +704,21 @@ def fanout_result(gen: Generator, meter: dict[str, float], receivers: list[Any],
         "complete": complete,
         "event_bytes": gen.event_bytes,
     }
-    if deliveries:
-        result["cpu_per_10k"] = meter["server_cpu"] / deliveries * 10_000
-        result["gen_cpu_per_10k"] = meter["gen_cpu"] / deliveries * 10_000
-        result["deliveries_per_s"] = deliveries / meter["wall"] if meter["wall"] else 0.0
-        result["write_calls_per_delivery"] = meter["server_write_calls"] / deliveries
-    # The generator limits the figure when it was busy for nearly the whole window.
-    result["gen_bound"] = meter["gen_cpu"] > 0.85 * meter["wall"]
+    result.update(per_delivery(meter, deliveries))
     return result
+
+
+def per_delivery(meter: dict[str, float], deliveries: int) -> dict[str, Any]:
+    """The figures of a measured window per delivery, and whether the generator limited them."""
+    figures: dict[str, Any] = {}
+    if deliveries:
+        figures["cpu_per_10k"] = meter["server_cpu"] / deliveries * 10_000
+        figures["gen_cpu_per_10k"] = meter["gen_cpu"] / deliveries * 10_000
+        figures["deliveries_per_s"] = deliveries / meter["wall"] if meter["wall"] else 0.0
+        figures["write_calls_per_delivery"] = meter["server_write_calls"] / deliveries
+    # The generator limits the figure when it was busy for nearly the whole window.
+    figures["gen_bound"] = meter["gen_cpu"] > 0.85 * meter["wall"]
+    return figures
 
 
 async def run_fanout(gen: Generator, ws: int, polls: int) -> dict[str, Any]:
@@ -777,12 +784,7 @@ async def run_fanout_c(gen: Generator, ws: int, polls: int) -> dict[str, Any]:
     }
     if counts["errors"] and not gen.errors:
         gen.errors.append(f"the C receivers counted {counts['errors']} errors")
-    if deliveries:
-        result["cpu_per_10k"] = measured["server_cpu"] / deliveries * 10_000
-        result["gen_cpu_per_10k"] = measured["gen_cpu"] / deliveries * 10_000
-        result["deliveries_per_s"] = deliveries / measured["wall"] if measured["wall"] else 0.0
-        result["write_calls_per_delivery"] = measured["server_write_calls"] / deliveries
-    result["gen_bound"] = measured["gen_cpu"] > 0.85 * measured["wall"]
+    result.update(per_delivery(measured, deliveries))
     if polls:
         answers = counts["answers"]  # since arm
         result["poll_answers"] = answers

@@ -32,7 +32,10 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
+
+#define CONNECT_LIMIT 60
 
 enum { WS, POLL_OURS, POLL_NCHAN };
 enum { CONNECTING, HANDSHAKE, OPEN, CLOSED };
@@ -295,8 +298,16 @@ static void pump(int timeout_ms) {
 
 static void command(char *line, int *ports) {
     if (strncmp(line, "go", 2) == 0) {
+        /* A handshake not answered within CONNECT_LIMIT seconds fails its client: the wait has an end. */
+        time_t deadline = time(NULL) + CONNECT_LIMIT;
         for (int i = 0; i < nclients; i++) {
-            while (inflight >= 100) pump(100);
+            while (inflight >= 100) {
+                if (time(NULL) > deadline) {
+                    for (int j = 0; j < i; j++)
+                        if (!clients[j].ready) close_client(&clients[j], "no answer to the handshake in time");
+                }
+                pump(100);
+            }
             start(&clients[i], ports[i]);
         }
         printf("connected %d\n", nclients);

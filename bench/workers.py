@@ -63,14 +63,17 @@ RECEIVER_PAUSE_US = 30_000
 WINDOW = 128
 PUBLISHERS = 16
 C_EVENTS = 5
+
+
+def _sizes(clients: int, events: int) -> dict[str, Any]:
+    return {"clients": clients, "events": events, "window": WINDOW, "publishers": PUBLISHERS}
+
+
 FANOUT: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "ws1k": ({"clients": 1000, "events": 100}, {"clients": 1000, "events": 400}),
-    "ws5k": ({"clients": 5000, "events": 30}, {"clients": 5000, "events": 100}),
-    "poll1k": ({"clients": 1000, "events": 60}, {"clients": 1000, "events": 300}),
+    "ws1k": (_sizes(1000, 100), _sizes(1000, 400)),
+    "ws5k": (_sizes(5000, 30), _sizes(5000, 100)),
+    "poll1k": (_sizes(1000, 60), _sizes(1000, 300)),
 }
-for _sizes in FANOUT.values():
-    for _size in _sizes:
-        _size.update(window=WINDOW, publishers=PUBLISHERS)
 
 
 # -- the systems ----------------------------------------------------------------------------------------
