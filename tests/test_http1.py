@@ -1056,6 +1056,7 @@ BAD_REQUEST_LINES = [
     ("get /x HTTP/1.1", 400),
     ("GET /caf\xe9 HTTP/1.1", 400),  # a byte beyond ASCII in the target
     ("GET", 400),
+    ("GET /x", 400),  # no version: llhttp reads HTTP/0.9, which RFC 9112 3 has no request line for
     ("GET /x http/1.1", 400),
     ("GET /x HTTP/2.0", 505),
     ("GET /x HTTP/0.9", 505),

@@ -87,6 +87,9 @@ class HeadParser:
             # Not at rest for another head: a body is expected, or the connection may end or change protocol.
             self._parser = httptools.HttpRequestParser(self)
         if version is None:
+            if b" HTTP/" not in head[: head.find(b"\n")]:
+                # llhttp reads a request line with no version as HTTP/0.9; RFC 9112 section 3 requires one.
+                raise MalformedHead("malformed HTTP request: the request line has no HTTP version")
             raise MalformedHead("HTTP Version Not Supported: this server speaks HTTP/1.1 and HTTP/1.0", 505)
         start_line = tornado.httputil.RequestStartLine(method, self._url.decode("latin1"), version)
         return Head(start_line, compat.headers_from_fields(fields), fields, upgrade)
