@@ -766,7 +766,11 @@ async def run_fanout_c(gen: Generator, ws: int, polls: int) -> dict[str, Any]:
         meter = Meter(gen.pids, [receivers.pid])
         meter.start()
         c0 = sum(cpu_seconds([receivers.pid]))
-        complete = await gen.publish_window(pubs, spec["events"], spec.get("window", 8), spec.get("limit", 120))
+        if spec.get("rate"):  # a fixed offered load (events per second) rather than as fast as they are taken
+            await gen.publish_paced(pubs, spec["events"], spec["rate"])
+            complete = await gen.wait_complete(spec.get("limit", 120))
+        else:
+            complete = await gen.publish_window(pubs, spec["events"], spec.get("window", 8), spec.get("limit", 120))
         measured = meter.stop()
         measured["receivers_cpu"] = sum(cpu_seconds([receivers.pid])) - c0
         if not complete:

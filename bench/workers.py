@@ -7,6 +7,7 @@ under load.
     python bench/workers.py                       # every part (about 10 minutes on 2 cores)
     python bench/workers.py --quick               # smaller sizes (a few minutes)
     python bench/workers.py --parts fanout --workloads ws1k,poll1k --no-docs
+    python bench/workers.py --parts fanout --workloads ws1k --systems ours-w1,ours-w2 --rate 200   # a fixed load
 
 - fanout: deliveries per second and server CPU per delivery, `ws1k`, `ws5k` and `poll1k` of bench/run.py (the
   same generator, bench/loadgen.py, in a process of its own), each system started fresh for each workload.
@@ -162,7 +163,7 @@ def fanout_systems() -> list[System]:
 
 
 def run_fanout(quick: bool, workloads: list[str], names: list[str], receivers: str = "c",
-               pause_us: int = 0) -> list[dict[str, Any]]:
+               pause_us: int = 0, rate: float = 0.0) -> list[dict[str, Any]]:
     results = []
     for workload in workloads:
         sizes = FANOUT[workload]
@@ -177,6 +178,8 @@ def run_fanout(quick: bool, workloads: list[str], names: list[str], receivers: s
             chosen = with_receivers(sizes[0 if quick else 1], system, workload, receivers)
             if chosen.get("receivers") == "c":
                 chosen = {**chosen, "receiver_pause_us": pause_us, "events": chosen["events"] * C_EVENTS}
+                if rate:
+                    chosen["rate"] = rate
             print(f"-- {workload} on {system.name} {chosen}", flush=True)
             load = os.getloadavg()[0]
             result = guarded("fanout", lambda s=system, w=workload, c=chosen: run_one(s, w, c))
@@ -604,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="fanout: ours' and Nchan's subscribers in bench/receivers.c (default) or in Python")
     parser.add_argument("--receiver-pause", type=int, default=RECEIVER_PAUSE_US,
                         help=f"fanout, C receivers: microseconds between rounds of reads (default {RECEIVER_PAUSE_US})")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="fanout, C receivers: post this many events a second, a fixed load instead of as many as "
+                             "the server takes (CPU per delivery at the same load; the docs are not rewritten)")
     parser.add_argument("--hold", type=int, default=HOLD, help=f"WebSockets and polls held (default {HOLD} each)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md and the plot")
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
@@ -625,7 +631,9 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in args.systems.split(",") if n]
         if set(names) - set(SYSTEMS):
             parser.error(f"unknown system {', '.join(sorted(set(names) - set(SYSTEMS)))}")
-        run["fanout"] = run_fanout(args.quick, workloads, names, args.receivers, args.receiver_pause)
+        if args.rate and args.receivers != "c":
+            parser.error("--rate needs the C receivers")
+        run["fanout"] = run_fanout(args.quick, workloads, names, args.receivers, args.receiver_pause, args.rate)
     if "hold" in parts:
         count = min(args.hold, 2000) if args.quick else args.hold
         print(f"-- hold: {count} WebSockets and {count} polls on one worker", flush=True)
@@ -640,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     path = RESULTS / f"workers-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(started))}.json"
     path.write_text(json.dumps(run, indent=1))
     print(f"\nresults: {path}\n\n" + markdown(run))
-    if not args.no_docs:
+    if not args.no_docs and not args.rate:
         write_docs(run)
     failed = [r for r in [*run.get("fanout", []), run.get("hold") or {}, run.get("kill") or {}]
               if r.get("lost") or r.get("duplicated") or r.get("failed_run")]
