@@ -1029,7 +1029,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.timeout = args.timeout or args.duration * 3 + 600
-    report = asyncio.run(interruptible(run(args)))
+    try:
+        report = asyncio.run(interruptible(run(args)))
+    except asyncio.CancelledError:  # SIGTERM or SIGINT: the cleanup in `run` has run
+        print("interrupted: the server, the broker's names and the database were cleaned up", file=sys.stderr)
+        return 130
     width = max(len(name) for name in report["counts"]) if report["counts"] else 0
     print(f"{report['command']}: {report['seconds']} s, store {report['store']}")
     for name, value in report["counts"].items():
