@@ -179,7 +179,8 @@ def test_any_cursor_gets_a_valid_answer_or_a_json_400_on_every_transport(
     assert statuses <= {200, 400}
     stream = session.get(f"{live.url}/api/events?cursor={query(cursor)}", headers=auth, stream=True, timeout=10)
     check_stream(stream)
-    if cursor.isascii() and cursor.isprintable():  # what a header can carry
+    # What a header can carry: requests refuses a value that starts with whitespace (HTTP would strip it).
+    if cursor.isascii() and cursor.isprintable() and not cursor.startswith((" ", "\t")):
         stream = session.get(f"{live.url}/api/events", headers={**auth, "Last-Event-ID": cursor}, stream=True,
                              timeout=10)
         check_stream(stream)
