@@ -135,6 +135,15 @@ class Metrics:
              lambda: store.writes),
         ]))
 
+    def observe_forwarding(self, forwarded: Callable[[], float], for_siblings: Callable[[], float]) -> None:
+        """Export the writes forwarded between workers (chatserver/forwarding.py)."""
+        self.registry.register(_ValuesCollector([
+            (CounterMetricFamily, "chatserver_forwarded_writes",
+             "Writes of this worker's clients that a sibling worker committed", forwarded),
+            (CounterMetricFamily, "chatserver_sibling_writes",
+             "Writes this worker committed for its sibling workers", for_siblings),
+        ]))
+
     def observe_throttle(self, throttle: Throttle) -> None:
         """Export the throttle's refusals as `chatserver_throttled_total{what}`."""
         self.registry.register(_ThrottleCollector(throttle))

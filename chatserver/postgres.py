@@ -226,7 +226,7 @@ class PostgresStore(Store):
         except Exception as exc:
             log.debug("a read's connection was dropped instead of pooled: %r", exc)
 
-    async def write(self, fn: WriteFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    async def _write(self, fn: WriteFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._writer_task is None or self._closed:
             raise RuntimeError("the store is not started, or closed")  # never a hang
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()

@@ -34,9 +34,10 @@ from prometheus_client import generate_latest
 from chatserver import jsonutil, systemd
 from chatserver.cluster import Peers
 from chatserver.errors import ChatError
+from chatserver.forwarding import RESULT, WRITE, WRITER, WriteForwarding
 from chatserver.metrics import Metrics, labelled_exposition
 from chatserver.store import LogEvent
-from chatserver.supervisor import WorkerHandoff
+from chatserver.supervisor import DOWN, GONE, UP, WorkerHandoff
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class WorkerLink:
         self._server: asyncio.AbstractServer | None = None
         self._on_gone: Callable[[], None] | None = None
         self._gone = False
+        self.forwarding: WriteForwarding | None = None
 
     @property
     def name(self) -> str:
@@ -116,6 +118,10 @@ class WorkerLink:
         self._peers, self._metrics, self._on_gone = peers, metrics, on_gone
         peers.channels.append(self._send_hint)
         peers.feed.event_hooks.append(self._send_events)
+        self.forwarding = WriteForwarding(self.handoff.index, peers.feed, self._send_or_raise)
+        self.forwarding.start()
+        forwarding = self.forwarding
+        metrics.observe_forwarding(lambda: forwarding.forwarded, lambda: forwarding.committed_for_others)
         asyncio.get_running_loop().add_reader(self.channel.fileno(), self._on_channel)
         self._server = await asyncio.start_unix_server(
             self._serve_metrics, path=metrics_address(self.handoff.group, self.handoff.index)
@@ -123,6 +129,8 @@ class WorkerLink:
         metrics.gather = self.scrape
 
     async def close(self) -> None:
+        if self.forwarding is not None:
+            self.forwarding.stop()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -145,6 +153,10 @@ class WorkerLink:
     def _send_events(self, events: list[LogEvent]) -> None:
         payload = encode_events(events)
         self._send(EVENTS + payload if len(payload) <= EVENTS_LIMIT else WAKE)
+
+    def _send_or_raise(self, message: bytes) -> None:
+        """A message that must not be lost unnoticed: OSError (BlockingIOError where the channel is full)."""
+        self.channel.send(message)
 
     def _send(self, message: bytes) -> None:
         try:
@@ -181,6 +193,19 @@ class WorkerLink:
             peers.feed.wake()
         elif data.startswith(HINT):
             peers.received(data[len(HINT):])
+        elif self.forwarding is not None:
+            self._forwarding_message(self.forwarding, data)
+
+    @staticmethod
+    def _forwarding_message(forwarding: WriteForwarding, data: bytes) -> None:
+        if data.startswith(WRITE):
+            forwarding.asked(data[len(WRITE):])
+        elif data.startswith(RESULT):
+            forwarding.answered(data[len(RESULT):])
+        else:
+            for kind in (UP, DOWN, GONE):
+                if data.startswith(kind) and data[len(kind):] == str(WRITER).encode():
+                    forwarding.writer_changed(up=kind == UP, gone=kind == GONE)
 
     def _supervisor_gone(self) -> None:
         with contextlib.suppress(ValueError, OSError):

@@ -174,7 +174,7 @@ class SQLiteStore(Store):
             if conn.in_transaction:
                 conn.execute("COMMIT")
 
-    async def write(self, fn: WriteFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    async def _write(self, fn: WriteFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._writer is None or self._closed:
             raise RuntimeError("the store is not started, or closed")  # never a hang
         result: T = await self._writer.submit(lambda tx: fn(tx, *args, **kwargs))

@@ -132,14 +132,27 @@ class Store(abc.ABC):
     on_wakeup: Callable[[], None] | None = None
     # Called on the loop with ephemeral payloads other processes sent (typing), see `send_ephemeral`.
     on_ephemeral: Callable[[bytes], None] | None = None
+    # Set in a worker whose sibling commits some of its writes (chatserver/siblings.py): asked first with each
+    # write; it answers with the write's outcome to await, or None, and the write is then run here.
+    forward: Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Awaitable[Any] | None] | None = None
 
     @abc.abstractmethod
     async def read(self, fn: ReadFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a read in a snapshot of its own; never waits behind a write."""
 
-    @abc.abstractmethod
     async def write(self, fn: WriteFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run a write, all or nothing, in the order submitted; maybe committed with others (group commit)."""
+        """Run a write, all or nothing, in the order submitted; maybe committed with others (group commit), maybe
+        by a sibling worker's writer (`forward`)."""
+        if self.forward is not None:
+            forwarded = self.forward(fn, args, kwargs)
+            if forwarded is not None:
+                result: T = await forwarded
+                return result
+        return await self._write(fn, *args, **kwargs)
+
+    @abc.abstractmethod
+    async def _write(self, fn: WriteFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`write` on this process's writer."""
 
     @abc.abstractmethod
     async def offload(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

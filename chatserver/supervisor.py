@@ -54,6 +54,12 @@ CHANNEL_MESSAGE = 65536
 # The messages of a worker that are for its siblings, not for systemd: passed on as they are
 # (chatserver/siblings.py: events of a commit, a wake-up, a hint).
 RELAYED = (b"EVENTS=", b"WAKE", b"HINT=")
+# A message for one sibling: `TO=<index>\n` and what that worker gets (chatserver/siblings.py: a forwarded write
+# and its outcome).
+ADDRESSED = b"TO="
+# What the supervisor tells the workers of each other: a worker serves (UP), stops taking work (DOWN), is gone
+# (GONE); each followed by its index.
+UP, DOWN, GONE = b"UP=", b"DOWN=", b"GONE="
 # Datagrams read from one worker's channel per turn of the loop.
 CHANNEL_BATCH = 64
 
@@ -243,6 +249,7 @@ class Supervisor:
         code = await process.wait()
         self._close_channel(worker)
         worker.ready = False
+        self._relay(worker, GONE + str(worker.index).encode())
         worker.last_exit = describe_exit(code)
         if self.stopping:
             log.info("worker %d (pid %d) %s", worker.index, process.pid, worker.last_exit)
@@ -292,6 +299,9 @@ class Supervisor:
         if data.startswith(RELAYED):
             self._relay(worker, data)
             return
+        if data.startswith(ADDRESSED):
+            self._send_to(data)
+            return
         fields = dict(line.split("=", 1) for line in data.decode(errors="replace").split("\n") if "=" in line)
         now = asyncio.get_running_loop().time()
         if "STATUS" in fields:
@@ -301,10 +311,29 @@ class Supervisor:
         if fields.get("READY") == "1" and not worker.ready:
             worker.ready, worker.ready_at = True, now
             log.info("worker %d (pid %s) serving", worker.index, worker.pid)
+            self._relay(worker, UP + str(worker.index).encode())
+            for other in self.workers:  # and the newcomer hears of those that already serve
+                if other is not worker and other.ready and worker.channel is not None:
+                    with contextlib.suppress(OSError):
+                        worker.channel.send(UP + str(other.index).encode())
             self._on_worker_ready()
         if fields.get("STOPPING") == "1":
             worker.ready = False
+            self._relay(worker, DOWN + str(worker.index).encode())
         self._refresh_status()
+
+    def _send_to(self, data: bytes) -> None:
+        """An addressed message to its worker, without its address; dropped where that worker has no channel
+        (the sender hears GONE, or its wait ends)."""
+        address, _, message = data[len(ADDRESSED):].partition(b"\n")
+        text = address.decode("ascii", errors="replace")
+        if not is_ascii_decimal(text):
+            log.warning("dropped a message with a malformed address from a worker")
+            return
+        for worker in self.workers:
+            if worker.index == int(text) and worker.channel is not None:
+                with contextlib.suppress(OSError):
+                    worker.channel.send(message)
 
     def _relay(self, sender: Worker, data: bytes) -> None:
         for worker in self.workers:

@@ -23,11 +23,13 @@ from typing import Any, TypeVar
 
 import pytest
 import tornado.httpclient
+import tornado.iostream
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatserver import systemd
 from chatserver.broadcaster import Broadcaster
 from chatserver.feed import LogFeed, Membership
+from chatserver.forwarding import FORWARD_TIMEOUT
 from chatserver.siblings import decode_events, encode_events
 from chatserver.store import Store
 from chatserver.supervisor import RESTART_CAP, RESTART_FIRST, STOP_MARGIN, StopRequest, Supervisor, restart_delay
@@ -184,14 +186,24 @@ async def test_two_workers_serve_rest_websocket_sse_and_long_poll_with_events_cr
 
         # Alice posts until both workers have taken one of her posts (each is a new connection).
         posts: list[dict[str, Any]] = []
+        before = await samples(server, "chatserver_request_seconds_count", method="POST")
         for _ in range(40):
             posts.append(await alice.post_message(dialog_id, f"post {len(posts)}"))
-            took = await samples(server, "chatserver_request_seconds_count", method="POST")
-            if len(posts) >= 2 and all(took.get(w, 0) >= 1 for w in ("1", "2")):
+            after = await samples(server, "chatserver_request_seconds_count", method="POST")
+            took = {w: after.get(w, 0) - before.get(w, 0) for w in ("1", "2")}
+            if len(posts) >= 2 and all(took[w] >= 1 for w in ("1", "2")):
                 break
         else:
             raise AssertionError("40 posts all landed on one worker")
         expected = [p["messageId"] for p in posts]
+        # On SQLite worker 1 commits the messages that worker 2 took (chatserver/forwarding.py); on PostgreSQL
+        # each worker commits its own.
+        forwarded = await samples(server, "chatserver_forwarded_writes_total")
+        for_siblings = await samples(server, "chatserver_sibling_writes_total")
+        if store == "sqlite":
+            assert forwarded == {"1": 0.0, "2": took["2"]} and for_siblings == {"1": took["2"], "2": 0.0}
+        else:
+            assert forwarded == {"1": 0.0, "2": 0.0} and for_siblings == {"1": 0.0, "2": 0.0}
 
         # Every client, on either worker, gets every post once, in order, whichever worker took it.
         for ws, _ in sockets:
@@ -305,6 +317,78 @@ async def test_a_killed_worker_is_restarted_and_its_clients_resume_elsewhere_wit
         await eventually(lambda: f"worker {victim} (pid {worker_pids(server)[victim]}) serving" in server.stderr, 15)
         assert await samples(server, "chatserver_worker_scraped") == {"1": 1.0, "2": 1.0}
         assert first["messageId"] not in expected
+        bob.close()
+    assert "Traceback" not in server.stderr
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_messages_in_flight_to_the_writing_worker_when_it_is_killed_get_an_answer_and_are_stored_once(
+    tmp_path: Path,
+) -> None:
+    # Worker 2 forwards its clients' messages to worker 1 (chatserver/forwarding.py). Worker 1 is killed while
+    # eight senders post: each post gets 201, or 503 (it may have been stored) or its connection cut, never a
+    # hang; sent again with the same clientMessageId until 201, each is stored once and delivered once. While
+    # worker 1 is down, worker 2 commits its messages itself; once worker 1 serves again, it forwards again.
+    async with workers(tmp_path) as server:
+        alice, bob = await user(server, ALICE_PHONE), await user(server, BOB_PHONE)
+        dialog_id = await dialog_of(alice)
+        ws = await bob.websocket()
+        path = f"/api/messages/dialog/{dialog_id}"
+        statuses: list[int] = []
+        stored: dict[str, str] = {}
+
+        async def send(sender: int, count: int) -> None:
+            for n in range(count):
+                client_id = f"s{sender}-{n}"
+                for _ in range(100):
+                    try:
+                        status, body = await alice.call("POST", path, {"content": client_id,
+                                                                       "clientMessageId": client_id},
+                                                        timeout=FORWARD_TIMEOUT + 5)
+                    except (ConnectionError, tornado.iostream.StreamClosedError) as exc:  # its worker was killed
+                        status, body = 599, repr(exc)
+                    statuses.append(status)
+                    if status == 201:
+                        stored[client_id] = body["data"]["messageId"]
+                        break
+                    assert status in (503, 599), (status, body)  # 599: the connection was cut with its worker
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(f"{client_id} was never stored")
+
+        senders = asyncio.gather(*(send(i, 15) for i in range(8)))
+        await eventually(lambda: len(stored) >= 10, 20)
+        forwarded_before = (await samples(server, "chatserver_forwarded_writes_total"))["2"]
+        assert forwarded_before > 0
+        old_pid = worker_pids(server)["1"]
+        os.kill(old_pid, signal.SIGKILL)
+        await asyncio.wait_for(senders, 90)
+        assert len(stored) == 8 * 15 and len(set(stored.values())) == 8 * 15
+
+        # Stored once each, and delivered once each to Bob (whose connection may have been on worker 1).
+        status, page = await bob.call("GET", f"{path}?limit=200")
+        assert status == 200
+        contents = [m["content"] for m in page["data"] if m["content"].startswith("s")]
+        assert sorted(contents) == sorted(stored)
+        cursor = ws.ready["data"]["cursor"]
+        got: list[str] = []
+        while len(got) < len(stored):
+            status, body = await bob.poll(cursor, timeout="5")
+            assert status == 200, body
+            got += [e["data"]["messageId"] for e in body["data"]["events"] if e["type"] == "message:new"]
+            cursor = body["data"]["cursor"]
+        assert sorted(got) == sorted(stored.values())
+
+        # Worker 1 is back: worker 2 forwards to it again.
+        await eventually(lambda: f"worker 1 (pid {worker_pids(server)['1']}) serving" in server.stderr
+                         and worker_pids(server)["1"] != old_pid, RESTART_FIRST + 15)
+        forwarded = (await samples(server, "chatserver_forwarded_writes_total"))["2"]
+        for n in range(40):
+            await alice.post_message(dialog_id, f"after {n}")
+            if (await samples(server, "chatserver_forwarded_writes_total"))["2"] > forwarded:
+                break
+        else:
+            raise AssertionError("worker 2 did not forward a message to worker 1 after its restart")
         bob.close()
     assert "Traceback" not in server.stderr
 
