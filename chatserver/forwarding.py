@@ -219,6 +219,8 @@ class WriteForwarding:
         try:
             stored, flag = await self.store.write(op, message, **kwargs)
             reply.update(message=attrs.asdict(stored), flag=flag)
+        except RuntimeError as exc:  # this worker's store closed under it: it is stopping
+            reply["error"] = {"code": "unavailable", "message": f"worker {WRITER} is stopping: {exc}"}
         except Exception as exc:
             reply["error"] = encode_error(exc)
         # Published here before this task resumed: the position covers the write's events.

@@ -21,17 +21,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import pytest
 import tornado.httpclient
 import tornado.iostream
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatserver import systemd
+from chatserver import jsonutil, systemd
 from chatserver.broadcaster import Broadcaster
+from chatserver.errors import Forbidden, NotFound
 from chatserver.feed import LogFeed, Membership
-from chatserver.forwarding import FORWARD_TIMEOUT
+from chatserver.forwarding import FORWARD_TIMEOUT, decode_error, encode_error, message_from
+from chatserver.models import Message
 from chatserver.siblings import decode_events, encode_events
-from chatserver.store import Store
+from chatserver.store import Store, StoreUnavailable
 from chatserver.supervisor import RESTART_CAP, RESTART_FIRST, STOP_MARGIN, StopRequest, Supervisor, restart_delay
 from tests import pg, storekit
 from tests.conftest import RECEIPT, Client, Socket, require_service
@@ -391,6 +394,23 @@ async def test_messages_in_flight_to_the_writing_worker_when_it_is_killed_get_an
             raise AssertionError("worker 2 did not forward a message to worker 1 after its restart")
         bob.close()
     assert "Traceback" not in server.stderr
+
+
+def test_a_forwarded_message_and_its_errors_cross_as_they_are_and_a_malformed_one_is_refused() -> None:
+    message = Message("msg_1", "dlg_1", "usr_1", "hi", "text", {"k": [1, "x"]}, "2026-12-03T00:00:00.000Z",
+                      "2026-12-03T00:00:00.000Z", "c1")
+    assert message_from(jsonutil.loads(jsonutil.dumps_bytes(attrs.asdict(message)))) == message
+    for error in (Forbidden("not a member", dialog_id="dlg_1"), NotFound("no such message", field="messageId"),
+                  StoreUnavailable("database error: locked")):
+        back = decode_error(jsonutil.loads(jsonutil.dumps_bytes(encode_error(error))))
+        assert type(back) is type(error) and str(back) == str(error)
+        assert (getattr(back, "field", None), getattr(back, "dialog_id", None)) == (error.field, error.dialog_id)
+    assert isinstance(decode_error(encode_error(KeyError("x"))), RuntimeError)  # a bug stays a 500
+    good = attrs.asdict(message)
+    for bad in ({**good, "extra": 1}, {k: v for k, v in good.items() if k != "content"}, {**good, "content": 5},
+                {**good, "meta": []}, {**good, "client_message_id": 3}, [good]):
+        with pytest.raises(ValueError):
+            message_from(bad)
 
 
 def lone_supervisor(code: str, **options: Any) -> Supervisor:
