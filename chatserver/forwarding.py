@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -101,7 +102,9 @@ class WriteForwarding:
         self.store = feed.store
         self._send = send
         self.writer_up = False
-        self._next = 0
+        # Numbers of this process's forwarded writes: from a random start, so that an answer meant for a worker
+        # of the same index that has since been restarted never matches one of this process's writes.
+        self._next = secrets.randbits(48)
         self._waiting: dict[int, asyncio.Future[tuple[Message, bool]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.forwarded = 0  # writes this worker had committed by WRITER
