@@ -42,7 +42,7 @@ from chatserver.admin import add_dialog, add_user, change_members, ensure_demo
 from chatserver.auth import TokenSigner, load_or_create_secret
 from chatserver.backends import open_store
 from chatserver.broadcaster import Broadcaster
-from chatserver.chat3 import Amqp, start_amqp
+from chatserver.chat3 import Amqp, prepare_outbound, start_amqp
 from chatserver.cluster import Peers
 from chatserver.config import Config, ConfigError, load_config
 from chatserver.errors import ChatError
@@ -382,6 +382,7 @@ async def serve(
         raise Fatal(f"cannot prepare state in {config.state_path}: {exc}") from None
     if demo:
         await ensure_demo(ctx.service.store)
+    await prepare_outbound(ctx.service.store, config)
     sockets = link.sockets if link is not None else adopt_sockets(environ) or bind(config)
     server = make_http_server(make_app(ctx), config)
     server.add_sockets(sockets)

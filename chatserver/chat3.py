@@ -49,7 +49,7 @@ from chatserver.lru import LRU
 from chatserver.metrics import Metrics
 from chatserver.models import Dialog, Message
 from chatserver.service import ChatService
-from chatserver.store import LogEvent, Store, StoreUnavailable
+from chatserver.store import LogEvent, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -731,6 +731,15 @@ class Amqp:
             if self.bus.send in self.peers.channels:
                 self.peers.channels.remove(self.bus.send)
             await self.bus.stop(max(deadline - loop.time(), 0.1))
+
+
+async def prepare_outbound(store: Store, config: Config) -> None:
+    """Where outbound is on, fix where it starts in the log before the server takes its first message."""
+    if config.amqp_url and config.chat3_outbound_exchange:
+        try:
+            await store.write(eventlog.open_outbound, int(time.time() * 1000))
+        except StoreError as exc:  # the first claim starts it, at the head it then finds
+            log.warning("chat3 outbound: could not mark where it starts: %s", exc)
 
 
 def start_amqp(

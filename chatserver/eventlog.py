@@ -213,6 +213,14 @@ async def prune(tx: Tx, retention: int, now_ms: int) -> int:
 # -- Chat3 outbound ------------------------------------------------------------------------------------
 
 
+async def open_outbound(tx: Tx, now_ms: int) -> None:
+    """Start outbound at the log's head, unless it has started before: run before the server takes a message,
+    so that every message taken from then on is published, even one that commits before the first claim."""
+    if await tx.fetchrow("SELECT position FROM outbound WHERE id = 1") is None:
+        await tx.execute("INSERT INTO outbound (id, position, owner, lease_until) VALUES (1, ?, NULL, ?)",
+                         tx.head, now_ms)
+
+
 async def claim_outbound(tx: Tx, owner: str, now_ms: int, lease_ms: int) -> int | None:
     """Take or renew the lease to publish outbound; the position published up to, or None while another process
     holds it. The first claim ever starts at the log's head: what was written before outbound was on stays."""

@@ -64,12 +64,23 @@ def http_engine(request: Any) -> str:
     return str(request.param)
 
 
+# The modules whose tests restart RabbitMQ (`rabbitmqctl stop_app`), or talk to it throughout.
+BROKER_MODULES = frozenset(("test_chat3", "test_outbound", "test_soak"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     crossed = [item for item in items if _params(item).get("http_engine") == "tornado"
                and _params(item).get("store_kind", "sqlite") != "sqlite"]
     if crossed:
         config.hook.pytest_deselected(items=crossed)
         items[:] = [item for item in items if item not in set(crossed)]
+    # Under pytest-xdist (`--dist loadgroup`) every test that uses the broker runs in one process, one after the
+    # other: a test that restarts the broker would otherwise cut off another's connection to it.
+    for item in items:
+        if item.module is not None and (item.module.__name__.rsplit(".", 1)[-1] in BROKER_MODULES
+                                        or "broker" in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group(name="broker"))
 
 
 def _params(item: pytest.Item) -> dict[str, Any]:
