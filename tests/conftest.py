@@ -66,6 +66,8 @@ def http_engine(request: Any) -> str:
 
 # The modules whose tests restart RabbitMQ (`rabbitmqctl stop_app`), or talk to it throughout.
 BROKER_MODULES = frozenset(("test_chat3", "test_outbound", "test_soak"))
+# Modules whose last test checks what the ones before it did to their shared server: one process, in order.
+IN_ORDER_MODULES = frozenset(("test_openapi_fuzz",))
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -78,9 +80,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Under pytest-xdist (`--dist loadgroup`) every test that uses the broker runs in one process, one after the
     # other: a test that restarts the broker would otherwise cut off another's connection to it.
     for item in items:
-        if item.module is not None and (item.module.__name__.rsplit(".", 1)[-1] in BROKER_MODULES
-                                        or "broker" in getattr(item, "fixturenames", ())):
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if module in BROKER_MODULES or "broker" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group(name="broker"))
+        elif module in IN_ORDER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(name=module))
 
 
 def _params(item: pytest.Item) -> dict[str, Any]:
