@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import attrs
@@ -34,6 +34,7 @@ from chatserver.errors import BadRequest, ChatError, Conflict, Forbidden, NotFou
 from chatserver.feed import LogFeed
 from chatserver.models import Message
 from chatserver.store import StoreUnavailable
+from chatserver.supervisor import ADDRESSED
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,11 @@ _ERRORS: dict[str, type[ChatError]] = {
 
 def addressed(index: int, message: bytes) -> bytes:
     """`message` for the supervisor to pass to worker `index` alone (chatserver/supervisor.py)."""
-    return b"TO=" + str(index).encode() + b"\n" + message
+    return ADDRESSED + str(index).encode() + b"\n" + message
+
+
+def _known_keywords(kwargs: dict[str, Any]) -> bool:
+    return all(key in _KEYWORDS and isinstance(value, _KEYWORDS[key]) for key, value in kwargs.items())
 
 
 def encode_error(exc: BaseException) -> dict[str, Any]:
@@ -125,9 +130,8 @@ class WriteForwarding:
                 ) -> Awaitable[tuple[Message, bool]] | None:
         """The outcome of `fn(*args, **kwargs)` as WRITER commits it; None where it is to be committed here."""
         name = _NAMES.get(fn)
-        if name is None or not self.writer_up or len(args) != 1 or not isinstance(args[0], Message):
-            return None
-        if any(key not in _KEYWORDS or not isinstance(value, _KEYWORDS[key]) for key, value in kwargs.items()):
+        if (name is None or not self.writer_up or len(args) != 1 or not isinstance(args[0], Message)
+                or not _known_keywords(kwargs)):
             return None
         self._next += 1
         number = self._next
@@ -172,9 +176,7 @@ class WriteForwarding:
         if self.feed.broadcaster.last_position >= position:
             _settle(future, outcome)
             return
-        task = asyncio.get_running_loop().create_task(self._settle_when_published(future, outcome))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._settle_when_published(future, outcome))
 
     async def _settle_when_published(self, future: asyncio.Future[tuple[Message, bool]],
                                      outcome: tuple[Message, bool] | Exception) -> None:
@@ -206,13 +208,17 @@ class WriteForwarding:
             kwargs = request["kwargs"]
             if not (isinstance(number, int) and isinstance(sibling, int) and isinstance(kwargs, dict)):
                 raise ValueError("id, from and kwargs have the wrong types")
-            if any(key not in _KEYWORDS or not isinstance(value, _KEYWORDS[key]) for key, value in kwargs.items()):
+            if not _known_keywords(kwargs):
                 raise ValueError("unknown keywords")
             message = message_from(request["message"])
         except (ChatError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignored a malformed forwarded write: %s", exc)
             return
-        task = asyncio.get_running_loop().create_task(self._commit(sibling, number, op, message, kwargs))
+        self._spawn(self._commit(sibling, number, op, message, kwargs))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """A task held until it ends (the loop keeps only a weak reference)."""
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -37,7 +37,7 @@ from chatserver.errors import ChatError
 from chatserver.forwarding import RESULT, WRITE, WRITER, WriteForwarding
 from chatserver.metrics import Metrics, labelled_exposition
 from chatserver.store import LogEvent
-from chatserver.supervisor import DOWN, GONE, UP, WorkerHandoff
+from chatserver.supervisor import DOWN, GONE, UP, WorkerHandoff, life
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class WorkerLink:
             forwarding.answered(data[len(RESULT):])
         else:
             for kind in (UP, DOWN, GONE):
-                if data.startswith(kind) and data[len(kind):] == str(WRITER).encode():
+                if data == life(kind, WRITER):
                     forwarding.writer_changed(up=kind == UP, gone=kind == GONE)
 
     def _supervisor_gone(self) -> None:

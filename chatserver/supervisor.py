@@ -60,6 +60,11 @@ ADDRESSED = b"TO="
 # What the supervisor tells the workers of each other: a worker serves (UP), stops taking work (DOWN), is gone
 # (GONE); each followed by its index.
 UP, DOWN, GONE = b"UP=", b"DOWN=", b"GONE="
+
+
+def life(kind: bytes, index: int) -> bytes:
+    """UP, DOWN or GONE of worker `index`, as the workers get it."""
+    return kind + str(index).encode()
 # Datagrams read from one worker's channel per turn of the loop.
 CHANNEL_BATCH = 64
 
@@ -249,7 +254,7 @@ class Supervisor:
         code = await process.wait()
         self._close_channel(worker)
         worker.ready = False
-        self._relay(worker, GONE + str(worker.index).encode())
+        self._relay(worker, life(GONE, worker.index))
         worker.last_exit = describe_exit(code)
         if self.stopping:
             log.info("worker %d (pid %d) %s", worker.index, process.pid, worker.last_exit)
@@ -311,15 +316,15 @@ class Supervisor:
         if fields.get("READY") == "1" and not worker.ready:
             worker.ready, worker.ready_at = True, now
             log.info("worker %d (pid %s) serving", worker.index, worker.pid)
-            self._relay(worker, UP + str(worker.index).encode())
+            self._relay(worker, life(UP, worker.index))
             for other in self.workers:  # and the newcomer hears of those that already serve
                 if other is not worker and other.ready and worker.channel is not None:
                     with contextlib.suppress(OSError):
-                        worker.channel.send(UP + str(other.index).encode())
+                        worker.channel.send(life(UP, other.index))
             self._on_worker_ready()
         if fields.get("STOPPING") == "1":
             worker.ready = False
-            self._relay(worker, DOWN + str(worker.index).encode())
+            self._relay(worker, life(DOWN, worker.index))
         self._refresh_status()
 
     def _send_to(self, data: bytes) -> None:
@@ -330,8 +335,9 @@ class Supervisor:
         if not is_ascii_decimal(text):
             log.warning("dropped a message with a malformed address from a worker")
             return
+        index = int(text)
         for worker in self.workers:
-            if worker.index == int(text) and worker.channel is not None:
+            if worker.index == index and worker.channel is not None:
                 with contextlib.suppress(OSError):
                     worker.channel.send(message)
 

@@ -391,6 +391,21 @@ async def test_prune_keeps_what_chat3_outbound_has_yet_to_publish_while_it_is_in
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_outbound_opened_before_the_first_message_publishes_one_committed_before_the_first_claim(
+    store: Store,
+) -> None:
+    ann = await user(store, "701")
+    talk = await dialog(store, ann)
+    now = int(time.time() * 1000)
+    await store.write(eventlog.open_outbound, now)
+    head = (await store.read(eventlog.meta))[1]
+    await post(store, message(talk.dialog_id, ann, "taken before the first claim"))
+    assert await store.write(eventlog.claim_outbound, "process-1", now, 30_000) == head  # not after the message
+    await store.write(eventlog.open_outbound, now + 1)  # a restart: outbound has started, and stays where it is
+    assert await store.write(eventlog.claim_outbound, "process-1", now + 2, 30_000) == head
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_a_released_outbound_lease_still_keeps_what_was_not_published(store: Store) -> None:
     ann = await user(store, "701")
     talk = await dialog(store, ann)
